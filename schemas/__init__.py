@@ -1,0 +1,1 @@
+"""The product contract as code: topics, payload models and their JSON Schemas."""

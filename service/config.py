@@ -1,0 +1,127 @@
+"""Settings, read once from the environment (or CLI options) and checked before anything connects.
+
+One place reads EUCORA_* variables; everything else receives a `Settings` value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+DEFAULT_TOPIC_ROOT = "eucora/v1"
+_TOPIC_ROOT_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message is fit for an operator's terminal."""
+
+
+@dataclass(frozen=True)
+class MqttUrl:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, url: str) -> MqttUrl:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ConfigError(
+                f"EUCORA_MQTT_URL must start with mqtt:// or mqtts://, got {redact_url(url)!r}"
+            )
+        if not parts.hostname:
+            raise ConfigError(f"EUCORA_MQTT_URL has no host: {redact_url(url)!r}")
+        try:
+            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        except ValueError as exc:
+            raise ConfigError(f"EUCORA_MQTT_URL has a bad port: {redact_url(url)!r}") from exc
+        return cls(
+            host=parts.hostname,
+            port=port,
+            tls=parts.scheme == "mqtts",
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+    def __str__(self) -> str:
+        """The URL without its password: safe to log."""
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+def redact_url(url: str) -> str:
+    """Replace the password of a URL (mqtt://, postgresql://) with '***'."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def check_database_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"EUCORA_DATABASE_URL must start with postgresql://, got {redact_url(url)!r}"
+        )
+    return url
+
+
+def check_topic_root(root: str) -> str:
+    if not _TOPIC_ROOT_RE.match(root):
+        raise ConfigError(
+            f"EUCORA_TOPIC_ROOT must be plain topic levels without wildcards, got {root!r}"
+        )
+    return root
+
+
+@dataclass(frozen=True)
+class Settings:
+    mqtt: MqttUrl
+    database_url: str = field(repr=False)
+    topic_root: str = DEFAULT_TOPIC_ROOT
+    metrics_port: int = 9108  # 0 disables the HTTP endpoint
+    client_id: str = "eucora-bridge"
+    # How long the bridge keeps retrying a broker or database that is down at start.
+    connect_timeout_s: float = 30.0
+    ca_file: str | None = None
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **overrides: str | int | float | None
+    ) -> Settings:
+        """Build settings from EUCORA_* variables; explicit overrides (CLI options) win."""
+        env = os.environ if env is None else env
+
+        def pick(name: str, var: str, default: str | None = None) -> str | None:
+            value = overrides.get(name)
+            if value is not None:
+                return str(value)
+            return env.get(var, default)
+
+        mqtt = pick("mqtt_url", "EUCORA_MQTT_URL")
+        if not mqtt:
+            raise ConfigError("EUCORA_MQTT_URL is not set (e.g. mqtt://bridge:secret@127.0.0.1:1883)")
+        db = pick("database_url", "EUCORA_DATABASE_URL")
+        if not db:
+            raise ConfigError(
+                "EUCORA_DATABASE_URL is not set (e.g. postgresql://eucora@127.0.0.1:5432/eucora)"
+            )
+        try:
+            metrics_port = int(pick("metrics_port", "EUCORA_METRICS_PORT", "9108") or 0)
+            timeout = float(pick("connect_timeout_s", "EUCORA_CONNECT_TIMEOUT", "30") or 0)
+        except ValueError as exc:
+            raise ConfigError(f"bad number in configuration: {exc}") from exc
+        return cls(
+            mqtt=MqttUrl.parse(mqtt),
+            database_url=check_database_url(db),
+            topic_root=check_topic_root(
+                pick("topic_root", "EUCORA_TOPIC_ROOT", DEFAULT_TOPIC_ROOT) or DEFAULT_TOPIC_ROOT
+            ),
+            metrics_port=metrics_port,
+            client_id=pick("client_id", "EUCORA_BRIDGE_CLIENT_ID", "eucora-bridge")
+            or "eucora-bridge",
+            connect_timeout_s=timeout,
+            ca_file=pick("ca_file", "EUCORA_CA_FILE"),
+        )
