@@ -1,0 +1,88 @@
+"""`eucora stack up/down/status`: the whole product on one machine, in one folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import emit_json, fail
+from service.stack.process import StackError
+from service.stack.stack import DEFAULT_DIR, Stack
+
+app = typer.Typer(help="Start, stop and inspect a local broker + database + bridge.",
+                  no_args_is_help=True)
+
+DirOption = Annotated[Path, typer.Option("--dir", envvar="EUCORA_STACK_DIR",
+                                         help="folder holding the stack's data and state")]
+
+
+@app.command()
+def up(
+    dir: DirOption = DEFAULT_DIR,
+    mqtt_port: Annotated[int | None, typer.Option(help="broker port (default 11883)")] = None,
+    db_port: Annotated[int | None, typer.Option(help="PostgreSQL port (default 15432)")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="bridge metrics port")] = None,
+    database_url: Annotated[str | None, typer.Option(
+        envvar="EUCORA_DATABASE_URL",
+        help="use this database instead of creating a cluster in the folder")] = None,
+    no_bridge: Annotated[bool, typer.Option("--no-bridge", help="start broker and database only")]
+    = False,
+    json: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
+) -> None:
+    """Start broker, database (and migrations) and bridge; print the URLs to use."""
+    try:
+        urls = Stack(dir).up(
+            mqtt_port=mqtt_port, db_port=db_port, metrics_port=metrics_port,
+            database_url=database_url, bridge=not no_bridge,
+            topic_root=os.environ.get("EUCORA_TOPIC_ROOT", "eucora/v1"),
+        )
+    except (StackError, OSError) as exc:
+        fail(str(exc))
+    if json:
+        emit_json(urls)
+        return
+    typer.echo(f"stack is up in {urls['dir']}")
+    typer.echo(f"  broker    {urls['mqtt_url']}")
+    typer.echo(f"  database  {urls['database_url']}")
+    typer.echo(f"  bridge    {urls['metrics_url']}/metrics")
+    typer.echo("use it with:")
+    typer.echo(f"  export EUCORA_MQTT_URL='{urls['mqtt_url']}'")
+    typer.echo(f"  export EUCORA_DATABASE_URL='{urls['database_url']}'")
+
+
+@app.command()
+def down(dir: DirOption = DEFAULT_DIR) -> None:
+    """Stop the bridge, the broker (which saves its store) and the database."""
+    try:
+        Stack(dir).down()
+    except (StackError, OSError) as exc:
+        fail(str(exc))
+    typer.echo("stack stopped")
+
+
+@app.command()
+def status(
+    dir: DirOption = DEFAULT_DIR,
+    json: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
+) -> None:
+    """Tell which parts of the stack run; exit 1 when any part is down."""
+    stack = Stack(dir)
+    if not stack.state_file.exists():
+        fail(f"no stack in {stack.dir}: run `eucora stack up --dir {dir}`", code=1)
+    doc = stack.status()
+    if json:
+        emit_json(doc)
+    else:
+        for part in ("broker", "database", "bridge"):
+            info = doc[part]
+            state = "external" if info.get("external") else (
+                "running" if info["running"] else "stopped")
+            typer.echo(f"{part:<9} {state:<8} pid {info.get('pid') or '-'}")
+    parts = [doc["broker"]["running"], doc["bridge"]["running"]]
+    if not doc["database"]["external"]:
+        parts.append(doc["database"]["running"])
+    if not all(parts):
+        raise typer.Exit(1)

@@ -1,0 +1,169 @@
+"""The bridge process: wires database, broker, ingest and health together, and stops cleanly.
+
+Start-up checks everything before it takes traffic: a wrong URL or a database without
+the current migrations is a configuration error (exit 2, one line on stderr); a broker
+or database that is merely down is retried with back-off until the connect budget
+(`connect_timeout_s`) is spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from service.bridge import health as health_http
+from service.config import ConfigError, Settings, redact_url
+from service.db import migrate
+from service.mqtt import MqttConnectError
+
+log = logging.getLogger("eucora.bridge")
+T = TypeVar("T")
+
+# Errors where retrying cannot help: the operator must fix the configuration.
+_FATAL_DB_HINTS = ("password authentication failed", "does not exist", "no pg_hba.conf entry",
+                   "role", "invalid dsn", "invalid connection option", "missing \"=\"")
+
+
+class Backoff:
+    """Exponential back-off with a total budget."""
+
+    def __init__(self, budget: float, first: float = 0.5, cap: float = 5.0):
+        self.deadline = asyncio.get_running_loop().time() + budget
+        self.delay = first
+        self.cap = cap
+
+    async def wait(self) -> bool:
+        """Sleep before the next try; False when the budget is spent."""
+        now = asyncio.get_running_loop().time()
+        if now >= self.deadline:
+            return False
+        await asyncio.sleep(min(self.delay, self.deadline - now))
+        self.delay = min(self.delay * 2, self.cap)
+        return True
+
+
+async def retry(
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    budget: float,
+    fatal: Callable[[Exception], bool],
+    retryable: tuple[type[Exception], ...],
+) -> T:
+    backoff = Backoff(budget)
+    while True:
+        try:
+            return await attempt()
+        except retryable as exc:
+            if fatal(exc):
+                raise ConfigError(f"{what}: {_one_line(exc)}") from exc
+            log.warning("%s failed, retrying", what, extra={"error": _one_line(exc)})
+            if not await backoff.wait():
+                raise ConfigError(
+                    f"{what}: still failing after {budget:.0f} s: {_one_line(exc)}"
+                ) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _db_fatal(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, psycopg.ProgrammingError) or any(h in text for h in _FATAL_DB_HINTS)
+
+
+async def open_database(settings: Settings) -> AsyncConnectionPool:
+    """Connect (with retries) and insist that the schema is current."""
+    target = f"database {redact_url(settings.database_url)}"
+
+    async def attempt() -> AsyncConnectionPool:
+        pool = AsyncConnectionPool(
+            settings.database_url, min_size=1, max_size=4, open=False, timeout=10
+        )
+        try:
+            await pool.open(wait=True, timeout=5)
+            async with pool.connection() as conn:
+                await migrate.require_current_async(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
+
+    try:
+        return await retry(
+            f"cannot use {target}",
+            attempt,
+            budget=settings.connect_timeout_s,
+            fatal=_db_fatal,
+            retryable=(psycopg.Error, OSError, TimeoutError, Exception),
+        )
+    except migrate.SchemaNotCurrent as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+class BridgeApp:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.health = health_http.Health()
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        server = None
+        if self.settings.metrics_port:
+            server = await health_http.serve(self.health, self.settings.metrics_port)
+        log.info(
+            "bridge starting",
+            extra={"mqtt": str(self.settings.mqtt), "database": redact_url(self.settings.database_url),
+                   "topic_root": self.settings.topic_root},
+        )
+        pool = await open_database(self.settings)
+        self.health.database_ok = True
+        from service.bridge.ingest import Ingest  # heavy imports only once config is good
+
+        ingest = Ingest(self.settings, pool, self.health)
+        try:
+            await retry(
+                f"cannot connect to broker {self.settings.mqtt}",
+                ingest.start,
+                budget=self.settings.connect_timeout_s,
+                fatal=lambda e: isinstance(e, MqttConnectError) and e.fatal,
+                retryable=(MqttConnectError, TimeoutError),
+            )
+            log.info("bridge ready")
+            stopper = asyncio.create_task(self._stop.wait())
+            worker = asyncio.create_task(ingest.run())
+            done, _ = await asyncio.wait({stopper, worker}, return_when=asyncio.FIRST_COMPLETED)
+            if worker in done:
+                stopper.cancel()
+                worker.result()  # an ingest crash is a crash of the bridge
+            log.info("bridge stopping")
+            self.health.stopping = True
+            await ingest.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        finally:
+            self.health.stopping = True
+            await ingest.close()
+            await pool.close()
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+            log.info("bridge stopped")
+
+
+def run(settings: Settings) -> None:
+    asyncio.run(BridgeApp(settings).run())

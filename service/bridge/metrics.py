@@ -1,0 +1,27 @@
+"""Every Prometheus metric the bridge exports, in one place."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECEIVED = Counter("eucora_messages_received", "MQTT messages received by the bridge")
+STORED = Counter("eucora_messages_stored", "Messages whose data is committed", ["kind"])
+ROWS = Counter("eucora_rows_stored", "Rows written, by table", ["table"])
+DUPLICATES = Counter("eucora_duplicates", "Samples already stored (QoS 1 redelivery, replay)")
+DEAD_LETTERS = Counter("eucora_dead_letters", "Messages rejected into dead_letters", ["reason"])
+IDENTITY_VIOLATIONS = Counter(
+    "eucora_identity_violations", "Payloads claiming an agent id other than their topic's"
+)
+BATCH_SIZE = Histogram(
+    "eucora_batch_messages",
+    "Messages per committed batch",
+    buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 10000),
+)
+FLUSH_SECONDS = Histogram(
+    "eucora_batch_seconds",
+    "Time to store one batch (COPY and COMMIT)",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+FLUSH_FAILURES = Counter("eucora_batch_failures", "Batches that failed to store and were retried")
+PENDING = Gauge("eucora_unacked_in_flight", "Messages received but not yet acknowledged")
+MQTT_CONNECTED = Gauge("eucora_mqtt_connected", "1 while the bridge is connected to the broker")

@@ -1,0 +1,113 @@
+"""Broker accounts and roles for Mosquitto's dynamic security plugin.
+
+The initial file is written by us (not `mosquitto_ctrl dynsec init`) so that no
+password ever appears on a command line; the hashing matches the plugin's own
+(PBKDF2-HMAC-SHA512 over the raw salt, base64-encoded).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from typing import Any
+
+from schemas.topics import Kind, TopicTree
+
+ADMIN_USER = "eucora-admin"
+BRIDGE_USER = "eucora-bridge"
+OPERATOR_USER = "eucora-operator"
+CONTROL_TOPIC = "$CONTROL/dynamic-security/#"
+# The plugin's own default. Every password we issue is 256 random bits, so key
+# stretching would add connect-time CPU for a whole fleet without adding security.
+ITERATIONS = 101
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> dict[str, Any]:
+    salt = salt if salt is not None else secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, ITERATIONS)
+    return {
+        "password": base64.b64encode(digest).decode(),
+        "salt": base64.b64encode(salt).decode(),
+        "iterations": ITERATIONS,
+    }
+
+
+def _acl(acltype: str, topic: str, priority: int = 0) -> dict[str, Any]:
+    return {"acltype": acltype, "topic": topic, "allow": True, "priority": priority}
+
+
+def admin_role() -> dict[str, Any]:
+    return {
+        "rolename": "eucora-admin",
+        "textDescription": "administers broker accounts ($CONTROL) only",
+        "acls": [
+            _acl("publishClientSend", CONTROL_TOPIC),
+            _acl("publishClientReceive", CONTROL_TOPIC),
+            _acl("subscribePattern", CONTROL_TOPIC),
+            _acl("unsubscribePattern", CONTROL_TOPIC),
+        ],
+    }
+
+
+def bridge_role(tree: TopicTree) -> dict[str, Any]:
+    """Reads every agent topic (directly or through a shared subscription), writes tasks."""
+    everything = f"{tree.root}/agents/#"
+    return {
+        "rolename": "eucora-bridge",
+        "textDescription": "the bridge: reads all agent topics, publishes tasks",
+        "acls": [
+            _acl("subscribePattern", everything),
+            _acl("subscribePattern", f"$share/+/{everything}"),
+            _acl("publishClientReceive", everything),
+            _acl("unsubscribePattern", "#"),
+            _acl("publishClientSend", tree.wildcard(Kind.TASKS)),
+        ],
+    }
+
+
+def operator_role(tree: TopicTree) -> dict[str, Any]:
+    """Operators watch the fleet's status; commands go through the database."""
+    status = tree.wildcard(Kind.STATUS)
+    return {
+        "rolename": "eucora-operator",
+        "textDescription": "operator tooling: reads agent status",
+        "acls": [
+            _acl("subscribePattern", status),
+            _acl("publishClientReceive", status),
+            _acl("unsubscribePattern", "#"),
+        ],
+    }
+
+
+def _client(username: str, password: str, role: str, text: str) -> dict[str, Any]:
+    return {
+        "username": username,
+        "textName": text,
+        **hash_password(password),
+        "roles": [{"rolename": role}],
+    }
+
+
+def initial_config(tree: TopicTree, passwords: dict[str, str]) -> dict[str, Any]:
+    """The plugin's JSON file with the admin, bridge and operator accounts."""
+    return {
+        "clients": [
+            _client(ADMIN_USER, passwords[ADMIN_USER], "eucora-admin", "broker administration"),
+            _client(BRIDGE_USER, passwords[BRIDGE_USER], "eucora-bridge", "EUCORA bridge"),
+            _client(OPERATOR_USER, passwords[OPERATOR_USER], "eucora-operator", "operators"),
+        ],
+        "groups": [],
+        "roles": [admin_role(), bridge_role(tree), operator_role(tree)],
+        # Deny by default: a client can only do what a role grants it.
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": False,
+            "subscribe": False,
+            "unsubscribe": True,
+        },
+    }

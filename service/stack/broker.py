@@ -1,0 +1,163 @@
+"""A Mosquitto instance from the project's mosquitto/eucora.conf, in a folder of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+
+from service import dynsec
+from schemas.topics import TopicTree
+from service.stack.process import (
+    StackError,
+    alive,
+    check_reachable,
+    chown_tree,
+    port_open,
+    service_user,
+    stop_pid,
+    wait_for,
+)
+
+CONFIG_TEMPLATE = Path(__file__).resolve().parents[2] / "mosquitto" / "eucora.conf"
+_PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib")
+
+
+def find_dynsec_plugin() -> str:
+    for d in _PLUGIN_DIRS:
+        candidate = Path(d) / "mosquitto_dynamic_security.so"
+        if candidate.exists():
+            return str(candidate)
+    raise StackError(
+        "mosquitto_dynamic_security.so not found: install the 'mosquitto' package (2.0+)"
+    )
+
+
+def find_mosquitto() -> str:
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if not found:
+        raise StackError("mosquitto not found: apt-get install mosquitto")
+    return found
+
+
+@dataclass
+class Broker:
+    """One broker: its folder, port and accounts. `start()` is idempotent."""
+
+    data_dir: Path
+    port: int
+    passwords: dict[str, str] = field(repr=False)
+    tree: TopicTree = field(default_factory=TopicTree)
+    bind: str = "127.0.0.1"
+    # Extra config lines (tests use it to shrink limits, e.g. max_queued_messages).
+    extra: str = ""
+
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / "mosquitto.conf"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "mosquitto.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "mosquitto.pid"
+
+    def url(self, user: str) -> str:
+        return f"mqtt://{user}:{self.passwords[user]}@{self.bind}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def running(self) -> bool:
+        return alive(self.pid)
+
+    def prepare(self) -> None:
+        """Write the config and, the first time only, the accounts file."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        user = service_user("mosquitto")
+        text = Template(CONFIG_TEMPLATE.read_text()).substitute(
+            port=self.port,
+            bind=self.bind,
+            data_dir=str(self.data_dir),
+            dynsec_plugin=find_dynsec_plugin(),
+            user=user.pw_name if user else _current_user(),
+            extra=self.extra,
+        )
+        self.config_file.write_text(text)
+        accounts = self.data_dir / "dynamic-security.json"
+        if not accounts.exists():
+            accounts.write_text(json.dumps(dynsec.initial_config(self.tree, self.passwords)))
+            os.chmod(accounts, 0o600)
+        if user:
+            check_reachable(self.data_dir.parent, user)
+            chown_tree(self.data_dir, user)
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self.running:
+            return
+        self.prepare()
+        if port_open(self.bind, self.port):
+            raise StackError(f"port {self.port} is already in use: choose another --mqtt-port")
+        with open(self.data_dir / "stdout.log", "ab") as out:
+            proc = subprocess.Popen(
+                [find_mosquitto(), "-c", str(self.config_file)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.pid_file.write_text(str(proc.pid))
+        try:
+            wait_for(
+                lambda: port_open(self.bind, self.port) or proc.poll() is not None,
+                timeout,
+                f"mosquitto on port {self.port}",
+            )
+        except StackError:
+            proc.kill()
+            raise
+        if proc.poll() is not None:
+            raise StackError(
+                f"mosquitto exited with code {proc.returncode}; see {self.log_file}: "
+                + _tail(self.log_file) + _tail(self.data_dir / "stdout.log")
+            )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM: the broker writes its store (sessions, queues, retained) and exits."""
+        stop_pid(self.pid, timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: everything since the last autosave is lost, as in a crash."""
+        stop_pid(self.pid, sig=signal.SIGKILL)
+
+    def wipe_store(self) -> None:
+        """Remove the persistence file, as on a broker that comes back empty."""
+        (self.data_dir / "mosquitto.db").unlink(missing_ok=True)
+
+
+def _current_user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,96 @@
+"""Small helpers for the processes the local stack owns: ports, pids, waiting."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+class StackError(RuntimeError):
+    """Something the stack could not start or stop; the message is for an operator."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+def alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `check` until it holds; raise StackError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise StackError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def stop_pid(pid: int | None, *, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """Signal a process and wait for it to go; SIGKILL if it outstays `timeout`."""
+    if not alive(pid):
+        return
+    assert pid is not None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    try:
+        wait_for(lambda: not alive(pid), timeout, f"process {pid} to exit")
+    except StackError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not alive(pid), 5, f"process {pid} to die")
+
+
+def service_user(name: str) -> pwd.struct_passwd | None:
+    """The unprivileged account a service should run as when we are root, else None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None
+
+
+def chown_tree(path: Path, user: pwd.struct_passwd) -> None:
+    for p in [path, *path.rglob("*")]:
+        os.chown(p, user.pw_uid, user.pw_gid)
+
+
+def check_reachable(path: Path, user: pwd.struct_passwd) -> None:
+    """A service dropped to `user` must be able to walk down to `path`."""
+    for parent in [path, *path.parents]:
+        st = parent.stat()
+        if st.st_uid != user.pw_uid and not st.st_mode & 0o001:
+            raise StackError(
+                f"{parent} is not searchable by the '{user.pw_name}' account the service "
+                f"runs as; choose a stack --dir under a world-searchable folder (e.g. /var/tmp)"
+            )

@@ -1,0 +1,157 @@
+"""A real Mosquitto (the project's mosquitto/eucora.conf) and a real bridge process.
+
+Each test gets its own broker on a free port with its own data folder: starting one
+takes a few milliseconds, and tests that restart or kill the broker then disturb no
+one else. The bridge runs as `python -m cli bridge run`, exactly as the stack starts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from service import dynsec
+from service.stack.broker import Broker
+from service.stack.process import alive, free_port, wait_for
+
+
+@contextlib.contextmanager
+def service_dir(prefix: str) -> Iterator[Path]:
+    """A folder the broker and database accounts can reach even when we are root
+    (pytest's tmp_path lives under a 0700 folder)."""
+    path = Path(tempfile.mkdtemp(prefix=f"eucora-{prefix}-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def broker_passwords() -> dict[str, str]:
+    return {u: dynsec.new_password() for u in (dynsec.ADMIN_USER, dynsec.BRIDGE_USER,
+                                                 dynsec.OPERATOR_USER)}
+
+
+@pytest.fixture
+def broker_factory() -> Iterator[type[Broker] | object]:
+    made: list[Broker] = []
+
+    def make(extra: str = "") -> Broker:
+        ctx = service_dir("mqtt")
+        root = ctx.__enter__()
+        dirs.append(ctx)
+        b = Broker(data_dir=root / "mosquitto", port=free_port(), passwords=broker_passwords(),
+                   extra=extra)
+        b.start()
+        made.append(b)
+        return b
+
+    dirs: list[contextlib.AbstractContextManager[Path]] = []
+    yield make
+    for b in made:
+        b.kill()
+    for ctx in dirs:
+        ctx.__exit__(None, None, None)
+
+
+@pytest.fixture
+def broker(broker_factory) -> Broker:  # type: ignore[no-untyped-def]
+    return broker_factory()  # type: ignore[no-any-return]
+
+
+@dataclass
+class BridgeProcess:
+    env: dict[str, str]
+    log_path: Path
+    metrics_port: int
+    proc: subprocess.Popen[bytes] | None = None
+    runs: list[str] = field(default_factory=list)
+
+    def start(self, wait_ready: bool = True) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps it)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "bridge", "run"],
+            env=os.environ | self.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        if wait_ready:
+            wait_for(lambda: self.ready() or self.proc.poll() is not None,  # type: ignore[union-attr]
+                     30, "the bridge to be ready")
+            assert self.proc.poll() is None, f"bridge exited:\n{self.log()}"
+
+    def ready(self) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.metrics_port}/readyz"
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310
+            return str(resp.read().decode())
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        return rc
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and alive(self.proc.pid) and self.proc.poll() is None
+
+
+@pytest.fixture
+def bridge_factory(tmp_path: Path) -> Iterator[object]:
+    made: list[BridgeProcess] = []
+
+    def make(broker: Broker, database_url: str, *, start: bool = True,
+             client_id: str = "eucora-bridge-test", **env: str) -> BridgeProcess:
+        port = free_port()
+        b = BridgeProcess(
+            env={
+                "EUCORA_MQTT_URL": broker.url(dynsec.BRIDGE_USER),
+                "EUCORA_DATABASE_URL": database_url,
+                "EUCORA_METRICS_PORT": str(port),
+                "EUCORA_BRIDGE_CLIENT_ID": client_id,
+                "EUCORA_CONNECT_TIMEOUT": "30",
+                **env,
+            },
+            log_path=tmp_path / f"bridge-{len(made)}.log",
+            metrics_port=port,
+        )
+        made.append(b)
+        if start:
+            b.start()
+        return b
+
+    yield make
+    for b in made:
+        if b.running:
+            b.kill()
+
+
+@pytest.fixture
+def bridge(bridge_factory, broker: Broker, database: str) -> BridgeProcess:  # type: ignore[no-untyped-def]
+    return bridge_factory(broker, database)  # type: ignore[no-any-return]
