@@ -1,0 +1,107 @@
+"""Database connections: a pool for the bridge, a plain connection for the CLI.
+
+Connection failures are turned into one readable line that never shows a password,
+because libpq's messages are multi-line and quote the connection target.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from service.config import redact_url
+from service.logs import scrub
+
+# How long a CLI command waits for a server that does not answer (libpq connect_timeout).
+DEFAULT_CONNECT_TIMEOUT_S = 5
+
+
+class DatabaseUnavailable(ConnectionError):
+    """The database cannot be reached; str() is one line fit for a terminal or a log."""
+
+
+def connection_error_reason(exc: BaseException) -> str:
+    """The essential cause of a connection error, e.g. 'connection refused'."""
+    lines = [line.strip() for line in scrub(str(exc)).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    # libpq nests contexts ('connection failed: connection to server at ... failed: X'):
+    # the innermost part is the cause an operator needs.
+    reason = lines[0].rsplit("failed: ", 1)[-1]
+    reason = re.sub(r"^(?:connection is bad: |FATAL:\s+)", "", reason)
+    if len(reason) > 1 and reason[0].isupper() and reason[1].islower():
+        reason = reason[0].lower() + reason[1:]
+    return reason
+
+
+def describe_connection_error(url: str, exc: BaseException) -> str:
+    """'cannot connect to database postgresql://user:***@host/db: connection refused'."""
+    return f"cannot connect to database {redact_url(url)}: {connection_error_reason(exc)}"
+
+
+def connect(
+    url: str,
+    *,
+    autocommit: bool = False,
+    connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_S,
+    application_name: str = "eucora",
+) -> psycopg.Connection[TupleRow]:
+    """A synchronous connection (CLI, migrations); raises DatabaseUnavailable."""
+    try:
+        return psycopg.connect(
+            url,
+            autocommit=autocommit,
+            connect_timeout=connect_timeout,
+            application_name=application_name,
+        )
+    except psycopg.Error as exc:
+        raise DatabaseUnavailable(describe_connection_error(url, exc)) from None
+
+
+async def open_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    name: str = "eucora",
+    open_timeout: float = 30.0,
+    application_name: str = "eucora-bridge",
+    **kwargs: Any,
+) -> AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]:
+    """An opened async pool; call from inside the running event loop.
+
+    The pool is created with open=False and opened here, as psycopg documents: opening
+    in the constructor needs a loop and is deprecated. It waits for min_size
+    connections so a wrong URL fails now, with the server's reason, rather than on
+    first use. Connections are checked on checkout so a restarted server is survived.
+    """
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        name=name,
+        open=False,
+        check=AsyncConnectionPool.check_connection,
+        kwargs={"application_name": application_name, **kwargs},
+    )
+    try:
+        await pool.open(wait=True, timeout=open_timeout)
+    except PoolTimeout:
+        await pool.close()
+        # The pool only says it timed out; one direct attempt tells why.
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                url, connect_timeout=DEFAULT_CONNECT_TIMEOUT_S
+            )
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(describe_connection_error(url, exc)) from None
+        await conn.close()
+        raise DatabaseUnavailable(
+            f"cannot connect to database {redact_url(url)}: "
+            f"no connection ready within {open_timeout:g} s"
+        ) from None
+    return pool
