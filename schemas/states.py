@@ -1,0 +1,155 @@
+"""The closed value sets of the contract, and the task lifecycle as a pure function.
+
+Values are the exact strings on the wire (and in the database), so every enum is a
+StrEnum: `TaskStatus.PENDING == "PENDING"`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+
+class AgentState(StrEnum):
+    """`status` topic: set by the agent on connect, and by its last will."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Platform(StrEnum):
+    WINDOWS = "windows"
+    MACOS = "macos"
+    LINUX = "linux"
+
+
+class TaskType(StrEnum):
+    DEPLOY = "DEPLOY"
+    REMEDIATE = "REMEDIATE"
+    COLLECT = "COLLECT"
+    UPDATE = "UPDATE"
+    HEALTHCHECK = "HEALTHCHECK"
+
+
+class TaskStatus(StrEnum):
+    PENDING = "PENDING"  # stored; published or waiting for the agent
+    ASSIGNED = "ASSIGNED"  # the agent acknowledged receipt (a PUBACK is not delivery)
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"  # the agent cannot run it (unknown type, expired on arrival...)
+    TIMEOUT = "TIMEOUT"  # not finished within timeout_seconds after it started
+    EXPIRED = "EXPIRED"  # not started by expires_at
+    CANCELLED = "CANCELLED"  # by an operator
+
+
+# What an agent may report on task-status; the server sets everything else.
+AGENT_SETTABLE: frozenset[TaskStatus] = frozenset(
+    {
+        TaskStatus.ASSIGNED,
+        TaskStatus.IN_PROGRESS,
+        TaskStatus.COMPLETED,
+        TaskStatus.FAILED,
+        TaskStatus.REJECTED,
+    }
+)
+# Set by the server only (PENDING is the initial state, never a transition target).
+SERVER_SETTABLE: frozenset[TaskStatus] = frozenset(
+    {TaskStatus.TIMEOUT, TaskStatus.EXPIRED, TaskStatus.CANCELLED}
+)
+TERMINAL: frozenset[TaskStatus] = frozenset(
+    {
+        TaskStatus.COMPLETED,
+        TaskStatus.FAILED,
+        TaskStatus.REJECTED,
+        TaskStatus.TIMEOUT,
+        TaskStatus.EXPIRED,
+        TaskStatus.CANCELLED,
+    }
+)
+_S = TaskStatus
+_NEXT: dict[TaskStatus, frozenset[TaskStatus]] = {
+    # Any agent report may arrive straight from PENDING: the ASSIGNED (and
+    # IN_PROGRESS) reports can be lost or overtaken, and the later report still
+    # proves delivery. EXPIRED: never delivered in time.
+    _S.PENDING: frozenset(
+        {_S.ASSIGNED, _S.IN_PROGRESS, _S.COMPLETED, _S.FAILED, _S.REJECTED}
+        | {_S.EXPIRED, _S.CANCELLED}
+    ),
+    # Received but not started: the agent may still refuse it; the server may time
+    # it out (the agent went silent) or expire it (never started by expires_at).
+    _S.ASSIGNED: frozenset(
+        {_S.IN_PROGRESS, _S.COMPLETED, _S.FAILED, _S.REJECTED}
+        | {_S.TIMEOUT, _S.EXPIRED, _S.CANCELLED}
+    ),
+    # Started: it can only finish, time out, or be cancelled with --force. Too late
+    # to reject, and expires_at no longer applies.
+    _S.IN_PROGRESS: frozenset({_S.COMPLETED, _S.FAILED, _S.TIMEOUT, _S.CANCELLED}),
+}
+
+
+def task_transition_allowed(
+    current: TaskStatus,
+    new: TaskStatus,
+    *,
+    source: Literal["agent", "server"] | None = None,
+) -> bool:
+    """Whether a task in `current` may move to `new`.
+
+    The lifecycle (SPEC "Tasks"):
+
+    - PENDING -> ASSIGNED -> IN_PROGRESS -> COMPLETED | FAILED is the normal path.
+    - Lost acks: IN_PROGRESS, COMPLETED and FAILED are accepted directly from
+      PENDING or ASSIGNED, and ASSIGNED/IN_PROGRESS may be skipped, because the
+      agent's earlier reports can be lost or reordered (a reconnect without its
+      session, several bridge instances) while the later one still proves the outcome.
+    - REJECTED only before the task started (PENDING or ASSIGNED).
+    - Server states: TIMEOUT from IN_PROGRESS or ASSIGNED; EXPIRED from PENDING or
+      ASSIGNED (not started by expires_at); CANCELLED from PENDING, ASSIGNED or
+      IN_PROGRESS (the CLI requires --force for the last).
+    - Terminal states (TERMINAL) are final: nothing leaves them.
+    - `current == new` is not a transition (False): a duplicate report, or an
+      IN_PROGRESS progress update, which changes the progress, not the state.
+    - Nothing goes back to PENDING.
+
+    `source`, when given, also requires `new` to be one that source may set:
+    AGENT_SETTABLE for "agent", SERVER_SETTABLE for "server".
+    """
+    if source == "agent" and new not in AGENT_SETTABLE:
+        return False
+    if source == "server" and new not in SERVER_SETTABLE:
+        return False
+    return new in _NEXT.get(current, frozenset())
+
+
+class DeploymentAgentStatus(StrEnum):
+    """Per (deployment, agent), as the agent reports it on deployment-status."""
+
+    PENDING = "PENDING"
+    IN_PROGRESS = "IN_PROGRESS"
+    SUCCESS = "SUCCESS"
+    FAILED = "FAILED"
+    ROLLBACK = "ROLLBACK"  # the agent rolled the deployment back (asked to, or on its own)
+
+
+class DeploymentState(StrEnum):
+    """A rollout as a whole (server side; never sent by agents).
+
+    - RUNNING: waves are still being sent or agents are still working.
+    - COMPLETED: every targeted agent reached a final per-agent status (SUCCESS,
+      FAILED or ROLLBACK) without the failure threshold being passed.
+    - ABORTED: stopped automatically because failures passed the threshold; the
+      tasks not yet finished are CANCELLED.
+    - CANCELLED: stopped by an operator (`eucora deployments abort`); the tasks not
+      yet finished are CANCELLED likewise.
+    """
+
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    ABORTED = "ABORTED"
+    CANCELLED = "CANCELLED"
+
+
+DEPLOYMENT_TERMINAL: frozenset[DeploymentState] = frozenset(
+    {DeploymentState.COMPLETED, DeploymentState.ABORTED, DeploymentState.CANCELLED}
+)
