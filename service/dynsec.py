@@ -111,3 +111,61 @@ def initial_config(tree: TopicTree, passwords: dict[str, str]) -> dict[str, Any]
             "unsubscribe": True,
         },
     }
+
+
+# --- runtime administration over $CONTROL ------------------------------------------
+
+# What an agent may publish: every agent kind except the tasks it receives.
+AGENT_PUBLISH_KINDS = (
+    Kind.STATUS, Kind.REGISTER, Kind.HEARTBEAT, Kind.TELEMETRY, Kind.INVENTORY,
+    Kind.TASK_STATUS, Kind.DEPLOYMENT_STATUS,
+)  # fmt: skip
+# What it may read: its tasks, and its own status (to repair a stale last will).
+AGENT_READ_KINDS = (Kind.TASKS, Kind.STATUS)
+
+
+def agent_role_name(agent_id: str) -> str:
+    return f"agent:{agent_id}"
+
+
+def agent_role(tree: TopicTree, agent_id: str) -> dict[str, Any]:
+    """One role per agent: Mosquitto 2.0's dynsec ACLs have no %u/%c patterns."""
+    acls = [_acl("publishClientSend", tree.agent(agent_id, k)) for k in AGENT_PUBLISH_KINDS]
+    for k in AGENT_READ_KINDS:
+        acls += [
+            _acl("subscribePattern", tree.agent(agent_id, k)),
+            _acl("publishClientReceive", tree.agent(agent_id, k)),
+            _acl("unsubscribePattern", tree.agent(agent_id, k)),
+        ]
+    return {"rolename": agent_role_name(agent_id), "acls": acls}
+
+
+def provision_commands(tree: TopicTree, agent_id: str, password: str) -> list[dict[str, Any]]:
+    role = agent_role(tree, agent_id)
+    return [
+        {"command": "createRole", "rolename": role["rolename"], "acls": role["acls"]},
+        {
+            "command": "createClient",
+            "username": agent_id,
+            # The agent must connect with client id == username: nobody else can take
+            # its session over, and the broker ties the topic id to the identity.
+            "clientid": agent_id,
+            "password": password,
+            "roles": [{"rolename": role["rolename"]}],
+        },
+    ]
+
+
+def revoke_commands(agent_id: str) -> list[dict[str, Any]]:
+    # deleteClient also disconnects the client if it is connected.
+    return [
+        {"command": "deleteClient", "username": agent_id},
+        {"command": "deleteRole", "rolename": agent_role_name(agent_id)},
+    ]
+
+
+class DynsecError(RuntimeError):
+    def __init__(self, command: str, error: str):
+        super().__init__(f"{command}: {error}")
+        self.command = command
+        self.error = error

@@ -64,8 +64,13 @@ def connect_properties(
     return props
 
 
-_FATAL_REASONS = {"Bad user name or password", "Not authorized", "Client identifier not valid",
-                  "Banned", "Bad authentication method"}
+_FATAL_REASONS = {
+    "Bad user name or password",
+    "Not authorized",
+    "Client identifier not valid",
+    "Banned",
+    "Bad authentication method",
+}
 
 
 @dataclass
@@ -80,7 +85,7 @@ async def connect(
     clean_start: bool = False,
     keepalive: int = 30,
     properties: Properties | None = None,
-    timeout: float = 10.0,
+    connack_timeout: float = 10.0,
 ) -> ConnectResult:
     """Connect and start paho's network thread; return once the broker's CONNACK came.
 
@@ -129,7 +134,7 @@ async def connect(
         raise MqttConnectError(f"cannot reach broker {url}: {exc}") from exc
     client.loop_start()
     try:
-        return await asyncio.wait_for(done, timeout)
+        return await asyncio.wait_for(done, connack_timeout)
     except BaseException:
         client.loop_stop()
         raise

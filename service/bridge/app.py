@@ -27,8 +27,15 @@ log = logging.getLogger("eucora.bridge")
 T = TypeVar("T")
 
 # Errors where retrying cannot help: the operator must fix the configuration.
-_FATAL_DB_HINTS = ("password authentication failed", "does not exist", "no pg_hba.conf entry",
-                   "role", "invalid dsn", "invalid connection option", "missing \"=\"")
+_FATAL_DB_HINTS = (
+    "password authentication failed",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "role",
+    "invalid dsn",
+    "invalid connection option",
+    'missing "="',
+)
 
 
 class Backoff:
@@ -85,16 +92,16 @@ async def open_database(settings: Settings) -> AsyncConnectionPool:
     target = f"database {redact_url(settings.database_url)}"
 
     async def attempt() -> AsyncConnectionPool:
+        # A plain connection first: its errors say what is wrong (a pool's would
+        # only time out), and the schema check needs just one.
+        async with await psycopg.AsyncConnection.connect(
+            settings.database_url, connect_timeout=5
+        ) as conn:
+            await migrate.require_current_async(conn)
         pool = AsyncConnectionPool(
             settings.database_url, min_size=1, max_size=4, open=False, timeout=10
         )
-        try:
-            await pool.open(wait=True, timeout=5)
-            async with pool.connection() as conn:
-                await migrate.require_current_async(conn)
-        except BaseException:
-            await pool.close()
-            raise
+        await pool.open(wait=True, timeout=10)
         return pool
 
     try:
@@ -103,7 +110,7 @@ async def open_database(settings: Settings) -> AsyncConnectionPool:
             attempt,
             budget=settings.connect_timeout_s,
             fatal=_db_fatal,
-            retryable=(psycopg.Error, OSError, TimeoutError, Exception),
+            retryable=(psycopg.Error, OSError, TimeoutError),
         )
     except migrate.SchemaNotCurrent as exc:
         raise ConfigError(str(exc)) from exc
@@ -127,8 +134,11 @@ class BridgeApp:
             server = await health_http.serve(self.health, self.settings.metrics_port)
         log.info(
             "bridge starting",
-            extra={"mqtt": str(self.settings.mqtt), "database": redact_url(self.settings.database_url),
-                   "topic_root": self.settings.topic_root},
+            extra={
+                "mqtt": str(self.settings.mqtt),
+                "database": redact_url(self.settings.database_url),
+                "topic_root": self.settings.topic_root,
+            },
         )
         pool = await open_database(self.settings)
         self.health.database_ok = True

@@ -61,5 +61,9 @@ def _route(path: str, health: Health, registry: CollectorRegistry) -> tuple[str,
         parts = f"mqtt={'up' if health.mqtt_connected else 'down'} " + (
             f"database={'up' if health.database_ok else 'down'}\n"
         )
-        return ("200 OK" if health.ready else "503 Service Unavailable"), "text/plain", parts.encode()
+        return (
+            ("200 OK" if health.ready else "503 Service Unavailable"),
+            "text/plain",
+            parts.encode(),
+        )
     return "404 Not Found", "text/plain", b"not found\n"

@@ -153,7 +153,9 @@ class Ingest:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     def _validate(self, msg: paho.MQTTMessage) -> Inbound:
-        item = Inbound(msg.mid, msg.qos, self._generation, msg.topic, None, None, payload=msg.payload)
+        item = Inbound(
+            msg.mid, msg.qos, self._generation, msg.topic, None, None, payload=msg.payload
+        )
         try:
             where = self.tree.parse(msg.topic)
         except TopicError as exc:
@@ -237,7 +239,7 @@ class Ingest:
             if ack and item.qos > 0 and item.generation == generation:
                 self._client.ack(item.mid, item.qos)
             self._slots.release()
-        metrics.PENDING.set(self.limits.max_pending - self._slots._value)  # noqa: SLF001
+        metrics.PENDING.set(self.limits.max_pending - self._slots._value)
 
     async def stop(self) -> None:
         """Stop taking messages; what is already received is stored and acknowledged."""

@@ -1,0 +1,235 @@
+"""Writes a batch of validated messages in one transaction.
+
+Telemetry goes through binary COPY into a session-local staging table, then
+`INSERT ... ON CONFLICT DO NOTHING` into `telemetry`, so a redelivered or replayed
+sample is stored once (the key is (agent_id, time)). Heartbeats and every other valid
+message refresh the agent's last_seen; invalid messages become dead letters. The
+caller acknowledges the batch only after `flush` returns, i.e. after COMMIT.
+
+A batch that fails for a reason in the data rather than the connection (a value
+PostgreSQL refuses) is retried message by message, so one poisonous message is
+dead-lettered instead of stalling the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from schemas.payloads import TelemetrySample
+from schemas.topics import Kind
+from schemas.validate import telemetry_samples
+from service.bridge import metrics
+
+if TYPE_CHECKING:
+    from service.bridge.ingest import Inbound
+
+log = logging.getLogger("eucora.bridge.store")
+
+DEAD_LETTER_PAYLOAD_MAX = 4096
+_TELEMETRY_COLS = (
+    "time, agent_id, cpu_percent, memory_percent, disk_percent, net_rx_bytes, net_tx_bytes,"
+    " correlation_id"
+)
+_TELEMETRY_TYPES = ["timestamptz", "text", "float8", "float8", "float8", "int8", "int8", "text"]
+_DEAD_COLS = "topic, agent_id, kind, reason, detail, payload, payload_size"
+_DEAD_TYPES = ["text", "text", "text", "text", "text", "bytea", "int4"]
+
+# Per-kind handlers for the low-rate kinds (registration, status, inventory, task and
+# deployment reports): each runs inside the batch's transaction, in its own savepoint.
+Handler = Callable[["psycopg.AsyncConnection[Any]", "Inbound"], Awaitable[None]]
+HANDLERS: dict[Kind, Handler] = {}
+
+
+def handles(kind: Kind) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        HANDLERS[kind] = fn
+        return fn
+
+    return register
+
+
+class PoisonMessage(Exception):
+    """A message the database refused for what it contains."""
+
+
+def _telemetry_row(agent_id: str, s: TelemetrySample) -> tuple[Any, ...]:
+    return (
+        s.ts, agent_id, s.cpu_percent, s.memory_percent, s.disk_percent,
+        s.net_rx_bytes, s.net_tx_bytes, s.correlation_id,
+    )  # fmt: skip
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    """True when retrying the same rows cannot succeed (vs a lost connection)."""
+    return isinstance(exc, psycopg.Error) and not isinstance(
+        exc, psycopg.OperationalError | psycopg.InterfaceError
+    )
+
+
+class Store:
+    def __init__(self, database_url: str, pool: AsyncConnectionPool):
+        self.url = database_url
+        self.pool = pool
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def open(self) -> None:
+        await self._connection()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        """The writer's own connection: its temporary staging table lives with it."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            conn = await psycopg.AsyncConnection.connect(self.url, connect_timeout=5)
+            # No key and no index: COPY into it runs at full speed. Its rows go at
+            # every COMMIT (a cheap in-place truncate), the table stays.
+            await conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS telemetry_stage"
+                " (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            await conn.commit()
+            self._conn = conn
+        return self._conn
+
+    async def flush(self, batch: Sequence[Inbound]) -> None:
+        """Store the batch in one transaction; raise on a connection problem."""
+        started = time.perf_counter()
+        conn = await self._connection()
+        try:
+            dead = await self._write(conn, batch)
+        except psycopg.Error as exc:
+            await self._recover(conn)
+            if not _is_data_error(exc):
+                raise
+            log.warning(
+                "batch refused by the database; storing message by message",
+                extra={"error": " ".join(str(exc).split())[:300]},
+            )
+            dead = await self._write_each(batch)
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
+        for item in batch:
+            if item.error is None and item.kind is not None:
+                metrics.STORED.labels(item.kind.value).inc()
+        for reason in dead:
+            metrics.DEAD_LETTERS.labels(reason).inc()
+
+    async def _recover(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        try:
+            await conn.rollback()
+        except psycopg.Error:
+            await self.close()
+
+    async def _write_each(self, batch: Sequence[Inbound]) -> list[str]:
+        reasons: list[str] = []
+        for item in batch:
+            conn = await self._connection()
+            try:
+                reasons += await self._write(conn, [item])
+            except psycopg.Error as exc:
+                await self._recover(conn)
+                if not _is_data_error(exc):
+                    raise
+                reasons += await self._write(conn, [], poison=[(item, exc)])
+        return reasons
+
+    async def _write(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: Sequence[Inbound],
+        poison: Sequence[tuple[Inbound, BaseException]] = (),
+    ) -> list[str]:
+        """One transaction for the batch; returns the dead-letter reasons written."""
+        telemetry: list[tuple[Any, ...]] = []
+        seen: dict[str, list[bool]] = {}  # agent -> [heartbeat?, telemetry?]
+        others: list[Inbound] = []
+        dead: list[tuple[Any, ...]] = []
+        for item in batch:
+            if item.error is not None:
+                dead.append(_dead_row(item, item.error.reason, item.error.detail))
+                if item.error.reason == "identity":
+                    metrics.IDENTITY_VIOLATIONS.inc()
+                continue
+            assert item.agent_id is not None and item.kind is not None
+            flags = seen.setdefault(item.agent_id, [False, False])
+            if item.kind is Kind.TELEMETRY:
+                flags[1] = True
+                telemetry.extend(
+                    _telemetry_row(item.agent_id, s) for s in telemetry_samples(item.model)
+                )
+            elif item.kind is Kind.HEARTBEAT:
+                flags[0] = True
+            else:
+                others.append(item)
+        for item, exc in poison:
+            dead.append(_dead_row(item, "storage", " ".join(str(exc).split())[:500]))
+
+        async with conn.transaction():
+            if seen:
+                await _touch_agents(conn, seen)
+            if telemetry:
+                await _copy_telemetry(conn, telemetry)
+            for item in others:
+                handler = HANDLERS.get(item.kind)  # type: ignore[arg-type]
+                if handler is not None:
+                    await handler(conn, item)
+            if dead:
+                async with conn.cursor().copy(
+                    f"COPY dead_letters ({_DEAD_COLS}) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(_DEAD_TYPES)
+                    for row in dead:
+                        await copy.write_row(row)
+        return [row[3] for row in dead]
+
+
+async def _touch_agents(conn: psycopg.AsyncConnection[Any], seen: dict[str, list[bool]]) -> None:
+    # Sorted, so two bridges updating the same agents lock them in the same order.
+    ids = sorted(seen)
+    await conn.execute(
+        """
+        INSERT INTO agents AS a (agent_id, last_seen, last_heartbeat_at, last_telemetry_at)
+        SELECT id, now(), CASE WHEN hb THEN now() END, CASE WHEN tel THEN now() END
+          FROM unnest(%s::text[], %s::bool[], %s::bool[]) AS u(id, hb, tel)
+        ON CONFLICT (agent_id) DO UPDATE SET
+            last_seen = now(),
+            last_heartbeat_at = coalesce(EXCLUDED.last_heartbeat_at, a.last_heartbeat_at),
+            last_telemetry_at = coalesce(EXCLUDED.last_telemetry_at, a.last_telemetry_at),
+            stale = false
+        """,
+        (ids, [seen[i][0] for i in ids], [seen[i][1] for i in ids]),
+    )
+
+
+async def _copy_telemetry(conn: psycopg.AsyncConnection[Any], rows: list[tuple[Any, ...]]) -> None:
+    async with conn.cursor() as cur:
+        async with cur.copy(
+            f"COPY telemetry_stage ({_TELEMETRY_COLS}) FROM STDIN (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(_TELEMETRY_TYPES)
+            for row in rows:
+                await copy.write_row(row)
+        await cur.execute(
+            f"INSERT INTO telemetry ({_TELEMETRY_COLS}) SELECT {_TELEMETRY_COLS}"
+            " FROM telemetry_stage ON CONFLICT DO NOTHING"
+        )
+        inserted = max(cur.rowcount, 0)
+    metrics.ROWS.labels("telemetry").inc(inserted)
+    metrics.DUPLICATES.inc(len(rows) - inserted)
+
+
+def _dead_row(item: Inbound, reason: str, detail: str) -> tuple[Any, ...]:
+    payload = bytes(item.payload)
+    return (
+        item.topic[:1024], item.agent_id, item.kind.value if item.kind else None, reason,
+        detail, payload[:DEAD_LETTER_PAYLOAD_MAX], len(payload),
+    )  # fmt: skip
