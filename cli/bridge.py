@@ -14,21 +14,31 @@ app = typer.Typer(help="The bridge between the broker and the database.", no_arg
 
 @app.command()
 def run(
-    mqtt_url: Annotated[str | None, typer.Option(envvar="EUCORA_MQTT_URL", show_envvar=True,
-                                                  help="mqtt://user:pass@host:port")] = None,
-    database_url: Annotated[str | None, typer.Option(envvar="EUCORA_DATABASE_URL",
-                                                      show_envvar=True)] = None,
+    mqtt_url: Annotated[
+        str | None,
+        typer.Option(envvar="EUCORA_MQTT_URL", show_envvar=True, help="mqtt://user:pass@host:port"),
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option(envvar="EUCORA_DATABASE_URL", show_envvar=True)
+    ] = None,
     topic_root: Annotated[str | None, typer.Option(envvar="EUCORA_TOPIC_ROOT")] = None,
-    metrics_port: Annotated[int | None, typer.Option(
-        envvar="EUCORA_METRICS_PORT", help="HTTP port for /metrics, /healthz, /readyz; 0 = off"
-    )] = None,
-    client_id: Annotated[str | None, typer.Option(
-        envvar="EUCORA_BRIDGE_CLIENT_ID",
-        help="MQTT client id; stable per instance so its persistent session survives restarts",
-    )] = None,
-    connect_timeout: Annotated[float | None, typer.Option(
-        envvar="EUCORA_CONNECT_TIMEOUT", help="seconds to keep retrying at start-up"
-    )] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="EUCORA_METRICS_PORT", help="HTTP port for /metrics, /healthz, /readyz; 0 = off"
+        ),
+    ] = None,
+    client_id: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EUCORA_BRIDGE_CLIENT_ID",
+            help="MQTT client id; stable per instance so its persistent session survives restarts",
+        ),
+    ] = None,
+    connect_timeout: Annotated[
+        float | None,
+        typer.Option(envvar="EUCORA_CONNECT_TIMEOUT", help="seconds to keep retrying at start-up"),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="EUCORA_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run the bridge until SIGTERM: validate agent messages, store them, publish tasks."""
@@ -38,8 +48,12 @@ def run(
     logs.setup(log_level)
     try:
         settings = Settings.from_env(
-            mqtt_url=mqtt_url, database_url=database_url, topic_root=topic_root,
-            metrics_port=metrics_port, client_id=client_id, connect_timeout_s=connect_timeout,
+            mqtt_url=mqtt_url,
+            database_url=database_url,
+            topic_root=topic_root,
+            metrics_port=metrics_port,
+            client_id=client_id,
+            connect_timeout_s=connect_timeout,
         )
         bridge_app.run(settings)
     except ConfigError as exc:

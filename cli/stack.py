@@ -12,11 +12,16 @@ from cli.common import emit_json, fail
 from service.stack.process import StackError
 from service.stack.stack import DEFAULT_DIR, Stack
 
-app = typer.Typer(help="Start, stop and inspect a local broker + database + bridge.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Start, stop and inspect a local broker + database + bridge.", no_args_is_help=True
+)
 
-DirOption = Annotated[Path, typer.Option("--dir", envvar="EUCORA_STACK_DIR",
-                                         help="folder holding the stack's data and state")]
+DirOption = Annotated[
+    Path,
+    typer.Option(
+        "--dir", envvar="EUCORA_STACK_DIR", help="folder holding the stack's data and state"
+    ),
+]
 
 
 @app.command()
@@ -25,18 +30,26 @@ def up(
     mqtt_port: Annotated[int | None, typer.Option(help="broker port (default 11883)")] = None,
     db_port: Annotated[int | None, typer.Option(help="PostgreSQL port (default 15432)")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="bridge metrics port")] = None,
-    database_url: Annotated[str | None, typer.Option(
-        envvar="EUCORA_DATABASE_URL",
-        help="use this database instead of creating a cluster in the folder")] = None,
-    no_bridge: Annotated[bool, typer.Option("--no-bridge", help="start broker and database only")]
-    = False,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EUCORA_DATABASE_URL",
+            help="use this database instead of creating a cluster in the folder",
+        ),
+    ] = None,
+    no_bridge: Annotated[
+        bool, typer.Option("--no-bridge", help="start broker and database only")
+    ] = False,
     json: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
 ) -> None:
     """Start broker, database (and migrations) and bridge; print the URLs to use."""
     try:
         urls = Stack(dir).up(
-            mqtt_port=mqtt_port, db_port=db_port, metrics_port=metrics_port,
-            database_url=database_url, bridge=not no_bridge,
+            mqtt_port=mqtt_port,
+            db_port=db_port,
+            metrics_port=metrics_port,
+            database_url=database_url,
+            bridge=not no_bridge,
             topic_root=os.environ.get("EUCORA_TOPIC_ROOT", "eucora/v1"),
         )
     except (StackError, OSError) as exc:
@@ -78,8 +91,11 @@ def status(
     else:
         for part in ("broker", "database", "bridge"):
             info = doc[part]
-            state = "external" if info.get("external") else (
-                "running" if info["running"] else "stopped")
+            state = (
+                "external"
+                if info.get("external")
+                else ("running" if info["running"] else "stopped")
+            )
             typer.echo(f"{part:<9} {state:<8} pid {info.get('pid') or '-'}")
     parts = [doc["broker"]["running"], doc["bridge"]["running"]]
     if not doc["database"]["external"]:

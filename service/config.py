@@ -102,7 +102,9 @@ class Settings:
 
         mqtt = pick("mqtt_url", "EUCORA_MQTT_URL")
         if not mqtt:
-            raise ConfigError("EUCORA_MQTT_URL is not set (e.g. mqtt://bridge:secret@127.0.0.1:1883)")
+            raise ConfigError(
+                "EUCORA_MQTT_URL is not set (e.g. mqtt://bridge:secret@127.0.0.1:1883)"
+            )
         db = pick("database_url", "EUCORA_DATABASE_URL")
         if not db:
             raise ConfigError(

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
-from service import dynsec
 from schemas.topics import TopicTree
+from service import dynsec
 from service.stack.process import (
     StackError,
     alive,
@@ -25,7 +25,12 @@ from service.stack.process import (
 )
 
 CONFIG_TEMPLATE = Path(__file__).resolve().parents[2] / "mosquitto" / "eucora.conf"
-_PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib")
+_PLUGIN_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib",
+    "/usr/local/lib",
+)
 
 
 def find_dynsec_plugin() -> str:
@@ -134,7 +139,8 @@ class Broker:
         if proc.poll() is not None:
             raise StackError(
                 f"mosquitto exited with code {proc.returncode}; see {self.log_file}: "
-                + _tail(self.log_file) + _tail(self.data_dir / "stdout.log")
+                + _tail(self.log_file)
+                + _tail(self.data_dir / "stdout.log")
             )
 
     def stop(self, timeout: float = 10.0) -> None:

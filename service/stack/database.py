@@ -148,13 +148,17 @@ class Cluster:
     def stop(self, mode: str = "fast") -> None:
         if not self.running:
             return
-        done = self._run(str(find_bindir() / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", mode, "-w")
+        done = self._run(
+            str(find_bindir() / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", mode, "-w"
+        )
         if done.returncode != 0 and self.running:
             raise StackError(f"PostgreSQL did not stop: {done.stderr.strip()}")
 
     def ensure_database(self, name: str) -> str:
         with psycopg.connect(self.url_for("postgres"), autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.url_for(name)

@@ -123,7 +123,7 @@ class Stack:
         from service.db import migrate  # the database layer is only needed here
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o755)  # the broker and database accounts walk through it
+        os.chmod(self.dir, 0o755)  # noqa: S103 (the broker and database accounts walk through it)
         st = self.state()
         self._save_state(
             dir=str(self.dir),
@@ -186,7 +186,9 @@ class Stack:
             proc.kill()
             raise
         if proc.poll() is not None:
-            raise StackError(f"the bridge exited with code {proc.returncode}; see {self.bridge_log}")
+            raise StackError(
+                f"the bridge exited with code {proc.returncode}; see {self.bridge_log}"
+            )
         return proc.pid
 
     def bridge_ready(self) -> bool:
