@@ -1,0 +1,357 @@
+"""Migrations against a real PostgreSQL (plain: TimescaleDB is not installed here)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.dialects import postgresql
+
+from service.db import migrate
+from service.db.connect import DatabaseUnavailable, connect, open_pool
+from service.db.models import RELATIONAL_MODELS
+
+LATEST = migrate.latest_version()
+
+
+@pytest.fixture
+def database(empty_database: str) -> Iterator[str]:
+    """A database with every migration applied."""
+    migrate.upgrade(empty_database)
+    yield empty_database
+
+
+def test_migration_files_are_well_formed() -> None:
+    migrations = migrate.load_migrations()
+    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+    first = migrations[0]
+    assert first.label == "0001_initial"
+    assert [name for name, _ in first.scripts("postgresql")] == [
+        "0001_initial.sql",
+        "0001_initial.plain.sql",
+    ]
+    assert [name for name, _ in first.scripts("timescaledb")] == [
+        "0001_initial.sql",
+        "0001_initial.timescale.sql",
+    ]
+
+
+def test_upgrade_twice_applies_once(empty_database: str) -> None:
+    first = migrate.upgrade(empty_database)
+    assert [m.version for m in first] == list(range(1, LATEST + 1))
+    assert {m.mode for m in first} == {"postgresql"}
+    assert migrate.upgrade(empty_database) == []
+    with connect(empty_database) as conn:
+        assert migrate.current_version(conn) == LATEST
+        assert migrate.pending(conn) == []
+        assert migrate.database_mode(conn) == "postgresql"
+        rows = conn.execute("SELECT version, name, mode FROM schema_migrations").fetchall()
+        assert rows[0] == (1, "initial", "postgresql")
+        assert len(rows) == LATEST
+
+
+def test_concurrent_upgrades_apply_the_schema_once(empty_database: str) -> None:
+    workers = 4
+    start = threading.Barrier(workers)
+    results: list[list[migrate.AppliedMigration]] = []
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        start.wait()
+        try:
+            results.append(migrate.upgrade(empty_database))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    # Exactly one upgrader did the work; the others found nothing pending.
+    assert sorted(len(r) for r in results) == [0] * (workers - 1) + [LATEST]
+    with connect(empty_database) as conn:
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (LATEST,)
+
+
+def test_upgrade_waits_for_a_running_upgrade(empty_database: str) -> None:
+    """While one session holds the upgrade lock, another upgrade does not start."""
+    with connect(empty_database, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (migrate.ADVISORY_LOCK_KEY,))
+        done = threading.Event()
+        result: list[list[migrate.AppliedMigration]] = []
+
+        def run() -> None:
+            result.append(migrate.upgrade(empty_database))
+            done.set()
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        # Wait (without sleeping) until the worker is blocked on the advisory lock.
+        waiting = (
+            "SELECT EXISTS (SELECT 1 FROM pg_locks"
+            " WHERE locktype = 'advisory' AND NOT granted AND database ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database()))"
+        )
+        with connect(empty_database, autocommit=True) as watcher:
+            while watcher.execute(waiting).fetchone() != (True,):
+                assert worker.is_alive()
+        assert not done.is_set()
+        assert migrate.current_version(holder) == 0
+        holder.execute("SELECT pg_advisory_unlock(%s)", (migrate.ADVISORY_LOCK_KEY,))
+        worker.join()
+    assert [m.version for m in result[0]] == list(range(1, LATEST + 1))
+
+
+def test_failed_migration_is_rolled_back_and_retried(empty_database: str, tmp_path: Path) -> None:
+    (tmp_path / "0001_first.sql").write_text("CREATE TABLE first (id int);")
+    (tmp_path / "0002_second.sql").write_text(
+        "CREATE TABLE second (id int);\nSELECT no_such_column FROM first;"
+    )
+    migrations = migrate.load_migrations(tmp_path)
+    with pytest.raises(migrate.MigrationError) as err:
+        migrate.upgrade(empty_database, migrations=migrations)
+    assert "0002_second" in str(err.value)
+    assert "no_such_column" in str(err.value)
+    assert "line 2" in str(err.value)
+    with connect(empty_database) as conn:
+        assert migrate.current_version(conn) == 1
+        # Nothing of 0002 survived: its table was rolled back with it.
+        assert conn.execute("SELECT to_regclass('second')").fetchone() == (None,)
+        assert [m.version for m in migrate.pending(conn, migrations)] == [2]
+
+    (tmp_path / "0002_second.sql").write_text("CREATE TABLE second (id int);")
+    applied = migrate.upgrade(empty_database, migrations=migrate.load_migrations(tmp_path))
+    assert [m.version for m in applied] == [2]
+
+
+def test_variants_follow_the_mode(empty_database: str, tmp_path: Path) -> None:
+    (tmp_path / "0001_x.sql").write_text("CREATE TABLE t (v text);")
+    (tmp_path / "0001_x.plain.sql").write_text("INSERT INTO t VALUES ('plain');")
+    (tmp_path / "0001_x.timescale.sql").write_text("INSERT INTO t VALUES ('timescale');")
+    migrate.upgrade(empty_database, migrations=migrate.load_migrations(tmp_path))
+    with connect(empty_database) as conn:
+        assert conn.execute("SELECT v FROM t").fetchall() == [("plain",)]
+
+
+def test_badly_named_migration_files_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "0001_x.timescaledb.sql").write_text("SELECT 1;")
+    with pytest.raises(migrate.MigrationError, match="NNNN_name"):
+        migrate.load_migrations(tmp_path)
+
+
+def test_timescaledb_mode_fails_clearly_without_the_extension(empty_database: str) -> None:
+    with connect(empty_database) as conn:
+        assert migrate.timescaledb_status(conn).available is False
+    with pytest.raises(migrate.MigrationError, match="not available"):
+        migrate.upgrade(empty_database, mode="timescaledb")
+    with connect(empty_database) as conn:
+        assert migrate.current_version(conn) == 0
+
+
+def test_require_current(empty_database: str) -> None:
+    with connect(empty_database) as conn:
+        with pytest.raises(migrate.SchemaNotCurrent) as err:
+            migrate.require_current(conn)
+        assert str(err.value) == (
+            f"database schema is at version 0, {LATEST} pending: run `eucora db upgrade`"
+        )
+    migrate.upgrade(empty_database)
+    with connect(empty_database) as conn:
+        assert migrate.require_current(conn) == LATEST
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, mode, checksum)"
+            " VALUES (9999, 'future', 'postgresql', '')"
+        )
+        with pytest.raises(migrate.SchemaNotCurrent, match="newer than this eucora"):
+            migrate.require_current(conn)
+
+
+def test_telemetry_duplicates_are_stored_once(database: str) -> None:
+    t = datetime(2024, 5, 15, 12, 0, 0, tzinfo=UTC)
+    insert = (
+        "INSERT INTO telemetry (time, agent_id, cpu_percent, net_rx_bytes)"
+        " VALUES (%s, %s, %s, %s) ON CONFLICT (agent_id, time) DO NOTHING"
+    )
+    with connect(database) as conn:
+        cur = conn.cursor()
+        cur.execute(insert, (t, "a1", 10.0, 100))
+        assert cur.rowcount == 1
+        cur.execute(insert, (t, "a1", 99.0, 999))  # a QoS 1 redelivery
+        assert cur.rowcount == 0
+        cur.execute(insert, (t, "a2", 20.0, 200))  # same time, another agent
+        assert cur.rowcount == 1
+        rows = conn.execute(
+            "SELECT agent_id, cpu_percent FROM telemetry ORDER BY agent_id"
+        ).fetchall()
+        assert rows == [("a1", 10.0), ("a2", 20.0)]
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO telemetry (time, agent_id) VALUES (%s, 'a1')", (t,))
+
+
+def _timescale_bucket(width: timedelta, ts: datetime) -> datetime:
+    """TimescaleDB's definition: floor to a multiple of width from 2000-01-03 00:00 UTC."""
+    origin = datetime(2000, 1, 3, tzinfo=UTC)
+    return origin + ((ts - origin) // width) * width
+
+
+@pytest.mark.parametrize(
+    ("width", "ts", "expected"),
+    [
+        ("1 minute", "2024-05-15 13:47:31.5+00", "2024-05-15 13:47:00+00"),
+        ("15 minutes", "2024-05-15 13:47:31+00", "2024-05-15 13:45:00+00"),
+        ("1 hour", "2024-05-15 13:47:31+02", "2024-05-15 11:00:00+00"),
+        ("1 day", "2024-05-15 23:59:59+00", "2024-05-15 00:00:00+00"),
+        ("1 day", "2024-05-16 01:00:00+02", "2024-05-15 00:00:00+00"),  # UTC days
+        ("7 days", "2024-05-15 13:47:31+00", "2024-05-13 00:00:00+00"),  # a Wednesday
+        ("1 week", "2024-05-19 23:59:59+00", "2024-05-13 00:00:00+00"),  # the Sunday
+        ("1 week", "2024-05-20 00:00:00+00", "2024-05-20 00:00:00+00"),  # the next Monday
+        ("1 hour", "1999-12-31 23:30:00+00", "1999-12-31 23:00:00+00"),  # before the origin
+        ("5 minutes", "2000-01-02 23:58:00+00", "2000-01-02 23:55:00+00"),
+    ],
+)
+def test_time_bucket_matches_timescaledb(database: str, width: str, ts: str, expected: str) -> None:
+    with connect(database) as conn:
+        row = conn.execute(
+            "SELECT time_bucket(%s::interval, %s::timestamptz),"
+            " %s::interval, %s::timestamptz, %s::timestamptz",
+            (width, ts, width, ts, expected),
+        ).fetchone()
+    assert row is not None
+    bucket, width_td, ts_dt, expected_dt = row
+    assert bucket == expected_dt
+    assert bucket == _timescale_bucket(width_td, ts_dt)
+
+
+def test_time_bucket_overloads(database: str) -> None:
+    with connect(database) as conn:
+        row = conn.execute(
+            "SELECT time_bucket('1 week', TIMESTAMP '2024-05-15 10:00'),"
+            " time_bucket('1 day', TIMESTAMPTZ '2024-05-15 10:00+00',"
+            "             origin => TIMESTAMPTZ '2024-01-01 06:00+00'),"
+            " time_bucket('1 day', TIMESTAMPTZ '2024-05-15 10:00+00', 'Europe/Paris')"
+        ).fetchone()
+        assert row == (
+            datetime(2024, 5, 13),
+            datetime(2024, 5, 15, 6, tzinfo=UTC),
+            datetime(2024, 5, 14, 22, tzinfo=UTC),  # Paris midnight, CEST
+        )
+        # The documented limit of the fallback: no calendar months.
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            conn.execute("SELECT time_bucket('1 month', now())")
+
+
+def test_telemetry_1m_aggregates_per_agent_and_minute(database: str) -> None:
+    t0 = datetime(2024, 5, 15, 12, 0, tzinfo=UTC)
+    rows = [
+        (t0, "a1", 10.0, 20.0, 30.0, 100, 1000),
+        (t0 + timedelta(seconds=30), "a1", 20.0, 40.0, 50.0, 300, 1500),
+        (t0 + timedelta(seconds=61), "a1", 50.0, 50.0, 50.0, 400, 1600),
+        (t0 + timedelta(seconds=5), "a2", 1.0, 2.0, 3.0, 4, 5),
+    ]
+    with connect(database) as conn:
+        with conn.cursor().copy(
+            "COPY telemetry (time, agent_id, cpu_percent, memory_percent, disk_percent,"
+            " net_rx_bytes, net_tx_bytes) FROM STDIN"
+        ) as copy:
+            for r in rows:
+                copy.write_row(r)
+        got = conn.execute(
+            "SELECT bucket, agent_id, avg_cpu_percent, avg_memory_percent, avg_disk_percent,"
+            " max_net_rx_bytes, max_net_tx_bytes, samples"
+            " FROM telemetry_1m WHERE bucket >= %s ORDER BY agent_id, bucket",
+            (t0,),
+        ).fetchall()
+    assert got == [
+        (t0, "a1", 15.0, 30.0, 40.0, 300, 1500, 2),
+        (t0 + timedelta(minutes=1), "a1", 50.0, 50.0, 50.0, 400, 1600, 1),
+        (t0, "a2", 1.0, 2.0, 3.0, 4, 5, 1),
+    ]
+
+
+def test_outbox_claims_skip_locked_rows(database: str) -> None:
+    with connect(database) as conn:
+        conn.execute("INSERT INTO agents (agent_id) VALUES ('a1')")
+        ids = [
+            conn.execute(
+                "INSERT INTO tasks (agent_id, type) VALUES ('a1', 'HEALTHCHECK') RETURNING task_id"
+            ).fetchone()
+            for _ in range(2)
+        ]
+        conn.commit()
+        claim = (
+            "SELECT task_id FROM tasks WHERE next_publish_at <= now()"
+            " ORDER BY next_publish_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+        )
+        with connect(database) as other:
+            first = conn.execute(claim).fetchone()
+            second = other.execute(claim).fetchone()
+            assert {first, second} == set(ids)
+
+
+def test_models_match_the_migrated_schema(database: str) -> None:
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    with connect(database) as conn:
+        for model in RELATIONAL_MODELS:
+            table = model.__table__  # type: ignore[attr-defined]
+            db_columns = {
+                name: (nullable == "YES", data_type)
+                for name, nullable, data_type in conn.execute(
+                    "SELECT column_name, is_nullable, data_type FROM information_schema.columns"
+                    " WHERE table_schema = 'public' AND table_name = %s",
+                    (table.name,),
+                ).fetchall()
+            }
+            assert db_columns, f"table {table.name} is missing"
+            model_columns = {
+                c.name: (c.nullable, c.type.compile(dialect=dialect).lower()) for c in table.columns
+            }
+            assert model_columns == db_columns, table.name
+            db_pk = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT a.attname FROM pg_index i JOIN pg_attribute a"
+                    " ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+                    " WHERE i.indrelid = %s::regclass AND i.indisprimary",
+                    (table.name,),
+                ).fetchall()
+            ]
+            assert sorted(db_pk) == sorted(c.name for c in table.primary_key.columns)
+
+
+def test_pool_opens_in_the_loop_and_checks_the_schema(database: str) -> None:
+    async def main() -> int:
+        pool = await open_pool(database, min_size=1, max_size=2)
+        try:
+            async with pool.connection() as conn:
+                return await migrate.require_current_async(conn)
+        finally:
+            await pool.close()
+
+    assert asyncio.run(main()) == LATEST
+
+
+def test_pool_reports_an_unreachable_database_in_one_line() -> None:
+    url = "postgresql://nobody:s3cret@127.0.0.1:1/x"
+
+    async def main() -> None:
+        await open_pool(url, open_timeout=0.2)
+
+    with pytest.raises(DatabaseUnavailable) as err:
+        asyncio.run(main())
+    assert str(err.value) == (
+        "cannot connect to database postgresql://nobody:***@127.0.0.1:1/x: connection refused"
+    )
+
+
+def test_unknown_database_is_named_in_the_error(empty_database: str) -> None:
+    url = empty_database.rsplit("/", 1)[0] + f"/missing_{uuid.uuid4().hex[:8]}"
+    with pytest.raises(DatabaseUnavailable, match=r"database \"missing_\w+\" does not exist$"):
+        connect(url)
