@@ -20,8 +20,8 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 BASE_ID = "https://eucora.example/schemas/v1/"
 
 
-def schema_path(kind: Kind) -> Path:
-    return SCHEMA_DIR / f"{kind.value}.schema.json"
+def schema_path(kind: Kind, directory: Path = SCHEMA_DIR) -> Path:
+    return directory / f"{kind.value}.schema.json"
 
 
 def build(kind: Kind) -> dict[str, Any]:
@@ -63,10 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if a file differs from what would be written"
     )
+    parser.add_argument(
+        "--dir", type=Path, default=SCHEMA_DIR, help="where the files are (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     stale = []
     for kind in Kind:
-        path, text = schema_path(kind), render(kind)
+        path, text = schema_path(kind, args.dir), render(kind)
         current = path.read_text(encoding="utf-8") if path.exists() else None
         if current == text:
             continue
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     if not args.check:
-        print(f"wrote {len(stale)} of {len(Kind)} schema files in {SCHEMA_DIR}")
+        print(f"wrote {len(stale)} of {len(Kind)} schema files in {args.dir}")
     return 0
 
 

@@ -85,9 +85,20 @@ ReportedTaskStatus = Annotated[
     ),
 ]
 Percent = Annotated[float, Field(ge=0, le=100)]
-# Non-strict so 42.0 passes like JSON Schema's "integer"; 42.5 and "42" still fail.
-ByteCount = Annotated[int, Field(ge=0, le=INT64_MAX, strict=False)]
-Count = Annotated[int, Field(ge=0, le=INT64_MAX, strict=False)]
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema's "integer" includes 42.0; strict mode alone would refuse it (while
+    # lax mode would also take "42" and true).
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+# Constraints before the validator, or the JSON Schema loses minimum/maximum.
+ByteCount = Annotated[int, Field(ge=0, le=INT64_MAX), BeforeValidator(_integral)]
+Count = ByteCount
 AgentId = Annotated[str, StringConstraints(pattern=AGENT_ID_PATTERN)]
 CorrelationId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 TagKey = Annotated[
@@ -163,7 +174,7 @@ class Status(Payload):
 
 
 class Hardware(_Model):
-    cpu_count: int = Field(ge=1, le=65_536, strict=False)
+    cpu_count: Integer = Field(ge=1, le=65_536)
     memory_bytes: ByteCount
     disk_bytes: ByteCount
 
@@ -393,10 +404,9 @@ class TaskCommand(Payload):
     task_id: uuid.UUID
     type: TaskType
     payload: dict[str, Any] = Field(description="Type-specific parameters (may be {}).")
-    timeout_seconds: int = Field(
+    timeout_seconds: Integer = Field(
         ge=1,
         le=30 * 86_400,
-        strict=False,
         description="Seconds the task may run after it started before the server marks it TIMEOUT.",
     )
     expires_at: Timestamp = Field(
@@ -404,9 +414,7 @@ class TaskCommand(Payload):
     )
     correlation_id: CorrelationId
     created_at: Timestamp
-    attempt: int = Field(
-        ge=1, le=1_000_000, strict=False, description="1 for the first publication."
-    )
+    attempt: Integer = Field(ge=1, le=1_000_000, description="1 for the first publication.")
 
 
 class TaskCancel(Payload):
