@@ -35,7 +35,8 @@ class TopicError(ValueError):
 
 
 def is_agent_id(value: str) -> bool:
-    return bool(_AGENT_ID_RE.match(value))
+    # fullmatch: with match(), "$" would also accept a trailing newline.
+    return _AGENT_ID_RE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
