@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from cli import bridge, stack
+from cli.db import app as db_app
+from cli.status import status
 
 app = typer.Typer(
     name="eucora",
@@ -14,6 +16,8 @@ app = typer.Typer(
 )
 app.add_typer(stack.app, name="stack")
 app.add_typer(bridge.app, name="bridge")
+app.add_typer(db_app, name="db")
+app.command("status")(status)
 
 
 def main() -> None:

@@ -102,3 +102,14 @@ def status(
         parts.append(doc["database"]["running"])
     if not all(parts):
         raise typer.Exit(1)
+
+
+@app.command()
+def env(dir: DirOption = DEFAULT_DIR) -> None:
+    """Print `export` lines for the stack's operator URLs: eval "$(eucora stack env)"."""
+    stack = Stack(dir)
+    if not stack.state_file.exists():
+        fail(f"no stack in {stack.dir}: run `eucora stack up --dir {dir}`", code=1)
+    typer.echo(f"export EUCORA_MQTT_URL='{stack.mqtt_url()}'")
+    typer.echo(f"export EUCORA_DATABASE_URL='{stack.database_url()}'")
+    typer.echo(f"export EUCORA_TOPIC_ROOT='{stack.state().get('topic_root', 'eucora/v1')}'")

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from cli.db import app as db_app
 from cli.status import app as status_app
+from service.config import redact_url
 from service.db import migrate
 
 LATEST = migrate.latest_version()
@@ -90,7 +91,7 @@ def test_status_json_reports_mode_and_version(empty_database: str) -> None:
     after = runner.invoke(status_app, ["--json"], env={"EUCORA_DATABASE_URL": empty_database})
     assert after.exit_code == 0, after.output
     db = json.loads(after.stdout)["database"]
-    assert db["url"] == empty_database  # no password in the test URL to hide
+    assert db["url"] == redact_url(empty_database)  # the password never printed
     assert db["mode"] == "postgresql"
     assert db["schema_version"] == LATEST
     assert db["pending"] == 0

@@ -82,7 +82,7 @@ class Deployment(SQLModel, table=True):
     abort_after_percent: float | None = Field(default=None, sa_type=Double)
     status: str = Field(default="PENDING", sa_type=Text)
     status_reason: str | None = Field(default=None, sa_type=Text)
-    correlation_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    correlation_id: str = Field(default_factory=lambda: str(uuid.uuid4()), sa_type=Text)
     created_at: datetime = Field(default_factory=_now, sa_type=_TS)
     updated_at: datetime = Field(default_factory=_now, sa_type=_TS)
     started_at: datetime | None = Field(default=None, sa_type=_TS)
@@ -117,7 +117,7 @@ class Task(SQLModel, table=True):
     error: str | None = Field(default=None, sa_type=Text)
     timeout_seconds: int = 3600
     expires_at: datetime | None = Field(default=None, sa_type=_TS)
-    correlation_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    correlation_id: str = Field(default_factory=lambda: str(uuid.uuid4()), sa_type=Text)
     created_at: datetime = Field(default_factory=_now, sa_type=_TS)
     updated_at: datetime = Field(default_factory=_now, sa_type=_TS)
     published_at: datetime | None = Field(default=None, sa_type=_TS)

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -20,6 +19,7 @@ from service.stack.process import (
     chown_tree,
     port_open,
     service_user,
+    spawn,
     stop_pid,
     wait_for,
 )
@@ -118,14 +118,7 @@ class Broker:
         self.prepare()
         if port_open(self.bind, self.port):
             raise StackError(f"port {self.port} is already in use: choose another --mqtt-port")
-        with open(self.data_dir / "stdout.log", "ab") as out:
-            proc = subprocess.Popen(
-                [find_mosquitto(), "-c", str(self.config_file)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        proc = spawn([find_mosquitto(), "-c", str(self.config_file)], self.data_dir / "stdout.log")
         self.pid_file.write_text(str(proc.pid))
         try:
             wait_for(

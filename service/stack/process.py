@@ -7,6 +7,7 @@ import os
 import pwd
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,3 +95,21 @@ def check_reachable(path: Path, user: pwd.struct_passwd) -> None:
                 f"{parent} is not searchable by the '{user.pw_name}' account the service "
                 f"runs as; choose a stack --dir under a world-searchable folder (e.g. /var/tmp)"
             )
+
+
+# Services outlive the command that starts them; holding their Popen objects keeps
+# Python from warning about (and us from forgetting) children still running.
+_CHILDREN: list[subprocess.Popen[bytes]] = []
+
+
+def spawn(
+    argv: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a service in its own session (a Ctrl-C in the terminal does not reach it)."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )  # fmt: skip
+    _CHILDREN.append(proc)
+    return proc

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from service import dynsec
 from service.config import DEFAULT_TOPIC_ROOT
 from service.stack.broker import Broker
 from service.stack.database import Cluster
-from service.stack.process import StackError, alive, free_port, stop_pid, wait_for
+from service.stack.process import StackError, alive, free_port, spawn, stop_pid, wait_for
 
 DEFAULT_DIR = Path(".stack")
 DEFAULT_MQTT_PORT = 11883
@@ -166,15 +165,7 @@ class Stack:
             assert pid is not None
             return pid
         env = os.environ | self.bridge_env()
-        with open(self.bridge_log, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "cli", "bridge", "run"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        proc = spawn([sys.executable, "-m", "cli", "bridge", "run"], self.bridge_log, env)
         self._save_state(bridge_pid=proc.pid)
         try:
             wait_for(

@@ -76,7 +76,7 @@ CREATE TABLE telemetry (
     disk_percent   double precision,
     net_rx_bytes   bigint,
     net_tx_bytes   bigint,
-    correlation_id uuid,
+    correlation_id text,
     received_at    timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT telemetry_pkey PRIMARY KEY (agent_id, time)
 );
@@ -125,7 +125,7 @@ CREATE TABLE deployments (
                         CONSTRAINT deployments_status_valid
                         CHECK (status IN ('PENDING', 'RUNNING', 'COMPLETED', 'ABORTED')),
     status_reason       text,
-    correlation_id      uuid NOT NULL DEFAULT gen_random_uuid(),
+    correlation_id      text NOT NULL DEFAULT gen_random_uuid()::text,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
     started_at          timestamptz,
@@ -180,7 +180,7 @@ CREATE TABLE tasks (
     timeout_seconds  integer NOT NULL DEFAULT 3600
                      CONSTRAINT tasks_timeout_positive CHECK (timeout_seconds > 0),
     expires_at       timestamptz,
-    correlation_id   uuid NOT NULL DEFAULT gen_random_uuid(),
+    correlation_id   text NOT NULL DEFAULT gen_random_uuid()::text,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     published_at     timestamptz,
@@ -215,7 +215,7 @@ CREATE TABLE task_events (
     previous_status text,
     source          text NOT NULL CONSTRAINT task_events_source_valid
                     CHECK (source IN ('agent', 'server', 'operator')),
-    correlation_id  uuid,
+    correlation_id  text,
     progress        smallint,
     detail          jsonb,
     -- false: recorded but changed nothing (duplicate, out of order, illegal); see reason

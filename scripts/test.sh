@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test suite CI runs: lint, types, then every test against a real Mosquitto and a
+# real PostgreSQL that the fixtures start (see tests/fix_*.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+ruff check .
+ruff format --check .
+mypy
+python -m schemas.generate --check
+
+set +e
+pytest "$@"
+rc=$?
+set -e
+if [ $rc -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit $rc

@@ -1,0 +1,63 @@
+"""`eucora stack up/status/down` exactly as the README's demo runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import psycopg
+
+from service.stack.process import free_port
+from tests.fix_services import service_dir
+
+
+def eucora(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_stack_up_status_down() -> None:
+    with service_dir("stack") as root:
+        d = str(Path(root) / "s")
+        ports = ["--mqtt-port", str(free_port()), "--db-port", str(free_port())]
+        up = eucora("stack", "up", "--dir", d, *ports, "--json")
+        try:
+            assert up.returncode == 0, up.stderr
+            urls = json.loads(up.stdout)
+            assert set(urls) == {"dir", "mqtt_url", "database_url", "metrics_url"}
+            assert urls["mqtt_url"].startswith("mqtt://eucora-operator:")
+            # The database is migrated and reachable at the printed URL.
+            with psycopg.connect(urls["database_url"]) as conn:
+                assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] >= 1
+            with urllib.request.urlopen(urls["metrics_url"] + "/readyz", timeout=5) as r:  # noqa: S310
+                assert r.status == 200
+
+            st = eucora("stack", "status", "--dir", d, "--json")
+            assert st.returncode == 0, st.stderr
+            status = json.loads(st.stdout)
+            assert all(status[p]["running"] for p in ("broker", "database", "bridge"))
+
+            again = eucora("stack", "up", "--dir", d, "--json")  # idempotent
+            assert again.returncode == 0, again.stderr
+            assert json.loads(again.stdout)["mqtt_url"] == urls["mqtt_url"]
+        finally:
+            down = eucora("stack", "down", "--dir", d)
+        assert down.returncode == 0, down.stderr
+        st = eucora("stack", "status", "--dir", d, "--json")
+        assert st.returncode == 1
+        assert not any(json.loads(st.stdout)[p]["running"] for p in ("broker", "database", "bridge"))
+        # No secret reached the logs the stack keeps.
+        secrets = json.loads((Path(d) / "secrets.json").read_text())
+        logs = (Path(d) / "bridge.log").read_text() + (Path(d) / "mosquitto/mosquitto.log").read_text()
+        for value in secrets.values():
+            assert value not in logs
+
+
+def test_stack_status_without_stack_says_so() -> None:
+    with service_dir("stack") as root:
+        st = eucora("stack", "status", "--dir", str(root / "none"))
+        assert st.returncode == 1
+        assert st.stderr.startswith("error: no stack in")
