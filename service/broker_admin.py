@@ -42,7 +42,9 @@ class BrokerAdmin:
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
 
-    def _on_connect(self, client: paho.Client, _u: object, _f: object, reason: Any, _p: object) -> None:
+    def _on_connect(
+        self, client: paho.Client, _u: object, _f: object, reason: Any, _p: object
+    ) -> None:
         if reason.is_failure:
             self._connect_error = str(reason)
         else:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -19,6 +21,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from service.config import MqttUrl
+
+OnConnect = Callable[[paho.Client, Any, paho.ConnectFlags, ReasonCode, Properties | None], None]
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # a persistent session outlives a week-long absence
 
@@ -57,7 +61,7 @@ def make_client(
 def connect_properties(
     *, session_expiry: int = SESSION_EXPIRY_S, receive_maximum: int | None = None
 ) -> Properties:
-    props = Properties(PacketTypes.CONNECT)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = session_expiry
     if receive_maximum:
         props.ReceiveMaximum = receive_maximum
@@ -94,7 +98,7 @@ async def connect(
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[ConnectResult] = loop.create_future()
-    previous = client.on_connect
+    previous = cast(OnConnect | None, client.on_connect)
     lock = threading.Lock()
 
     def on_connect(

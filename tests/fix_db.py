@@ -33,8 +33,9 @@ def pg_cluster() -> Iterator[Cluster | None]:
         yield None
         return
     with service_dir("pg") as root:
-        cluster = Cluster(root=root / "postgres", port=free_port(), password=uuid.uuid4().hex,
-                          durable=False)
+        cluster = Cluster(
+            root=root / "postgres", port=free_port(), password=uuid.uuid4().hex, durable=False
+        )
         cluster.start()
         try:
             yield cluster

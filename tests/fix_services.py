@@ -39,8 +39,10 @@ def service_dir(prefix: str) -> Iterator[Path]:
 
 
 def broker_passwords() -> dict[str, str]:
-    return {u: dynsec.new_password() for u in (dynsec.ADMIN_USER, dynsec.BRIDGE_USER,
-                                                 dynsec.OPERATOR_USER)}
+    return {
+        u: dynsec.new_password()
+        for u in (dynsec.ADMIN_USER, dynsec.BRIDGE_USER, dynsec.OPERATOR_USER)
+    }
 
 
 @pytest.fixture
@@ -51,8 +53,9 @@ def broker_factory() -> Iterator[type[Broker] | object]:
         ctx = service_dir("mqtt")
         root = ctx.__enter__()
         dirs.append(ctx)
-        b = Broker(data_dir=root / "mosquitto", port=free_port(), passwords=broker_passwords(),
-                   extra=extra)
+        b = Broker(
+            data_dir=root / "mosquitto", port=free_port(), passwords=broker_passwords(), extra=extra
+        )
         b.start()
         made.append(b)
         return b
@@ -82,26 +85,31 @@ class BridgeProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps it)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "bridge", "run"],
-            env=os.environ | self.env, stdout=log, stderr=subprocess.STDOUT,
+            env=os.environ | self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
         log.close()
         if wait_ready:
-            wait_for(lambda: self.ready() or self.proc.poll() is not None,  # type: ignore[union-attr]
-                     30, "the bridge to be ready")
+            wait_for(
+                lambda: self.ready() or self.proc.poll() is not None,  # type: ignore[union-attr]
+                30,
+                "the bridge to be ready",
+            )
             assert self.proc.poll() is None, f"bridge exited:\n{self.log()}"
 
     def ready(self) -> bool:
         try:
             url = f"http://127.0.0.1:{self.metrics_port}/readyz"
-            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310
+            with urllib.request.urlopen(url, timeout=1) as resp:
                 return bool(resp.status == 200)
         except OSError:
             return False
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=2) as resp:
             return str(resp.read().decode())
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
@@ -126,8 +134,14 @@ class BridgeProcess:
 def bridge_factory(tmp_path: Path) -> Iterator[object]:
     made: list[BridgeProcess] = []
 
-    def make(broker: Broker, database_url: str, *, start: bool = True,
-             client_id: str = "eucora-bridge-test", **env: str) -> BridgeProcess:
+    def make(
+        broker: Broker,
+        database_url: str,
+        *,
+        start: bool = True,
+        client_id: str = "eucora-bridge-test",
+        **env: str,
+    ) -> BridgeProcess:
         port = free_port()
         b = BridgeProcess(
             env={

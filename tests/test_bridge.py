@@ -37,8 +37,9 @@ def test_bridge_connects_and_stops_on_sigterm_within_5s(bridge: BridgeProcess) -
     assert '"msg":"bridge ready"' in log and '"msg":"bridge stopped"' in log
 
 
-def test_bridge_logs_are_json_lines_without_secrets(bridge: BridgeProcess, broker: Broker,
-                                                   database: str) -> None:
+def test_bridge_logs_are_json_lines_without_secrets(
+    bridge: BridgeProcess, broker: Broker, database: str
+) -> None:
     import json
 
     bridge.stop()
@@ -86,8 +87,9 @@ def test_database_without_migrations_is_refused(broker: Broker, empty_database: 
 def test_wrong_broker_password_is_fatal_not_retried(broker: Broker, database: str) -> None:
     url = broker.url(dynsec.BRIDGE_USER).replace(broker.passwords[dynsec.BRIDGE_USER], "wrong")
     started = time.monotonic()
-    done = run_bridge({"EUCORA_MQTT_URL": url, "EUCORA_DATABASE_URL": database,
-                       "EUCORA_CONNECT_TIMEOUT": "30"})
+    done = run_bridge(
+        {"EUCORA_MQTT_URL": url, "EUCORA_DATABASE_URL": database, "EUCORA_CONNECT_TIMEOUT": "30"}
+    )
     assert done.returncode == 2
     assert "refused the connection" in done.stderr
     assert time.monotonic() - started < 20  # did not spend the 30 s retry budget

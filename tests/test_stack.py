@@ -15,8 +15,13 @@ from tests.fix_services import service_dir
 
 
 def eucora(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_stack_up_status_down() -> None:
@@ -48,10 +53,14 @@ def test_stack_up_status_down() -> None:
         assert down.returncode == 0, down.stderr
         st = eucora("stack", "status", "--dir", d, "--json")
         assert st.returncode == 1
-        assert not any(json.loads(st.stdout)[p]["running"] for p in ("broker", "database", "bridge"))
+        assert not any(
+            json.loads(st.stdout)[p]["running"] for p in ("broker", "database", "bridge")
+        )
         # No secret reached the logs the stack keeps.
         secrets = json.loads((Path(d) / "secrets.json").read_text())
-        logs = (Path(d) / "bridge.log").read_text() + (Path(d) / "mosquitto/mosquitto.log").read_text()
+        logs = (Path(d) / "bridge.log").read_text() + (
+            Path(d) / "mosquitto/mosquitto.log"
+        ).read_text()
         for value in secrets.values():
             assert value not in logs
 

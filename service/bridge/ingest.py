@@ -65,7 +65,7 @@ class Inbound:
     kind: Kind | None
     model: Any = None
     error: PayloadError | None = None
-    payload: bytes = b""
+    payload: bytes | bytearray = b""
     received: float = field(default_factory=time.monotonic)
 
 
