@@ -19,6 +19,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from service.bridge import health as health_http
+from service.bridge import workers
 from service.config import ConfigError, Settings, redact_url
 from service.db import migrate
 from service.mqtt import MqttConnectError
@@ -156,12 +157,20 @@ class BridgeApp:
             log.info("bridge ready")
             stopper = asyncio.create_task(self._stop.wait())
             worker = asyncio.create_task(ingest.run())
-            done, _ = await asyncio.wait({stopper, worker}, return_when=asyncio.FIRST_COMPLETED)
-            if worker in done:
-                stopper.cancel()
-                worker.result()  # an ingest crash is a crash of the bridge
+            background = [
+                asyncio.create_task(w(self.settings, pool, ingest)) for w in workers.workers()
+            ]
+            done, _ = await asyncio.wait(
+                {stopper, worker, *background}, return_when=asyncio.FIRST_COMPLETED
+            )
+            stopper.cancel()
+            for task in done - {stopper}:
+                task.result()  # a crashed worker is a crash of the bridge
             log.info("bridge stopping")
             self.health.stopping = True
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await ingest.stop()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker

@@ -33,12 +33,13 @@ from psycopg_pool import AsyncConnectionPool
 from schemas.topics import AGENT_KINDS, Kind, TopicError, TopicTree
 from schemas.validate import PayloadError, parse
 from service import mqtt
-from service.bridge import metrics
+from service.bridge import handlers, metrics
 from service.bridge.health import Health
 from service.bridge.store import Store
 from service.config import Settings
 
 log = logging.getLogger("eucora.bridge.ingest")
+assert handlers  # importing the package registers the per-kind handlers
 
 SHARE_GROUP = "eucora"
 # Retained online/offline must reach every bridge (a shared subscription gets no retained

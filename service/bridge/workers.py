@@ -1,0 +1,23 @@
+"""Background work of the bridge besides ingest (sweeps, the task outbox...).
+
+Each entry is started as a task when the bridge is ready and cancelled when it stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from service.config import Settings
+
+if TYPE_CHECKING:
+    from service.bridge.ingest import Ingest
+
+Worker = Callable[[Settings, AsyncConnectionPool, "Ingest"], Coroutine[Any, Any, None]]
+
+
+def workers() -> list[Worker]:
+    """The workers to run; later features append theirs here."""
+    return []
