@@ -86,6 +86,11 @@ class Settings:
     # How long the bridge keeps retrying a broker or database that is down at start.
     connect_timeout_s: float = 30.0
     ca_file: str | None = None
+    # Ingest: messages per transaction, the longest a lone message waits for company,
+    # and the most messages held unacknowledged (memory bound and back-pressure).
+    ingest_max_batch: int = 5000
+    ingest_max_delay_s: float = 0.2
+    ingest_max_pending: int = 20000
 
     @classmethod
     def from_env(
@@ -113,6 +118,9 @@ class Settings:
         try:
             metrics_port = int(pick("metrics_port", "EUCORA_METRICS_PORT", "9108") or 0)
             timeout = float(pick("connect_timeout_s", "EUCORA_CONNECT_TIMEOUT", "30") or 0)
+            max_batch = int(pick("ingest_max_batch", "EUCORA_INGEST_MAX_BATCH", "5000") or 0)
+            max_delay = float(pick("ingest_max_delay_s", "EUCORA_INGEST_MAX_DELAY", "0.2") or 0)
+            max_pending = int(pick("ingest_max_pending", "EUCORA_INGEST_MAX_PENDING", "20000") or 0)
         except ValueError as exc:
             raise ConfigError(f"bad number in configuration: {exc}") from exc
         return cls(
@@ -126,4 +134,13 @@ class Settings:
             or "eucora-bridge",
             connect_timeout_s=timeout,
             ca_file=pick("ca_file", "EUCORA_CA_FILE"),
+            ingest_max_batch=_positive("EUCORA_INGEST_MAX_BATCH", max_batch),
+            ingest_max_delay_s=max_delay,
+            ingest_max_pending=_positive("EUCORA_INGEST_MAX_PENDING", max(max_pending, max_batch)),
         )
+
+
+def _positive(name: str, value: int) -> int:
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value}")
+    return value

@@ -89,7 +89,9 @@ class Ingest:
         self.settings = settings
         self.tree = TopicTree(settings.topic_root)
         self.health = health
-        self.limits = limits or IngestLimits()
+        self.limits = limits or IngestLimits(
+            settings.ingest_max_batch, settings.ingest_max_delay_s, settings.ingest_max_pending
+        )
         self.store = Store(settings.database_url, pool)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: collections.deque[Inbound] = collections.deque()
