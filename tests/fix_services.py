@@ -49,12 +49,17 @@ def broker_passwords() -> dict[str, str]:
 def broker_factory() -> Iterator[type[Broker] | object]:
     made: list[Broker] = []
 
-    def make(extra: str = "") -> Broker:
+    def make(extra: str = "", tls: bool = False) -> Broker:
         ctx = service_dir("mqtt")
         root = ctx.__enter__()
         dirs.append(ctx)
         b = Broker(
-            data_dir=root / "mosquitto", port=free_port(), passwords=broker_passwords(), extra=extra
+            data_dir=root / "mosquitto",
+            port=free_port(),
+            passwords=broker_passwords(),
+            extra=extra,
+            # A CA and server certificate made for this broker (in root/ca): ~2 ms.
+            tls_port=free_port() if tls else None,
         )
         b.start()
         made.append(b)

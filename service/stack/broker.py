@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
 from schemas.topics import TopicTree
 from service import dynsec
+from service.stack import tls
 from service.stack.process import (
     StackError,
     alive,
@@ -63,6 +65,10 @@ class Broker:
     bind: str = "127.0.0.1"
     # Extra config lines (tests use it to shrink limits, e.g. max_queued_messages).
     extra: str = ""
+    # A TLS (mqtts) listener on this port, with a server certificate from the CA in
+    # `ca_dir` (created there the first time); None: plain MQTT only.
+    tls_port: int | None = None
+    ca_dir: Path | None = None
 
     @property
     def config_file(self) -> Path:
@@ -78,6 +84,27 @@ class Broker:
 
     def url(self, user: str) -> str:
         return f"mqtt://{user}:{self.passwords[user]}@{self.bind}:{self.port}"
+
+    def tls_url(self, user: str | None = None) -> str:
+        """The mqtts:// URL (with `user`'s credentials when given); needs `tls_port`."""
+        if self.tls_port is None:
+            raise StackError("this broker has no TLS listener")
+        cred = f"{user}:{self.passwords[user]}@" if user else ""
+        return f"mqtts://{cred}{self._client_host}:{self.tls_port}"
+
+    @property
+    def _client_host(self) -> str:
+        # The address a local client dials; the certificate names it too.
+        return "127.0.0.1" if self.bind in ("0.0.0.0", "::", "") else self.bind  # noqa: S104
+
+    @property
+    def ca(self) -> tls.CertificateAuthority:
+        return tls.CertificateAuthority(self.ca_dir or self.data_dir.parent / "ca")
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA certificate clients must trust for the TLS listener (None without TLS)."""
+        return self.ca.cert_file if self.tls_port is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -101,6 +128,7 @@ class Broker:
             data_dir=str(self.data_dir),
             dynsec_plugin=find_dynsec_plugin(),
             user=user.pw_name if user else _current_user(),
+            tls_listener=self._tls_listener(),
             extra=self.extra,
         )
         self.config_file.write_text(text)
@@ -112,19 +140,38 @@ class Broker:
             check_reachable(self.data_dir.parent, user)
             chown_tree(self.data_dir, user)
 
+    def _tls_listener(self) -> str:
+        if self.tls_port is None:
+            return ""
+        hosts = [self._client_host, "localhost", "127.0.0.1", socket.gethostname()]
+        files = self.ca.ensure().issue_server(self.data_dir / "tls", hosts)
+        return "\n".join([
+            f"listener {self.tls_port} {self.bind}",
+            "protocol mqtt",
+            f"cafile {files.ca_file}",
+            f"certfile {files.cert_file}",
+            f"keyfile {files.key_file}",
+            # Minimum version: TLS 1.0/1.1 are deprecated (RFC 8996).
+            "tls_version tlsv1.2",
+        ])  # fmt: skip
+
     def start(self, timeout: float = 10.0) -> None:
         if self.running:
             return
         self.prepare()
-        if port_open(self.bind, self.port):
-            raise StackError(f"port {self.port} is already in use: choose another --mqtt-port")
+        ports = [self.port] + ([self.tls_port] if self.tls_port is not None else [])
+        for port, option in zip(ports, ("--mqtt-port", "--mqtts-port"), strict=False):
+            if port_open(self._client_host, port):
+                raise StackError(f"port {port} is already in use: choose another {option}")
         proc = spawn([find_mosquitto(), "-c", str(self.config_file)], self.data_dir / "stdout.log")
         self.pid_file.write_text(str(proc.pid))
         try:
             wait_for(
-                lambda: port_open(self.bind, self.port) or proc.poll() is not None,
+                lambda: (
+                    all(port_open(self._client_host, p) for p in ports) or proc.poll() is not None
+                ),
                 timeout,
-                f"mosquitto on port {self.port}",
+                f"mosquitto on port(s) {', '.join(map(str, ports))}",
             )
         except StackError:
             proc.kill()

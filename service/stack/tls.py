@@ -1,0 +1,156 @@
+"""A private certificate authority for the local stack's TLS listener.
+
+`eucora stack up` (and the tests) make a CA once per stack folder and a server
+certificate signed by it for the broker. Agents trust the CA file (`ca_file` in the
+output of `eucora agents provision`); a client with only the system's trust store is
+refused, which is the point. ECDSA P-256 keys: generated in about a millisecond,
+so a test can afford a fresh CA, and supported by every TLS stack agents run on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_DAYS = 3650
+SERVER_DAYS = 825  # the longest lifetime clients such as Apple's accept for a server cert
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    """What a broker's TLS listener needs: `cafile`, `certfile`, `keyfile`."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    # Created with its final mode: a private key is never readable by others, not even
+    # between open() and chmod().
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)
+        f.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path} is not an EC private key")
+    return key
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    """The CA's certificate (public, given to agents) and key (mode 0600, stays here)."""
+
+    dir: Path
+
+    @property
+    def cert_file(self) -> Path:
+        return self.dir / "ca.pem"
+
+    @property
+    def key_file(self) -> Path:
+        return self.dir / "ca.key"
+
+    def ensure(self, name: str = "EUCORA local CA") -> CertificateAuthority:
+        """Create the CA the first time; later calls reuse it (agents already trust it)."""
+        if self.cert_file.exists() and self.key_file.exists():
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        _write(self.key_file, _key_pem(key), 0o600)
+        _write(self.cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        return self
+
+    def issue_server(self, out_dir: Path, hosts: list[str]) -> ServerFiles:
+        """A server certificate for `hosts` (DNS names or IP addresses) in `out_dir`.
+
+        Reissued on every call: it is cheap, and a changed bind address or host name
+        is then always in the certificate.
+        """
+        ca_key = _load_key(self.key_file)
+        ca_cert = x509.load_pem_x509_certificate(self.cert_file.read_bytes())
+        key = ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = []
+        for h in dict.fromkeys(hosts):  # ordered, without duplicates
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                names.append(x509.DNSName(h))
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = ServerFiles(
+            ca_file=out_dir / "ca.pem",
+            cert_file=out_dir / "server.pem",
+            key_file=out_dir / "server.key",
+        )
+        _write(files.key_file, _key_pem(key), 0o600)
+        _write(files.cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        # The broker gets its own copy of the CA certificate: its data folder is then
+        # self-contained, and the CA's folder (with the CA key) need not be readable
+        # by the account the broker runs as.
+        _write(files.ca_file, self.cert_file.read_bytes(), 0o644)
+        return files
