@@ -1,11 +1,15 @@
 """Broker account administration at runtime, over the dynamic security $CONTROL topic.
 
-Used by `eucora agents provision/revoke` and the stack; no broker restart is needed.
+Used by `eucora agents provision/revoke`, the stack and the benchmark; no broker
+restart is needed. The plugin rewrites its whole JSON file after every control
+message, so bulk work goes in few, large messages (`provision_many`).
 """
 
 from __future__ import annotations
 
 import queue
+import secrets
+import ssl
 import threading
 from collections.abc import Iterable
 from typing import Any, Self
@@ -20,12 +24,22 @@ from service.config import MqttUrl
 
 REQUEST_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = "$CONTROL/dynamic-security/v1/response"
+# The broker refuses packets over max_packet_size (1 MiB in mosquitto/eucora.conf)
+# by disconnecting the sender; a control message stays well under it.
+MAX_MESSAGE_BYTES = 512 * 1024
 
 
 class BrokerAdmin:
     """A synchronous admin session: `with BrokerAdmin(url) as admin: admin.provision(...)`."""
 
-    def __init__(self, url: MqttUrl, *, tree: TopicTree | None = None, timeout: float = 10.0):
+    def __init__(
+        self,
+        url: MqttUrl,
+        *,
+        tree: TopicTree | None = None,
+        timeout: float = 10.0,
+        ca_file: str | None = None,
+    ):
         self.url = url
         self.tree = tree or TopicTree()
         self.timeout = timeout
@@ -38,7 +52,7 @@ class BrokerAdmin:
         if url.username:
             self._client.username_pw_set(url.username, url.password)
         if url.tls:
-            self._client.tls_set()
+            self._client.tls_set_context(ssl.create_default_context(cafile=ca_file))
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
 
@@ -55,7 +69,10 @@ class BrokerAdmin:
         self._responses.put(orjson.loads(msg.payload))
 
     def __enter__(self) -> Self:
-        self._client.connect(self.url.host, self.url.port, keepalive=30)
+        try:
+            self._client.connect(self.url.host, self.url.port, keepalive=30)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectionError(f"cannot reach broker {self.url}: {exc}") from exc
         self._client.loop_start()
         if not self._connected.wait(self.timeout):
             self.close()
@@ -75,16 +92,23 @@ class BrokerAdmin:
     def execute(
         self, commands: list[dict[str, Any]], *, ignore: Iterable[str] = ()
     ) -> list[dict[str, Any]]:
-        """Send commands in one control message; raise DynsecError on an unexpected error."""
-        # The subscription must be in place before the first request; a QoS 1 SUBACK
-        # arrives before our PUBLISH is processed since the broker handles them in order.
-        info = self._client.publish(REQUEST_TOPIC, orjson.dumps({"commands": commands}), qos=1)
+        """Send commands in one control message; raise DynsecError on an unexpected error.
+
+        The plugin runs the commands in order and answers each; one failing does not
+        stop the others. Errors named in `ignore` are expected (e.g. "Role not found").
+        """
+        # The first command carries a request id that the plugin echoes, so an answer
+        # that arrives after an earlier timeout is never taken for this one.
+        request_id = secrets.token_hex(8)
+        commands = [{**commands[0], "correlationData": request_id}, *commands[1:]]
+        payload = orjson.dumps({"commands": commands})
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"control message of {len(payload)} bytes: send fewer commands")
+        # The subscription is in place before the first request: a QoS 1 SUBACK comes
+        # before our PUBLISH is processed since the broker handles them in order.
+        info = self._client.publish(REQUEST_TOPIC, payload, qos=1)
         info.wait_for_publish(self.timeout)
-        try:
-            answer = self._responses.get(timeout=self.timeout)
-        except queue.Empty:
-            raise TimeoutError("no answer from the broker's dynamic security plugin") from None
-        responses: list[dict[str, Any]] = answer.get("responses", [])
+        responses = self._await_answer(request_id)
         allowed = set(ignore)
         for r in responses:
             err = r.get("error")
@@ -92,18 +116,70 @@ class BrokerAdmin:
                 raise dynsec.DynsecError(str(r.get("command")), str(err))
         return responses
 
-    def provision(self, agent_id: str, password: str) -> None:
-        self.execute(dynsec.provision_commands(self.tree, agent_id, password))
+    def _await_answer(self, request_id: str) -> list[dict[str, Any]]:
+        while True:
+            try:
+                answer = self._responses.get(timeout=self.timeout)
+            except queue.Empty:
+                raise TimeoutError("no answer from the broker's dynamic security plugin") from None
+            responses: list[dict[str, Any]] = answer.get("responses", [])
+            if responses and responses[0].get("correlationData") == request_id:
+                return responses
 
-    def provision_many(self, agents: dict[str, str], chunk: int = 200) -> None:
-        items = list(agents.items())
-        for i in range(0, len(items), chunk):
-            commands: list[dict[str, Any]] = []
-            for agent_id, password in items[i : i + chunk]:
-                commands += dynsec.provision_commands(self.tree, agent_id, password)
-            self.execute(commands)
+    # --- agents -----------------------------------------------------------------
+    def get_client(self, username: str) -> dict[str, Any] | None:
+        """The plugin's record of an account (username, clientid, roles), or None."""
+        (r,) = self.execute(
+            [{"command": "getClient", "username": username}], ignore=("Client not found",)
+        )
+        if r.get("error"):
+            return None
+        client: dict[str, Any] = r["data"]["client"]
+        return client
+
+    def is_agent(self, agent_id: str) -> bool | None:
+        """True: an agent account; False: some other account (the bridge...); None: none."""
+        client = self.get_client(agent_id)
+        if client is None:
+            return None
+        roles = {r.get("rolename") for r in client.get("roles", [])}
+        return dynsec.agent_role_name(agent_id) in roles
+
+    def provision(self, agent_id: str, password: str) -> None:
+        """Create the agent's role and account; DynsecError if the account exists."""
+        # A role left over from an interrupted revoke has the same ACLs: reuse it.
+        self.execute(
+            dynsec.provision_commands(self.tree, agent_id, password),
+            ignore=("Role already exists",),
+        )
+
+    def provision_many(self, agents: dict[str, str], chunk: int = 200) -> int:
+        """Provision many agents, `chunk` per control message (fewer if one would exceed
+        MAX_MESSAGE_BYTES); returns the number of messages sent."""
+        sent = 0
+        batch: list[dict[str, Any]] = []
+        batch_bytes = batch_agents = 0
+        for agent_id, password in agents.items():
+            commands = dynsec.provision_commands(self.tree, agent_id, password)
+            size = len(orjson.dumps(commands))
+            if batch and (batch_agents >= chunk or batch_bytes + size > MAX_MESSAGE_BYTES - 1024):
+                self.execute(batch, ignore=("Role already exists",))
+                sent += 1
+                batch, batch_bytes, batch_agents = [], 0, 0
+            batch += commands
+            batch_bytes += size
+            batch_agents += 1
+        if batch:
+            self.execute(batch, ignore=("Role already exists",))
+            sent += 1
+        return sent
+
+    def rotate(self, agent_id: str, password: str) -> None:
+        """A new password; the plugin disconnects a client connected with the old one."""
+        self.execute([{"command": "setClientPassword", "username": agent_id, "password": password}])
 
     def revoke(self, agent_id: str) -> None:
+        """Delete the account and its role; the plugin disconnects the client at once."""
         self.execute(
             dynsec.revoke_commands(agent_id),
             ignore=("Client not found", "Role not found"),

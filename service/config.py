@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 DEFAULT_TOPIC_ROOT = "eucora/v1"
+# The broker's admin account (dynamic security $CONTROL only), used by
+# `eucora agents provision/revoke`: mqtt://eucora-admin:PASSWORD@host:port.
+ADMIN_URL_ENV = "EUCORA_MQTT_ADMIN_URL"
 _TOPIC_ROOT_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
 
@@ -28,18 +31,17 @@ class MqttUrl:
     password: str | None = field(default=None, repr=False)
 
     @classmethod
-    def parse(cls, url: str) -> MqttUrl:
+    def parse(cls, url: str, *, var: str = "EUCORA_MQTT_URL") -> MqttUrl:
+        """Parse a broker URL; `var` names the setting in error messages."""
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts"):
-            raise ConfigError(
-                f"EUCORA_MQTT_URL must start with mqtt:// or mqtts://, got {redact_url(url)!r}"
-            )
+            raise ConfigError(f"{var} must start with mqtt:// or mqtts://, got {redact_url(url)!r}")
         if not parts.hostname:
-            raise ConfigError(f"EUCORA_MQTT_URL has no host: {redact_url(url)!r}")
+            raise ConfigError(f"{var} has no host: {redact_url(url)!r}")
         try:
             port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
         except ValueError as exc:
-            raise ConfigError(f"EUCORA_MQTT_URL has a bad port: {redact_url(url)!r}") from exc
+            raise ConfigError(f"{var} has a bad port: {redact_url(url)!r}") from exc
         return cls(
             host=parts.hostname,
             port=port,
@@ -52,6 +54,12 @@ class MqttUrl:
         """The URL without its password: safe to log."""
         user = f"{self.username}@" if self.username else ""
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        """scheme://host:port, without any credentials (what an agent is told to dial)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
 def redact_url(url: str) -> str:
@@ -91,6 +99,9 @@ class Settings:
     ingest_max_batch: int = 5000
     ingest_max_delay_s: float = 0.2
     ingest_max_pending: int = 20000
+    # An agent whose status is online but that sent nothing for this long is marked
+    # stale (SPEC "Online status"); the sweep runs several times per period.
+    offline_after_s: float = 300.0
 
     @classmethod
     def from_env(
@@ -121,6 +132,7 @@ class Settings:
             max_batch = int(pick("ingest_max_batch", "EUCORA_INGEST_MAX_BATCH", "5000") or 0)
             max_delay = float(pick("ingest_max_delay_s", "EUCORA_INGEST_MAX_DELAY", "0.2") or 0)
             max_pending = int(pick("ingest_max_pending", "EUCORA_INGEST_MAX_PENDING", "20000") or 0)
+            offline_after = float(pick("offline_after_s", "EUCORA_OFFLINE_AFTER", "300") or 0)
         except ValueError as exc:
             raise ConfigError(f"bad number in configuration: {exc}") from exc
         return cls(
@@ -137,10 +149,17 @@ class Settings:
             ingest_max_batch=_positive("EUCORA_INGEST_MAX_BATCH", max_batch),
             ingest_max_delay_s=max_delay,
             ingest_max_pending=_positive("EUCORA_INGEST_MAX_PENDING", max(max_pending, max_batch)),
+            offline_after_s=_positive_float("EUCORA_OFFLINE_AFTER", offline_after),
         )
 
 
 def _positive(name: str, value: int) -> int:
     if value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {value}")
+    return value
+
+
+def _positive_float(name: str, value: float) -> float:
+    if not value > 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
     return value

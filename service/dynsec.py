@@ -157,7 +157,8 @@ def provision_commands(tree: TopicTree, agent_id: str, password: str) -> list[di
 
 
 def revoke_commands(agent_id: str) -> list[dict[str, Any]]:
-    # deleteClient also disconnects the client if it is connected.
+    # deleteClient disconnects a connected client at once (2.0.11: "administrative
+    # action", without publishing its will); the role is then of no use to anyone.
     return [
         {"command": "deleteClient", "username": agent_id},
         {"command": "deleteRole", "rolename": agent_role_name(agent_id)},
