@@ -17,13 +17,14 @@ from typing import Any
 
 from schemas.topics import TopicTree
 from service import dynsec
-from service.config import DEFAULT_TOPIC_ROOT
+from service.config import ADMIN_URL_ENV, DEFAULT_TOPIC_ROOT
 from service.stack.broker import Broker
 from service.stack.database import Cluster
 from service.stack.process import StackError, alive, free_port, spawn, stop_pid, wait_for
 
 DEFAULT_DIR = Path(".stack")
 DEFAULT_MQTT_PORT = 11883
+DEFAULT_MQTTS_PORT = 18883
 DEFAULT_DB_PORT = 15432
 
 
@@ -80,6 +81,8 @@ class Stack:
             passwords=self.secrets(),
             tree=TopicTree(st.get("topic_root", DEFAULT_TOPIC_ROOT)),
             extra=extra or st.get("broker_extra", ""),
+            tls_port=st.get("mqtts_port"),
+            ca_dir=self.dir / "ca",
         )
 
     def cluster(self, port: int | None = None, durable: bool | None = None) -> Cluster:
@@ -110,6 +113,7 @@ class Stack:
         self,
         *,
         mqtt_port: int | None = None,
+        mqtts_port: int | None = None,
         db_port: int | None = None,
         metrics_port: int | None = None,
         database_url: str | None = None,
@@ -124,9 +128,16 @@ class Stack:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)  # noqa: S103 (the broker and database accounts walk through it)
         st = self.state()
+        mqtt_port = mqtt_port or st.get("mqtt_port") or DEFAULT_MQTT_PORT
         self._save_state(
             dir=str(self.dir),
-            mqtt_port=mqtt_port or st.get("mqtt_port") or DEFAULT_MQTT_PORT,
+            mqtt_port=mqtt_port,
+            # TLS listener: 18883 beside the default 11883; a stack moved to another
+            # plain port (a second stack, a test) gets a free TLS port instead of
+            # colliding on 18883. `stack env` tells which.
+            mqtts_port=mqtts_port
+            or st.get("mqtts_port")
+            or (DEFAULT_MQTTS_PORT if mqtt_port == DEFAULT_MQTT_PORT else free_port()),
             db_port=db_port or st.get("db_port") or DEFAULT_DB_PORT,
             metrics_port=metrics_port or st.get("metrics_port") or free_port(),
             external_database_url=database_url or st.get("external_database_url"),
@@ -149,6 +160,23 @@ class Stack:
             "database_url": self.database_url(),
             "metrics_url": self.metrics_url(),
         }
+
+    def env(self) -> dict[str, str]:
+        """What an operator's shell needs (`eucora stack env`): the operator's broker URL,
+        the admin URL for `agents provision/revoke`, and the TLS endpoint and CA that
+        provisioned agents are given."""
+        st = self.state()
+        broker = self.broker()
+        env = {
+            "EUCORA_MQTT_URL": broker.url(dynsec.OPERATOR_USER),
+            ADMIN_URL_ENV: broker.url(dynsec.ADMIN_USER),
+            "EUCORA_DATABASE_URL": self.database_url(),
+            "EUCORA_TOPIC_ROOT": st.get("topic_root", DEFAULT_TOPIC_ROOT),
+        }
+        if broker.tls_port is not None:
+            env["EUCORA_AGENT_MQTT_URL"] = broker.tls_url()
+            env["EUCORA_CA_FILE"] = str(broker.ca.cert_file)
+        return env
 
     def bridge_env(self) -> dict[str, str]:
         st = self.state()
