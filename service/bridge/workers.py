@@ -20,4 +20,6 @@ Worker = Callable[[Settings, AsyncConnectionPool, "Ingest"], Coroutine[Any, Any,
 
 def workers() -> list[Worker]:
     """The workers to run; later features append theirs here."""
-    return []
+    from service.bridge.sweeper import stale_sweeper
+
+    return [stale_sweeper]

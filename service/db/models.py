@@ -58,6 +58,10 @@ class Agent(SQLModel, table=True):
     last_telemetry_at: datetime | None = Field(default=None, sa_type=_TS)
     stale: bool = False
     updated_at: datetime = Field(default_factory=_now, sa_type=_TS)
+    # 0002: the agent's ts of the registration / inventory applied (ordering guards).
+    registration_ts: datetime | None = Field(default=None, sa_type=_TS)
+    inventory_ts: datetime | None = Field(default=None, sa_type=_TS)
+    inventory_updated_at: datetime | None = Field(default=None, sa_type=_TS)
 
 
 class Inventory(SQLModel, table=True):

@@ -5,3 +5,7 @@ inside the batch's transaction, so their writes commit (and the message is
 acknowledged) together with the rest of the batch. Importing this package registers
 them all.
 """
+
+from service.bridge.handlers import agents, inventory
+
+__all__ = ["agents", "inventory"]

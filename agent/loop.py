@@ -1,0 +1,173 @@
+"""Many paho clients on one thread: paho's external-loop API driven by a selector.
+
+A paho client started with loop_start() owns a thread; a thousand simulated agents
+would be a thousand threads fighting for one GIL. Here one thread waits on every
+client's socket (epoll), calls loop_read/loop_write when a socket is ready and
+loop_misc once a second (keepalive pings), and runs timers. Every paho callback, and
+so all agent logic, runs on that thread: sessions need no locks.
+
+The reference agent uses the same loop with a single client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+
+log = logging.getLogger("eucora.agent.loop")
+
+MISC_INTERVAL_S = 1.0
+
+
+@dataclass(order=True)
+class Timer:
+    when: float
+    seq: int
+    fn: Callable[[], None] = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._timers: list[Timer] = []
+        self._seq = itertools.count()
+        self._calls: deque[Callable[[], None]] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._clients: set[paho.Client] = set()
+        self._stopping = False
+        self.errors = 0  # exceptions raised by client callbacks (logged, not fatal)
+
+    # --- clients -----------------------------------------------------------------------
+    def attach(self, client: paho.Client) -> None:
+        """Drive `client` from this loop (call before connecting it)."""
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        self._clients.add(client)
+
+    def detach(self, client: paho.Client) -> None:
+        """Stop driving `client` without closing its socket: to the broker it looks
+        like a frozen process (tests use it to leave a session half-open)."""
+        self._clients.discard(client)
+        sock = client.socket()
+        if sock is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(sock)
+        client.on_socket_open = None
+        client.on_socket_close = None
+        client.on_socket_register_write = None
+        client.on_socket_unregister_write = None
+
+    def _on_socket_open(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        with contextlib.suppress(KeyError):
+            self._sel.unregister(sock)
+        self._sel.register(sock, selectors.EVENT_READ, client)
+
+    def _on_socket_close(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(sock)
+
+    def _on_register_write(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+
+    def _on_unregister_write(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.modify(sock, selectors.EVENT_READ, client)
+
+    # --- scheduling --------------------------------------------------------------------
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
+        """Run `fn` on the loop's thread after `delay` s (call from that thread)."""
+        timer = Timer(time.monotonic() + max(delay, 0.0), next(self._seq), fn)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the loop's thread soon; safe from any thread or signal handler."""
+        self._calls.append(fn)
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    def stop(self) -> None:
+        """Make run() return (thread-safe)."""
+        self._stopping = True
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    # --- running -----------------------------------------------------------------------
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Serve clients and timers until stop() (or until `until()` holds)."""
+        self._stopping = False
+        next_misc = time.monotonic() + MISC_INTERVAL_S
+        while not self._stopping and not (until is not None and until()):
+            now = time.monotonic()
+            wake_at = min(next_misc, self._timers[0].when) if self._timers else next_misc
+            for key, mask in self._sel.select(max(wake_at - now, 0.0)):
+                if key.data is None:
+                    with contextlib.suppress(BlockingIOError):
+                        self._wake_r.recv(4096)
+                    continue
+                self._serve(key.data, key.fileobj, mask)
+            while self._calls:
+                self._guard(self._calls.popleft())
+            now = time.monotonic()
+            while self._timers and self._timers[0].when <= now:
+                timer = heapq.heappop(self._timers)
+                if not timer.cancelled:
+                    self._guard(timer.fn)
+            if now >= next_misc:
+                next_misc = now + MISC_INTERVAL_S
+                for client in list(self._clients):
+                    self._guard(client.loop_misc)
+
+    def _serve(self, client: paho.Client, sock: Any, mask: int) -> None:
+        if client.socket() is not sock:
+            return  # replaced or closed by an earlier callback in this round
+        if mask & selectors.EVENT_READ:
+            self._guard(client.loop_read)
+            # TLS can hold decrypted bytes that select() will never signal again.
+            while isinstance(client.socket(), ssl.SSLSocket) and client.socket().pending():  # type: ignore[union-attr]
+                self._guard(client.loop_read)
+        if mask & selectors.EVENT_WRITE and client.socket() is sock:
+            self._guard(client.loop_write)
+
+    def _guard(self, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception:
+            # One agent's bug must not stop the others (paho re-raises callback errors).
+            self.errors += 1
+            log.exception("error in an agent callback")
+
+    def close(self) -> None:
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def run_in_thread(loop: Loop, name: str = "eucora-agents") -> threading.Thread:
+    """Start `loop.run()` in a daemon thread (tests, embedding)."""
+    thread = threading.Thread(target=loop.run, name=name, daemon=True)
+    thread.start()
+    return thread

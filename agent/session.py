@@ -1,0 +1,482 @@
+"""One agent's MQTT session: the protocol, for the reference agent and the simulator alike.
+
+Runs entirely on a `Loop` thread (paho callbacks and timers); what differs between a
+real and a simulated agent is the `Host` it reports on.
+
+On every connect: a new epoch, a retained last will `offline` with that epoch, then
+retained `online`, the registration, a heartbeat, the telemetry buffered while
+disconnected (as batches) and the inventory if it changed since it was last sent.
+Persistent session (clean_start=false with a session expiry), client id = username
+= agent id. See docs/agents.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent import protocol
+from agent.buffer import TelemetryBuffer
+from agent.loop import Loop, Timer
+from agent.protocol import AgentTopics, EpochClock, HostInfo, Metrics, OwnStatusAction
+from schemas.payloads import Software, Status
+from schemas.states import AgentState
+from schemas.topics import Kind, TopicTree
+from schemas.validate import PayloadError, parse
+from service.config import MqttUrl
+
+log = logging.getLogger("eucora.agent")
+
+SESSION_TAKEN_OVER: Final = 142  # MQTT 5 DISCONNECT reason: another client took our id
+DISCONNECT_WITH_WILL: Final = 4  # MQTT 5 DISCONNECT reason: "publish my will anyway"
+# A connection that lasted this long ends a takeover fight: back-off starts afresh.
+STABLE_S: Final = 60.0
+_FATAL: Final = {
+    "Bad user name or password",
+    "Not authorized",
+    "Client identifier not valid",
+    "Banned",
+}
+
+
+class Host(Protocol):
+    """What a session reports on: a real machine (agent.host) or a simulated one."""
+
+    def info(self) -> HostInfo: ...
+    def metrics(self) -> Metrics: ...
+    def software(self) -> Sequence[Software] | None: ...
+    def uptime(self) -> float | None: ...
+
+
+@dataclass(frozen=True)
+class Timing:
+    telemetry_interval: float = 60.0
+    heartbeat_interval: float = 60.0
+    keepalive: int = 60
+    inventory_interval: float = 300.0  # how often the inventory is checked for changes
+    reconnect_min: float = 1.0
+    reconnect_max: float = 30.0
+    # After "session taken over": another process runs with our id. Back off longer, so
+    # two clones do not kick each other off (and flood the status history) in a loop.
+    takeover_min: float = 5.0
+    takeover_max: float = 120.0
+    connack_timeout: float = 10.0
+    stop_timeout: float = 5.0  # how long a graceful stop waits for its offline's PUBACK
+    session_expiry: int = 7 * 24 * 3600
+    # Start periodic timers at a random phase (a fleet must not beat in step).
+    random_phase: bool = False
+
+
+@dataclass
+class Counters:
+    connects: int = 0
+    disconnects: int = 0
+    takeovers: int = 0
+    republished: int = 0
+    reconnects_for_epoch: int = 0
+    telemetry_sent: int = 0
+    buffered_sent: int = 0
+    batches_sent: int = 0
+    heartbeats_sent: int = 0
+    inventories_sent: int = 0
+
+
+class AgentSession:
+    def __init__(
+        self,
+        loop: Loop,
+        *,
+        agent_id: str,
+        url: MqttUrl,
+        host: Host,
+        tree: TopicTree | None = None,
+        timing: Timing | None = None,
+        tags: dict[str, str] | None = None,
+        agent_version: str = "0.1.0",
+        epochs: EpochClock | None = None,
+        buffer_size: int = 10_000,
+        ca_file: str | None = None,
+        password: str | None = None,
+        rng: random.Random | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+        on_stopped: Callable[[], None] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.agent_id = agent_id
+        self.url = url
+        self.host = host
+        self.topics = AgentTopics.of(tree or TopicTree(), agent_id)
+        self.timing = timing or Timing()
+        self.tags = dict(tags or {})
+        self.agent_version = agent_version
+        self.epochs = epochs or EpochClock()
+        self.buffer = TelemetryBuffer(buffer_size)
+        self.rng = rng or random.Random()  # noqa: S311 (timing jitter, not security)
+        self.on_fatal = on_fatal
+        self.on_stopped = on_stopped
+        self.counters = Counters()
+
+        self.epoch: int | None = None  # the epoch of the current (or last) session
+        self.connected = False
+        self.stopping = False
+        self.stopped = False
+        self.ever_connected = False
+        self._pending_epoch: int | None = None
+        self._backoff = self.timing.reconnect_min
+        self._takeover_backoff = self.timing.takeover_min
+        self._connect_timer: Timer | None = None
+        self._connack_timer: Timer | None = None
+        self._periodic: dict[str, Timer] = {}
+        self._connected_at = 0.0
+        self._heartbeat_seq = 0
+        self._inventory_sent: int | None = None  # digest of the last inventory sent
+        self._inventory: Sequence[Software] | None = None
+        self._offline_mid: int | None = None
+        self._pause_next: float | None = None  # simulator: reconnect after this pause
+
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=agent_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        client.username_pw_set(url.username or agent_id, password or url.password)
+        if url.tls:
+            client.tls_set_context(ssl.create_default_context(cafile=ca_file))
+        client.max_inflight_messages_set(100)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        self.client = client
+        loop.attach(client)
+
+    # --- lifecycle (call on the loop's thread) ---------------------------------------
+    def start(self, delay: float = 0.0) -> None:
+        self._connect_timer = self.loop.call_later(delay, self._connect)
+        t = self.timing
+        self._every("telemetry", t.telemetry_interval, self._telemetry_tick)
+        self._every("heartbeat", t.heartbeat_interval, self._heartbeat_tick)
+        self._every("inventory", t.inventory_interval, self._inventory_tick, first=0.0)
+
+    def stop(self) -> None:
+        """Graceful stop: publish `offline` ourselves, then disconnect (no will)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self._cancel_timers()
+        if not self.connected:
+            self._finish()
+            return
+        assert self.epoch is not None
+        info = self.client.publish(
+            self.topics.status,
+            protocol.status(AgentState.OFFLINE, self.epoch, reason=protocol.STOP_REASON),
+            qos=1,
+            retain=True,
+        )
+        self._offline_mid = info.mid
+        self.loop.call_later(self.timing.stop_timeout, self._disconnect_now)
+
+    def crash(self, pause: float) -> None:
+        """Simulate a crash: leave with the will published, come back after `pause` s."""
+        if self.connected:
+            self._pause_next = pause
+            self.client.disconnect(
+                reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
+            )
+
+    def pause(self, pause: float) -> None:
+        """Simulate a clean stop and restart of the agent after `pause` s."""
+        if self.connected and self.epoch is not None:
+            self._pause_next = pause
+            self.client.publish(
+                self.topics.status,
+                protocol.status(AgentState.OFFLINE, self.epoch, reason=protocol.STOP_REASON),
+                qos=1,
+                retain=True,
+            )
+            self.client.disconnect()
+
+    def abandon(self) -> None:
+        """Stop everything without a word to the broker, socket left open: a frozen
+        process (tests of the reconnect race)."""
+        self.stopping = self.stopped = True
+        self._cancel_timers()
+        self.loop.detach(self.client)
+
+    def _every(
+        self, name: str, interval: float, fn: Callable[[], None], first: float | None = None
+    ) -> None:
+        """Run `fn` every `interval` s; the first run after `first` s (default: one
+        interval, or a random part of it for a fleet)."""
+        if first is None:
+            first = interval * (self.rng.random() if self.timing.random_phase else 1.0)
+
+        def tick() -> None:
+            if self.stopping:
+                return
+            self._periodic[name] = self.loop.call_later(interval, tick)
+            fn()
+
+        self._periodic[name] = self.loop.call_later(first, tick)
+
+    def _cancel_timers(self) -> None:
+        for t in (*self._periodic.values(), self._connect_timer, self._connack_timer):
+            if t is not None:
+                t.cancel()
+        self._periodic.clear()
+
+    def _finish(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.loop.detach(self.client)
+            if self.on_stopped is not None:
+                self.on_stopped()
+
+    def _disconnect_now(self) -> None:
+        if not self.stopped:
+            self.client.disconnect()
+            if not self.connected:
+                self._finish()
+
+    # --- connecting --------------------------------------------------------------------
+    def _connect(self) -> None:
+        if self.stopping:
+            return
+        epoch = self.epochs.next()
+        self._pending_epoch = epoch
+        self.client.will_set(self.topics.status, protocol.will(epoch), qos=1, retain=True)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.timing.session_expiry
+        try:
+            self.client.connect(
+                self.url.host,
+                self.url.port,
+                keepalive=self.timing.keepalive,
+                clean_start=False,
+                properties=props,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            log.warning(
+                "cannot reach the broker",
+                extra={"agent_id": self.agent_id, "broker": str(self.url), "error": str(exc)},
+            )
+            self._schedule_reconnect(self._next_backoff())
+            return
+        self._connack_timer = self.loop.call_later(self.timing.connack_timeout, self._no_connack)
+
+    def _no_connack(self) -> None:
+        if not self.connected and not self.stopping:
+            log.warning("no CONNACK from the broker", extra={"agent_id": self.agent_id})
+            self.client.disconnect()
+
+    def _next_backoff(self) -> float:
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, self.timing.reconnect_max)
+        return delay * (0.5 + self.rng.random())  # jitter: a fleet must not reconnect in step
+
+    def _schedule_reconnect(self, delay: float) -> None:
+        if self.stopping:
+            return
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+        self._connect_timer = self.loop.call_later(delay, self._connect)
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        _userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        if self._connack_timer is not None:
+            self._connack_timer.cancel()
+        if reason.is_failure:
+            text = str(reason)
+            log.error(
+                "the broker refused the connection",
+                extra={"agent_id": self.agent_id, "reason": text},
+            )
+            if text in _FATAL and not self.ever_connected and self.on_fatal is not None:
+                self.stopping = True
+                self._cancel_timers()
+                self.on_fatal(text)
+            return  # the broker closes the connection; _on_disconnect plans a retry
+        assert self._pending_epoch is not None
+        self.epoch = self._pending_epoch
+        self.connected = self.ever_connected = True
+        self._connected_at = time.monotonic()
+        self.counters.connects += 1
+        self._backoff = self.timing.reconnect_min
+        log.info(
+            "connected",
+            extra={"agent_id": self.agent_id, "epoch": self.epoch,
+                   "session_present": flags.session_present},
+        )  # fmt: skip
+        client.publish(
+            self.topics.status,
+            protocol.status(AgentState.ONLINE, self.epoch, session_present=flags.session_present),
+            qos=1,
+            retain=True,
+        )
+        # Our own status: to repair it if an older last will overwrites it.
+        client.subscribe(self.topics.status, options=SubscribeOptions(qos=1))
+        client.publish(
+            self.topics.register,
+            protocol.register(self.host.info(), self.agent_version, self.tags),
+            qos=1,
+        )
+        self._heartbeat_tick()
+        self._send_buffered()
+        if self._inventory is not None:
+            self._send_inventory(self._inventory)
+
+    def _on_disconnect(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        _flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        was_connected = self.connected
+        self.connected = False
+        if was_connected:
+            self.counters.disconnects += 1
+            if time.monotonic() - self._connected_at >= STABLE_S:
+                self._takeover_backoff = self.timing.takeover_min
+        if self.stopping:
+            self._finish()
+            return
+        if reason.value == SESSION_TAKEN_OVER:
+            self.counters.takeovers += 1
+            delay = self._takeover_backoff * (0.5 + self.rng.random())
+            self._takeover_backoff = min(self._takeover_backoff * 2, self.timing.takeover_max)
+            log.error(
+                "another client connected with this agent id; backing off",
+                extra={"agent_id": self.agent_id, "retry_in_s": round(delay, 1)},
+            )
+        elif self._pause_next is not None:
+            delay, self._pause_next = self._pause_next, None
+        else:
+            delay = (
+                self._next_backoff()
+                if not was_connected
+                else self.timing.reconnect_min * (0.5 + self.rng.random())
+            )
+            if was_connected:
+                log.warning(
+                    "disconnected", extra={"agent_id": self.agent_id, "reason": str(reason)}
+                )
+        self._schedule_reconnect(delay)
+
+    def _on_publish(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        mid: int,
+        _reason: ReasonCode,
+        _props: Properties,
+    ) -> None:
+        if self.stopping and mid == self._offline_mid:
+            self.client.disconnect()
+
+    # --- our own status ------------------------------------------------------------------
+    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic != self.topics.status:
+            return
+        try:
+            seen: Status = parse(Kind.STATUS, self.agent_id, msg.payload)
+        except PayloadError:
+            return
+        action = protocol.on_own_status(
+            self.epoch if self.connected else None, seen.state, seen.epoch, stopping=self.stopping
+        )
+        if action is OwnStatusAction.REPUBLISH and self.epoch is not None:
+            self.counters.republished += 1
+            log.info(
+                "republishing online over an older offline",
+                extra={"agent_id": self.agent_id, "epoch": self.epoch, "seen_epoch": seen.epoch},
+            )
+            self.client.publish(
+                self.topics.status,
+                protocol.status(AgentState.ONLINE, self.epoch, reason=protocol.REPUBLISH_REASON),
+                qos=1,
+                retain=True,
+            )
+        elif action is OwnStatusAction.RECONNECT:
+            self.counters.reconnects_for_epoch += 1
+            self.epochs.observe(seen.epoch)
+            log.warning(
+                "our status shows an offline our epoch cannot override; reconnecting",
+                extra={"agent_id": self.agent_id, "epoch": self.epoch, "seen_epoch": seen.epoch},
+            )
+            # A normal DISCONNECT (no will); the next session gets a newer epoch.
+            self._pause_next = 0.0
+            self.client.disconnect()
+
+    # --- periodic work -------------------------------------------------------------------
+    def _telemetry_tick(self) -> None:
+        sample = protocol.sample(self.host.metrics())
+        if self.connected:
+            self._publish(self.topics.telemetry, protocol.telemetry(sample), qos=1)
+            self.counters.telemetry_sent += 1
+        else:
+            self.buffer.append(sample)
+
+    def _send_buffered(self) -> None:
+        if not len(self.buffer):
+            return
+        samples = self.buffer.take_all()
+        messages = protocol.telemetry_batches(samples)
+        for payload in messages:
+            self._publish(self.topics.telemetry, payload, qos=1)
+        self.counters.buffered_sent += len(samples)
+        self.counters.batches_sent += len(messages)
+        log.info(
+            "sent buffered telemetry",
+            extra={"agent_id": self.agent_id, "samples": len(samples), "messages": len(messages),
+                   "dropped": self.buffer.dropped},
+        )  # fmt: skip
+
+    def _heartbeat_tick(self) -> None:
+        if self.connected:
+            payload = protocol.heartbeat(self._heartbeat_seq, self.host.uptime())
+            self._heartbeat_seq += 1
+            self._publish(self.topics.heartbeat, payload, qos=0)
+            self.counters.heartbeats_sent += 1
+
+    def _inventory_tick(self) -> None:
+        software = self.host.software()
+        if software is None:
+            return
+        self._inventory = software
+        if self.connected:
+            self._send_inventory(software)
+
+    def _send_inventory(self, software: Sequence[Software]) -> None:
+        digest = protocol.software_digest(software)
+        if digest == self._inventory_sent:
+            return
+        self._publish(self.topics.inventory, protocol.inventory(software), qos=1)
+        self._inventory_sent = digest
+        self.counters.inventories_sent += 1
+        log.info("inventory sent", extra={"agent_id": self.agent_id, "packages": len(software)})
+
+    def _publish(self, topic: str, payload: bytes, qos: int) -> None:
+        info = self.client.publish(topic, payload, qos=qos)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning("publish failed", extra={"agent_id": self.agent_id, "rc": int(info.rc)})
