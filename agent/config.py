@@ -30,6 +30,7 @@ ENV: dict[str, str] = {
     "keepalive": "EUCORA_AGENT_KEEPALIVE",
     "inventory_interval": "EUCORA_AGENT_INVENTORY_INTERVAL",
     "buffer_size": "EUCORA_AGENT_BUFFER_SIZE",
+    "reconnect_max": "EUCORA_AGENT_RECONNECT_MAX",
     "tags": "EUCORA_AGENT_TAGS",
     "inventory": "EUCORA_AGENT_INVENTORY",
     "state_dir": "EUCORA_AGENT_STATE_DIR",
@@ -140,6 +141,7 @@ def load(
         heartbeat_interval=number("heartbeat_interval", 60, minimum=0.1),
         keepalive=int(number("keepalive", 60, minimum=1)),
         inventory_interval=number("inventory_interval", 300, minimum=0.1),
+        reconnect_max=number("reconnect_max", 30, minimum=0.1),
     )
     sources = pick("inventory")
     if isinstance(sources, str):

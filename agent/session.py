@@ -16,6 +16,7 @@ import logging
 import random
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -145,6 +146,11 @@ class AgentSession:
         self._inventory: Sequence[Software] | None = None
         self._offline_mid: int | None = None
         self._pause_next: float | None = None  # simulator: reconnect after this pause
+        # Epochs this process used: a status with any other epoch comes from another
+        # process with our agent id (Mosquitto 2.0 closes a taken-over connection
+        # without telling why, so this is how a clone is noticed).
+        self._own_epochs: deque[int] = deque(maxlen=32)
+        self._clone_seen_at = -1e9
 
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -188,6 +194,15 @@ class AgentSession:
         )
         self._offline_mid = info.mid
         self.loop.call_later(self.timing.stop_timeout, self._disconnect_now)
+
+    def register(self) -> None:
+        """Send the registration (done on every connect; call again when facts change)."""
+        if self.connected:
+            self._publish(
+                self.topics.register,
+                protocol.register(self.host.info(), self.agent_version, self.tags),
+                qos=1,
+            )
 
     def crash(self, pause: float) -> None:
         """Simulate a crash: leave with the will published, come back after `pause` s."""
@@ -257,6 +272,7 @@ class AgentSession:
             return
         epoch = self.epochs.next()
         self._pending_epoch = epoch
+        self._own_epochs.append(epoch)
         self.client.will_set(self.topics.status, protocol.will(epoch), qos=1, retain=True)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.timing.session_expiry
@@ -326,19 +342,17 @@ class AgentSession:
             extra={"agent_id": self.agent_id, "epoch": self.epoch,
                    "session_present": flags.session_present},
         )  # fmt: skip
+        # Our own status: to repair it if an older last will overwrites it. Subscribed
+        # before our online goes out, so the retained message we get is the previous
+        # state: an `online` of a foreign epoch there means a clone (see _on_message).
+        client.subscribe(self.topics.status, options=SubscribeOptions(qos=1))
         client.publish(
             self.topics.status,
             protocol.status(AgentState.ONLINE, self.epoch, session_present=flags.session_present),
             qos=1,
             retain=True,
         )
-        # Our own status: to repair it if an older last will overwrites it.
-        client.subscribe(self.topics.status, options=SubscribeOptions(qos=1))
-        client.publish(
-            self.topics.register,
-            protocol.register(self.host.info(), self.agent_version, self.tags),
-            qos=1,
-        )
+        self.register()
         self._heartbeat_tick()
         self._send_buffered()
         if self._inventory is not None:
@@ -361,7 +375,8 @@ class AgentSession:
         if self.stopping:
             self._finish()
             return
-        if reason.value == SESSION_TAKEN_OVER:
+        clone = time.monotonic() - self._clone_seen_at < self.timing.takeover_max
+        if reason.value == SESSION_TAKEN_OVER or (clone and self._pause_next is None):
             self.counters.takeovers += 1
             delay = self._takeover_backoff * (0.5 + self.rng.random())
             self._takeover_backoff = min(self._takeover_backoff * 2, self.timing.takeover_max)
@@ -401,6 +416,16 @@ class AgentSession:
         try:
             seen: Status = parse(Kind.STATUS, self.agent_id, msg.payload)
         except PayloadError:
+            return
+        if seen.state is AgentState.ONLINE and seen.epoch not in self._own_epochs:
+            self._clone_seen_at = time.monotonic()
+            log.warning(
+                "an online status with a foreign epoch: another client may use this agent id",
+                extra={"agent_id": self.agent_id, "seen_epoch": seen.epoch},
+            )
+        if msg.retain:
+            # Sent because we subscribed, which we do before publishing our online: it
+            # is the state before this session and our online replaces it anyway.
             return
         action = protocol.on_own_status(
             self.epoch if self.connected else None, seen.state, seen.epoch, stopping=self.stopping

@@ -56,6 +56,9 @@ def run(
     buffer_size: Annotated[
         int | None, typer.Option(help="samples kept while disconnected (default 10000)")
     ] = None,
+    reconnect_max: Annotated[
+        float | None, typer.Option(help="longest wait between reconnect attempts (default 30)")
+    ] = None,
     state_dir: Annotated[
         Path | None, typer.Option(help="folder to keep the last epoch in across restarts")
     ] = None,
@@ -80,6 +83,7 @@ def run(
                 "tags": tag or None,
                 "buffer_size": buffer_size,
                 "state_dir": state_dir,
+                "reconnect_max": reconnect_max,
             },
             config_file=config,
         )

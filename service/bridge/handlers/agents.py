@@ -64,9 +64,10 @@ def judge(
     - A newer epoch: accept, whatever the state. A newer `offline` means we missed
       that session's `online` (the bridge was down): the agent is still offline.
     - The same epoch: `offline` after `online` is that session ending (its own last
-      will or a graceful stop): accept. The same state again is a duplicate.
-      `online` after that session's `offline` is a late duplicate of the session's
-      birth (e.g. a second bridge, or a redelivery) and must not revive it: ignore.
+      will or a graceful stop): accept. The same state again is a duplicate, and so is
+      `online` after that session's `offline`: an agent never sends it (a republish
+      follows an *older* offline), so it is a late copy of the session's birth (a
+      second bridge, a redelivery) and must not revive the session.
     - An older epoch: a previous session's message (an old will after a quick
       reconnect or a session takeover, a delayed redelivery): ignore.
     """
@@ -78,11 +79,9 @@ def judge(
         return Judgement(
             Verdict.IGNORE, f"epoch {epoch} is older than the current epoch {current_epoch}"
         )
-    if state == current:
-        return Judgement(Verdict.DUPLICATE)
-    if state is AgentState.OFFLINE:
+    if state is AgentState.OFFLINE and current == AgentState.ONLINE:
         return Judgement(Verdict.ACCEPT)
-    return Judgement(Verdict.IGNORE, f"online after the offline of the same epoch {epoch}")
+    return Judgement(Verdict.DUPLICATE)
 
 
 # Hooks run after an accepted transition, in the same transaction: e.g. the task
