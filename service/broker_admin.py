@@ -11,6 +11,7 @@ import queue
 import secrets
 import ssl
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any, Self
 
@@ -27,6 +28,13 @@ RESPONSE_TOPIC = "$CONTROL/dynamic-security/v1/response"
 # The broker refuses packets over max_packet_size (1 MiB in mosquitto/eucora.conf)
 # by disconnecting the sender; a control message stays well under it.
 MAX_MESSAGE_BYTES = 512 * 1024
+# Mosquitto is single-threaded and the plugin (2.0.11) rewrites its whole file after
+# every command: while a control message runs, the broker serves nobody. Bulk
+# provisioning sizes its messages to stall the broker about this long at most.
+MAX_STALL_S = 0.5
+# Put in the answer queue when the connection drops: the waiting request fails at
+# once instead of paho reconnecting and sending the request a second time.
+_LOST: dict[str, Any] = {"lost": True}
 
 
 class BrokerAdmin:
@@ -55,6 +63,7 @@ class BrokerAdmin:
             self._client.tls_set_context(ssl.create_default_context(cafile=ca_file))
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
+        self._client.on_disconnect = self._on_disconnect
 
     def _on_connect(
         self, client: paho.Client, _u: object, _f: object, reason: Any, _p: object
@@ -68,9 +77,15 @@ class BrokerAdmin:
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         self._responses.put(orjson.loads(msg.payload))
 
+    def _on_disconnect(self, client: paho.Client, *_: object) -> None:
+        client.disconnect()  # no automatic reconnect: it would resend the request
+        self._responses.put(_LOST)
+
     def __enter__(self) -> Self:
         try:
-            self._client.connect(self.url.host, self.url.port, keepalive=30)
+            # A long keepalive: the broker answers no PINGREQ while it runs a slow
+            # control message, and a reconnect would run that message twice.
+            self._client.connect(self.url.host, self.url.port, keepalive=300)
         except (OSError, ssl.SSLError) as exc:
             raise ConnectionError(f"cannot reach broker {self.url}: {exc}") from exc
         self._client.loop_start()
@@ -122,6 +137,8 @@ class BrokerAdmin:
                 answer = self._responses.get(timeout=self.timeout)
             except queue.Empty:
                 raise TimeoutError("no answer from the broker's dynamic security plugin") from None
+            if answer is _LOST:
+                raise ConnectionError(f"lost the connection to broker {self.url}")
             responses: list[dict[str, Any]] = answer.get("responses", [])
             if responses and responses[0].get("correlationData") == request_id:
                 return responses
@@ -153,25 +170,36 @@ class BrokerAdmin:
             ignore=("Role already exists",),
         )
 
-    def provision_many(self, agents: dict[str, str], chunk: int = 200) -> int:
-        """Provision many agents, `chunk` per control message (fewer if one would exceed
-        MAX_MESSAGE_BYTES); returns the number of messages sent."""
-        sent = 0
-        batch: list[dict[str, Any]] = []
-        batch_bytes = batch_agents = 0
-        for agent_id, password in agents.items():
-            commands = dynsec.provision_commands(self.tree, agent_id, password)
-            size = len(orjson.dumps(commands))
-            if batch and (batch_agents >= chunk or batch_bytes + size > MAX_MESSAGE_BYTES - 1024):
-                self.execute(batch, ignore=("Role already exists",))
-                sent += 1
-                batch, batch_bytes, batch_agents = [], 0, 0
-            batch += commands
-            batch_bytes += size
-            batch_agents += 1
-        if batch:
+    def provision_many(
+        self, agents: dict[str, str], chunk: int = 10, *, max_stall: float | None = MAX_STALL_S
+    ) -> int:
+        """Provision many agents, up to `chunk` per control message; returns the number
+        of messages sent.
+
+        A message shrinks below `chunk` when it would exceed MAX_MESSAGE_BYTES, and the
+        chunk adapts so that one message keeps the broker busy about `max_stall` seconds
+        (None: a fixed chunk): each command costs a rewrite of the plugin's file, which
+        grows with the fleet.
+        """
+        items = list(agents.items())
+        sent = i = 0
+        while i < len(items):
+            batch: list[dict[str, Any]] = []
+            size = n = 0
+            for agent_id, password in items[i : i + max(1, chunk)]:
+                commands = dynsec.provision_commands(self.tree, agent_id, password)
+                size += len(orjson.dumps(commands))
+                if batch and size > MAX_MESSAGE_BYTES - 1024:
+                    break
+                batch += commands
+                n += 1
+            started = time.monotonic()
             self.execute(batch, ignore=("Role already exists",))
+            elapsed = time.monotonic() - started
             sent += 1
+            i += n
+            if max_stall is not None:  # aim at max_stall: shrink in proportion, grow by half
+                chunk = max(1, min(int(n * max_stall / max(elapsed, 1e-3)), n + n // 2 + 1))
         return sent
 
     def rotate(self, agent_id: str, password: str) -> None:

@@ -135,8 +135,9 @@ def agent_role(tree: TopicTree, agent_id: str) -> dict[str, Any]:
         acls += [
             _acl("subscribePattern", tree.agent(agent_id, k)),
             _acl("publishClientReceive", tree.agent(agent_id, k)),
-            _acl("unsubscribePattern", tree.agent(agent_id, k)),
         ]
+    # No unsubscribe ACLs: unsubscribing is allowed by default (defaultACLAccess), and
+    # every byte of a role is rewritten to disk on each change (docs/broker.md).
     return {"rolename": agent_role_name(agent_id), "acls": acls}
 
 
@@ -154,6 +155,29 @@ def provision_commands(tree: TopicTree, agent_id: str, password: str) -> list[di
             "roles": [{"rolename": role["rolename"]}],
         },
     ]
+
+
+def add_agents(config: dict[str, Any], tree: TopicTree, passwords: dict[str, str]) -> None:
+    """Add agents to the plugin's JSON document itself, for a broker that is stopped.
+
+    The fast path for enrolling a whole fleet: at runtime the plugin rewrites its entire
+    file after every command, so N agents cost O(N^2) (docs/broker.md).
+    """
+    taken = {c["username"] for c in config["clients"]}
+    roles = {r["rolename"] for r in config["roles"]}
+    for agent_id, password in passwords.items():
+        if agent_id in taken:
+            raise ValueError(f"account {agent_id!r} already exists")
+        role = agent_role(tree, agent_id)
+        if role["rolename"] not in roles:
+            config["roles"].append(role)
+        config["clients"].append({
+            "username": agent_id,
+            "clientid": agent_id,
+            **hash_password(password),
+            "roles": [{"rolename": role["rolename"]}],
+        })  # fmt: skip
+        taken.add(agent_id)
 
 
 def revoke_commands(agent_id: str) -> list[dict[str, Any]]:

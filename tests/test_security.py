@@ -567,3 +567,25 @@ def test_no_password_in_logs_and_identity_violations_counted(
     for name, text in logs.items():
         for secret in secrets:
             assert secret not in text, f"a password in the {name} log"
+
+
+def test_agents_seeded_offline_are_confined_like_provisioned_ones(
+    broker: Broker, probes: list[Probe]
+) -> None:
+    """The bulk path (a whole fleet written while the broker is stopped)."""
+    broker.stop()
+    passwords = {"seed-a": dynsec.new_password(), "seed-b": dynsec.new_password()}
+    broker.seed_agents(passwords)
+    with pytest.raises(ValueError, match="already exists"):
+        broker.seed_agents({"seed-a": "x"})
+    broker.start()
+    assert stat.S_IMODE(broker.accounts_file.stat().st_mode) == 0o600
+    agent = probe(probes, broker, "seed-a", passwords["seed-a"])
+    assert agent.connect() == "Success"
+    assert agent.publish(TREE.agent("seed-a", Kind.TELEMETRY)) != "Not authorized"
+    assert agent.publish(TREE.agent("seed-b", Kind.TELEMETRY)) == "Not authorized"
+    assert agent.subscribe(TREE.agent("seed-b", Kind.TASKS)) == ["Not authorized"]
+    assert probe(probes, broker, "seed-a", passwords["seed-a"], "seed-b").connect() != "Success"
+    # Revocation works on them as on any agent.
+    assert run_cli(broker, "revoke", "seed-a").exit_code == 0
+    assert agent.disconnected.wait(2.0)

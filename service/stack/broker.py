@@ -132,7 +132,7 @@ class Broker:
             extra=self.extra,
         )
         self.config_file.write_text(text)
-        accounts = self.data_dir / "dynamic-security.json"
+        accounts = self.accounts_file
         if not accounts.exists():
             accounts.write_text(json.dumps(dynsec.initial_config(self.tree, self.passwords)))
             os.chmod(accounts, 0o600)
@@ -154,6 +154,25 @@ class Broker:
             # Minimum version: TLS 1.0/1.1 are deprecated (RFC 8996).
             "tls_version tlsv1.2",
         ])  # fmt: skip
+
+    @property
+    def accounts_file(self) -> Path:
+        return self.data_dir / "dynamic-security.json"
+
+    def seed_agents(self, passwords: dict[str, str]) -> None:
+        """Add agent accounts while the broker is stopped (bulk enrolment, O(N))."""
+        if self.running:
+            raise StackError("stop the broker before seeding accounts into its file")
+        self.prepare()
+        config = json.loads(self.accounts_file.read_text())
+        dynsec.add_agents(config, self.tree, passwords)
+        tmp = self.accounts_file.with_suffix(".json.new")
+        tmp.unlink(missing_ok=True)
+        tmp.touch(mode=0o600)
+        tmp.write_text(json.dumps(config))
+        owner = self.accounts_file.stat()
+        os.chown(tmp, owner.st_uid, owner.st_gid)
+        os.replace(tmp, self.accounts_file)  # atomic: the broker never sees half a file
 
     def start(self, timeout: float = 10.0) -> None:
         if self.running:
