@@ -175,10 +175,12 @@ def timescaledb_status(conn: psycopg.Connection[Any]) -> TimescaleStatus:
             EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),
             (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'),
             -- shared_preload_libraries is hidden from non-superusers; a preloaded
-            -- TimescaleDB also shows through its own settings, which anyone can read.
+            -- TimescaleDB also shows through its loader's settings, which anyone can
+            -- read (timescaledb.license only exists once the extension is created
+            -- in this database, so it cannot tell before the first upgrade).
             EXISTS (SELECT 1 FROM pg_settings
                     WHERE (name = 'shared_preload_libraries' AND setting ~ 'timescaledb')
-                       OR name = 'timescaledb.license'),
+                       OR name IN ('timescaledb.disable_load', 'timescaledb.license')),
             current_setting('timescaledb.license', true)
         """
     ).fetchone()
