@@ -35,7 +35,7 @@ from service import dynsec
 from service.broker_admin import BrokerAdmin
 from service.config import MqttUrl
 from service.stack.broker import Broker
-from service.stack.process import wait_for
+from service.stack.process import StackError, wait_for
 from tests.fix_services import BridgeProcess
 
 TREE = TopicTree()
@@ -589,3 +589,15 @@ def test_agents_seeded_offline_are_confined_like_provisioned_ones(
     # Revocation works on them as on any agent.
     assert run_cli(broker, "revoke", "seed-a").exit_code == 0
     assert agent.disconnected.wait(2.0)
+
+
+def test_a_damaged_accounts_file_stops_the_start_and_a_copy_remains(broker: Broker) -> None:
+    broker.stop()
+    good = broker.accounts_file.read_text()
+    backup = broker.accounts_file.with_suffix(".json.bak")
+    assert backup.read_text() == good
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    broker.accounts_file.write_text(good[: len(good) // 2])  # as a crash mid-save leaves it
+    with pytest.raises(StackError, match="is damaged"):
+        broker.start()
+    assert backup.read_text() == good  # the good copy was not overwritten

@@ -136,9 +136,31 @@ class Broker:
         if not accounts.exists():
             accounts.write_text(json.dumps(dynsec.initial_config(self.tree, self.passwords)))
             os.chmod(accounts, 0o600)
+        self._backup_accounts()
         if user:
             check_reachable(self.data_dir.parent, user)
             chown_tree(self.data_dir, user)
+
+    def _backup_accounts(self) -> None:
+        """Keep a copy of the last good accounts file, and refuse to start on a damaged one.
+
+        Mosquitto 2.0.11's plugin rewrites dynamic-security.json in place (truncate,
+        write), so a crash in the middle of a save leaves half a file, and a broker
+        that starts on it has no accounts at all.
+        """
+        backup = self.accounts_file.with_suffix(".json.bak")
+        data = self.accounts_file.read_bytes()
+        try:
+            json.loads(data)
+        except ValueError:
+            raise StackError(
+                f"{self.accounts_file} is damaged (the broker stopped in the middle of "
+                f"saving it?); the copy from the last good start is {backup}: check it, "
+                "copy it over the damaged file, then start again"
+            ) from None
+        backup.unlink(missing_ok=True)
+        backup.touch(mode=0o600)
+        backup.write_bytes(data)
 
     def _tls_listener(self) -> str:
         if self.tls_port is None:
