@@ -35,8 +35,9 @@ from service import dynsec
 from service.broker_admin import BrokerAdmin
 from service.config import MqttUrl
 from service.stack.broker import Broker
-from service.stack.process import StackError, wait_for
-from tests.fix_services import BridgeProcess
+from service.stack.process import StackError, free_port, wait_for
+from service.stack.stack import Stack
+from tests.fix_services import BridgeProcess, service_dir
 
 TREE = TopicTree()
 TIMEOUT = 5.0
@@ -601,3 +602,27 @@ def test_a_damaged_accounts_file_stops_the_start_and_a_copy_remains(broker: Brok
     with pytest.raises(StackError, match="is damaged"):
         broker.start()
     assert backup.read_text() == good  # the good copy was not overwritten
+
+
+def test_stack_env_provisions_agents_for_its_tls_listener(probes: list[Probe]) -> None:
+    """`eval "$(eucora stack env)"; eucora agents provision ID`: an mqtts config that works."""
+    with service_dir("stack") as root:
+        stack = Stack(root / "s")
+        stack.dir.mkdir()
+        stack._save_state(mqtt_port=free_port(), mqtts_port=free_port())
+        broker = stack.broker()
+        broker.start()
+        try:
+            env = stack.env()
+            assert env["EUCORA_MQTT_URL"] == broker.url(dynsec.OPERATOR_USER)
+            assert env["EUCORA_MQTT_ADMIN_URL"] == broker.url(dynsec.ADMIN_USER)
+            doc = provision(broker, "stack-agent", **env)
+            assert doc["mqtt_url"] == f"mqtts://127.0.0.1:{broker.tls_port}"
+            assert doc["ca_file"] == str(stack.dir / "ca" / "ca.pem")
+            url = MqttUrl.parse(doc["mqtt_url"])
+            agent = Probe(url.port, "stack-agent", doc["password"], "stack-agent", tls=True,
+                          ca_file=doc["ca_file"])  # fmt: skip
+            probes.append(agent)
+            assert agent.connect() == "Success"
+        finally:
+            broker.kill()
