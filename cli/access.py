@@ -150,6 +150,8 @@ def provision(
         # broker's certificate must chain to the agent's system trust store.
         "ca_file": str(ca_file.resolve()) if endpoint.tls and ca_file else None,
     }
+    if output is not None and output.is_dir():
+        fail(f"--output {output} is a folder: name the file to write")
     staged = _stage_output(output, doc) if output else None
     try:
         with admin:
@@ -168,11 +170,17 @@ def provision(
                 admin.rotate(agent_id, password)
             else:
                 admin.provision(agent_id, password)
-        if staged is not None:
-            assert output is not None
-            os.replace(staged, output)
-            staged = None
-    except (ConnectionError, TimeoutError, dynsec.DynsecError, OSError) as exc:
+            if staged is not None and output is not None:
+                try:
+                    os.replace(staged, output)
+                    staged = None
+                except OSError as exc:
+                    if not rotate:  # nobody would know the password: undo
+                        admin.revoke(agent_id)
+                        fail(f"cannot write {output}: {exc.strerror}; {agent_id!r} not provisioned")
+                    kept, staged = staged, None  # the only copy of the new password
+                    fail(f"cannot write {output}: {exc.strerror}; the new password is in {kept}")
+    except (ConnectionError, TimeoutError, dynsec.DynsecError) as exc:
         fail(f"cannot provision {agent_id!r}: {exc}", code=1)
     finally:
         if staged is not None:

@@ -269,8 +269,7 @@ def test_agent_cannot_publish_to_another_agents_status_through_its_will(
 def test_agent_cannot_subscribe_to_another_agents_tasks_or_everything(
     broker: Broker, probes: list[Probe]
 ) -> None:
-    a = provision(broker, "agent-a")
-    provision(broker, "agent-b")
+    a, b = provision(broker, "agent-a"), provision(broker, "agent-b")
     agent_a = probe(probes, broker, "agent-a", a["password"])
     assert agent_a.connect() == "Success"
     refused = [
@@ -293,6 +292,10 @@ def test_agent_cannot_subscribe_to_another_agents_tasks_or_everything(
     assert bridge.publish(TREE.agent("agent-b", Kind.TASKS), b'{"for":"b"}') != "Not authorized"
     assert bridge.publish(TREE.agent("agent-a", Kind.TASKS), b'{"for":"a"}') == "Success"
     assert agent_a.next_message().payload == b'{"for":"a"}'
+    # MQTT 3.1.1 reports the refusal too (SUBACK 0x80).
+    old = probe(probes, broker, "agent-b", b["password"], protocol=V311)
+    assert old.connect() == "Success"
+    assert old.subscribe(TREE.agent("agent-a", Kind.TASKS), "#") == ["Unspecified error"] * 2
 
 
 def test_agent_cannot_take_over_another_agents_client_id(
@@ -554,8 +557,9 @@ def test_no_password_in_logs_and_identity_violations_counted(
         10,
         "the bridge to count the identity violation",
     )
-    for args in (["revoke", "agent-l"], ["revoke", "agent-l"], ["provision", "agent-l", "-o", "/"]):
+    for args in (["revoke", "agent-l"], ["revoke", "agent-l"], ["provision", "x", "-o", "/"]):
         outputs.append(run_cli(broker, *args).output)
+    assert "--output / is a folder" in outputs[-1]
     bridge.stop()
 
     secrets = [doc["password"], password, *broker.passwords.values()]
