@@ -270,6 +270,8 @@ class AgentSession:
     def _connect(self) -> None:
         if self.stopping:
             return
+        if self._connack_timer is not None:
+            self._connack_timer.cancel()
         epoch = self.epochs.next()
         self._pending_epoch = epoch
         self._own_epochs.append(epoch)
@@ -368,8 +370,14 @@ class AgentSession:
     ) -> None:
         was_connected = self.connected
         self.connected = False
+        if self._connack_timer is not None:
+            self._connack_timer.cancel()
         if was_connected:
             self.counters.disconnects += 1
+            if not self.stopping:
+                log.warning(
+                    "disconnected", extra={"agent_id": self.agent_id, "reason": str(reason)}
+                )
             if time.monotonic() - self._connected_at >= STABLE_S:
                 self._takeover_backoff = self.timing.takeover_min
         if self.stopping:
@@ -392,10 +400,6 @@ class AgentSession:
                 if not was_connected
                 else self.timing.reconnect_min * (0.5 + self.rng.random())
             )
-            if was_connected:
-                log.warning(
-                    "disconnected", extra={"agent_id": self.agent_id, "reason": str(reason)}
-                )
         self._schedule_reconnect(delay)
 
     def _on_publish(

@@ -3,6 +3,7 @@ in-process sessions on a loop thread, database polling."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -231,3 +232,74 @@ def loop_thread() -> Iterator[LoopThread]:
     lt = LoopThread()
     yield lt
     lt.close()
+
+
+class Proxy:
+    """A TCP relay on loopback to the broker that the test can cut and restore: an
+    agent's network outage while the broker and the bridge stay up."""
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+        from service.stack.process import free_port
+
+        self.host, self.target = host, target_port
+        self.port = free_port()
+        self._conns: list[Any] = []
+        self._listener: Any = None
+        self._lock = threading.Lock()
+        self.start()
+
+    def start(self) -> None:
+        import socket
+
+        listener = socket.create_server((self.host, self.port), reuse_port=False)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: Any) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection((self.host, self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def cut(self) -> None:
+        """Refuse new connections and drop the open ones (both sides see them close)."""
+        import socket
+
+        # shutdown() first: close() alone does not wake a thread blocked in accept().
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def close(self) -> None:
+        self.cut()
