@@ -357,8 +357,7 @@ class AgentSession:
         self.register()
         self._heartbeat_tick()
         self._send_buffered()
-        if self._inventory is not None:
-            self._send_inventory(self._inventory)
+        self._inventory_tick()  # what changed while we were away
 
     def _on_disconnect(
         self,

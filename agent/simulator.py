@@ -1,0 +1,412 @@
+"""A fleet of simulated agents (`eucora simulate`): the reference agent's protocol code
+(AgentSession) reporting on imaginary hosts, all on one Loop thread.
+
+Each simulated host has a stable profile drawn from a seeded RNG (platform, OS,
+hardware, site/env/role tags, a software list) and metrics that wander plausibly:
+CPU as a mean-reverting walk with bursts, memory slowly drifting, disk slowly
+filling, network bytes from a per-host rate. `churn` is the fraction of the fleet
+that leaves per minute, half of it by crashing (the broker publishes the will) and
+half by a clean stop, each coming back after a pause; some come back with software
+installed, removed or upgraded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import psutil
+
+from agent.loop import Loop
+from agent.protocol import HostInfo, Metrics
+from agent.session import AgentSession, Timing
+from schemas.payloads import Software
+from schemas.states import Platform
+from schemas.topics import TopicTree
+from service import dynsec
+from service.broker_admin import BrokerAdmin
+from service.config import MqttUrl
+
+log = logging.getLogger("eucora.simulate")
+
+AGENT_VERSION = "0.1.0-sim"
+
+_OS = {
+    Platform.WINDOWS: [
+        "Windows 11 Pro 23H2 (22631.4602)", "Windows 11 Enterprise 24H2 (26100.2605)",
+        "Windows 10 Enterprise 22H2 (19045.5247)", "Windows Server 2022 (20348.2966)",
+    ],
+    Platform.MACOS: ["macOS 14.7.2 Sonoma", "macOS 15.2 Sequoia", "macOS 13.7.2 Ventura"],
+    Platform.LINUX: [
+        "Ubuntu 24.04.1 LTS", "Ubuntu 22.04.5 LTS", "Debian GNU/Linux 12 (bookworm)",
+        "Red Hat Enterprise Linux 9.5", "Rocky Linux 9.5",
+    ],
+}  # fmt: skip
+_SOFTWARE = {
+    Platform.WINDOWS: [
+        ("Google Chrome", "131.0.6778.265", "Google LLC"),
+        ("Mozilla Firefox", "133.0.3", "Mozilla"),
+        ("7-Zip 24.09 (x64)", "24.09", "Igor Pavlov"),
+        ("Microsoft Edge", "131.0.2903.112", "Microsoft Corporation"),
+        ("Microsoft Office 365", "16.0.18227", "Microsoft Corporation"),
+        ("Zoom Workplace", "6.3.1", "Zoom Video Communications"),
+        ("Notepad++", "8.7.4", "Notepad++ Team"),
+        ("Adobe Acrobat Reader", "24.005.20320", "Adobe"),
+        ("VLC media player", "3.0.21", "VideoLAN"),
+        ("Git", "2.47.1", "The Git Development Community"),
+        ("Python 3.12.8", "3.12.8150.0", "Python Software Foundation"),
+        ("Slack", "4.41.105", "Slack Technologies"),
+        ("CrowdStrike Falcon Sensor", "7.20.19006", "CrowdStrike"),
+        ("Microsoft Teams", "24335.206", "Microsoft Corporation"),
+        ("PuTTY release 0.82", "0.82.0.0", "Simon Tatham"),
+    ],
+    Platform.MACOS: [
+        ("Google Chrome", "131.0.6778.265", "Google LLC"), ("Firefox", "133.0.3", "Mozilla"),
+        ("Slack", "4.41.105", "Slack Technologies"), ("zoom.us", "6.3.1", "Zoom"),
+        ("Microsoft Word", "16.92", "Microsoft"), ("Microsoft Excel", "16.92", "Microsoft"),
+        ("iTerm2", "3.5.10", "George Nachman"), ("Visual Studio Code", "1.96.2", "Microsoft"),
+        ("Docker Desktop", "4.37.1", "Docker Inc."), ("1Password", "8.10.56", "AgileBits"),
+        ("Homebrew", "4.4.15", "Homebrew"), ("Xcode", "16.2", "Apple"),
+    ],
+    Platform.LINUX: [
+        ("openssl", "3.0.15-1~deb12u1", "Debian"), ("curl", "7.88.1-10+deb12u8", "Debian"),
+        ("openssh-server", "1:9.2p1-2+deb12u3", "Debian"), ("nginx", "1.22.1-9", "Debian"),
+        ("postgresql-15", "15.10-0+deb12u1", "Debian"), ("python3", "3.11.2-1+b1", "Debian"),
+        ("systemd", "252.33-1~deb12u1", "Debian"), ("bash", "5.2.15-2+b7", "Debian"),
+        ("docker-ce", "5:27.4.1-1~debian.12", "Docker"), ("vim", "2:9.0.1378-2", "Debian"),
+        ("rsync", "3.2.7-1", "Debian"), ("sudo", "1.9.13p3-1+deb12u1", "Debian"),
+        ("chrony", "4.3-2+deb12u1", "Debian"), ("git", "1:2.39.5-0+deb12u1", "Debian"),
+        ("mosquitto-clients", "2.0.11-1.2+deb12u1", "Debian"), ("tcpdump", "4.99.3-1", "Debian"),
+    ],
+}  # fmt: skip
+_SITES = ["paris", "fra1", "lon", "nyc", "sgp", "syd"]
+_ENVS = ["prod", "prod", "prod", "staging", "dev"]
+_ROLES = {
+    Platform.WINDOWS: ["laptop", "desktop", "kiosk", "server"],
+    Platform.MACOS: ["laptop", "laptop", "desktop"],
+    Platform.LINUX: ["web", "db", "cache", "worker", "build"],
+}
+_DEPTS = ["finance", "sales", "engineering", "support", "ops"]
+
+
+def _pick_platform(rng: random.Random) -> Platform:
+    roll = rng.random()
+    return Platform.WINDOWS if roll < 0.5 else Platform.LINUX if roll < 0.85 else Platform.MACOS
+
+
+class SimulatedHost:
+    """One imaginary machine with a stable profile and wandering metrics."""
+
+    def __init__(self, index: int, rng: random.Random) -> None:
+        self.rng = rng
+        self.platform = _pick_platform(rng)
+        role = rng.choice(_ROLES[self.platform])
+        site = rng.choice(_SITES)
+        prefix = {"windows": "WS", "macos": "MAC", "linux": role}[self.platform.value]
+        hostname = f"{prefix}-{site}-{index:05d}"
+        if self.platform is not Platform.WINDOWS:
+            hostname = f"{hostname.lower()}.corp.example"
+        big = role in ("db", "build", "server")
+        memory = rng.choice([8, 16, 16, 32, 64] if not big else [64, 128, 256]) << 30
+        disk = rng.choice([256, 512, 512, 1024] if not big else [1024, 2048, 4096]) * 10**9
+        self.host_info = HostInfo(
+            hostname=hostname,
+            platform=self.platform,
+            os_version=rng.choice(_OS[self.platform]),
+            cpu_count=rng.choice([4, 8, 8, 12, 16] if not big else [32, 48, 64]),
+            memory_bytes=memory,
+            disk_bytes=disk,
+            # Made-up private addresses: data only, nothing is ever sent there.
+            ip_address=f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}",
+            mac_address="02:" + ":".join(f"{rng.randrange(256):02x}" for _ in range(5)),
+        )
+        self.tags = {"site": site, "env": rng.choice(_ENVS), "role": role}
+        if self.platform is not Platform.LINUX:
+            self.tags["dept"] = rng.choice(_DEPTS)
+        pool = _SOFTWARE[self.platform]
+        chosen = rng.sample(pool, k=rng.randint(len(pool) // 2, len(pool)))
+        self.packages = {
+            name: Software(name=name, version=version, publisher=publisher)
+            for name, version, publisher in chosen
+        }
+        self.cpu_base = rng.uniform(3, 45)
+        self.cpu = self.cpu_base
+        self.memory = rng.uniform(25, 80)
+        self.disk = rng.uniform(15, 90)
+        self.net_rate = math.exp(rng.uniform(math.log(2e3), math.log(5e6)))  # bytes/s
+        self.boot = time.time() - rng.uniform(600, 40 * 86400)
+        self.last_sample = time.monotonic()
+
+    def info(self) -> HostInfo:
+        return self.host_info
+
+    def metrics(self) -> Metrics:
+        now = time.monotonic()
+        dt, self.last_sample = max(now - self.last_sample, 0.001), now
+        rng = self.rng
+        # Mean-reverting CPU walk with occasional bursts (a build, an update...).
+        self.cpu += 0.3 * (self.cpu_base - self.cpu) + rng.gauss(0, 4)
+        if rng.random() < 0.03:
+            self.cpu = rng.uniform(70, 100)
+        self.memory = min(max(self.memory + rng.gauss(0, 0.8), 5), 98)
+        self.disk = min(self.disk + abs(rng.gauss(0, 0.01)), 99.5)
+        burst = rng.lognormvariate(0, 0.6)
+        return Metrics(
+            cpu_percent=min(max(self.cpu, 0.0), 100.0),
+            memory_percent=self.memory,
+            disk_percent=self.disk,
+            net_rx_bytes=int(self.net_rate * dt * burst),
+            net_tx_bytes=int(self.net_rate * dt * burst * rng.uniform(0.1, 0.6)),
+        )
+
+    def software(self) -> Sequence[Software] | None:
+        return list(self.packages.values())
+
+    def uptime(self) -> float | None:
+        return time.time() - self.boot
+
+    def update_software(self) -> None:
+        """An install, a removal or an upgrade, as happens between two boots."""
+        pool = _SOFTWARE[self.platform]
+        missing = [p for p in pool if p[0] not in self.packages]
+        roll = self.rng.random()
+        if roll < 0.4 and missing:
+            name, version, publisher = self.rng.choice(missing)
+            self.packages[name] = Software(name=name, version=version, publisher=publisher)
+        elif roll < 0.6 and len(self.packages) > 1:
+            del self.packages[self.rng.choice(sorted(self.packages))]
+        elif self.packages:
+            name = self.rng.choice(sorted(self.packages))
+            old = self.packages[name]
+            self.packages[name] = old.model_copy(update={"version": f"{old.version}.1"})
+
+
+@dataclass
+class FleetOptions:
+    agents: int
+    prefix: str = "sim"
+    telemetry_interval: float = 10.0
+    heartbeat_interval: float = 60.0
+    keepalive: int = 60
+    churn: float = 0.0  # fraction of the fleet leaving per minute
+    connect_rate: float = 200.0  # new connections per second at start
+    seed: int = 1
+    topic_root: str = "eucora/v1"
+    ca_file: str | None = None
+    buffer_size: int = 1000
+
+    def agent_ids(self) -> list[str]:
+        width = max(5, len(str(self.agents - 1)))
+        return [f"{self.prefix}-{i:0{width}d}" for i in range(self.agents)]
+
+
+@dataclass
+class FleetReport:
+    agents: int
+    connected: int
+    seconds_to_all_connected: float | None
+    telemetry_sent: int
+    heartbeats_sent: int
+    churn_events: int
+    cpu_seconds: float
+    cpu_percent: float  # of one core, over the run
+    max_rss_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def provision(admin_url: MqttUrl, ids: Sequence[str], tree: TopicTree) -> dict[str, str]:
+    """Fresh passwords for the simulated agents: created, or reset if they exist."""
+    passwords = {a: dynsec.new_password() for a in ids}
+    with BrokerAdmin(admin_url, tree=tree, timeout=60) as admin:
+        try:
+            admin.provision_many(passwords)
+        except dynsec.DynsecError as exc:
+            if "already exists" not in exc.error:
+                raise
+            # A fleet simulated before: same ids, new passwords.
+            items = list(passwords.items())
+            for i in range(0, len(items), 100):
+                commands: list[dict[str, Any]] = []
+                for agent_id, password in items[i : i + 100]:
+                    commands += dynsec.provision_commands(tree, agent_id, password)
+                    commands.append(
+                        {"command": "setClientPassword", "username": agent_id,
+                         "password": password}
+                    )  # fmt: skip
+                admin.execute(commands, ignore=("Role already exists", "Client already exists"))
+    return passwords
+
+
+class Fleet:
+    def __init__(
+        self,
+        options: FleetOptions,
+        broker: MqttUrl,
+        passwords: dict[str, str],
+        *,
+        loop: Loop | None = None,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.options = options
+        self.loop = loop or Loop()
+        self.rng = random.Random(options.seed)  # noqa: S311 (simulated data, not security)
+        self.on_progress = on_progress or (lambda _msg: None)
+        self.churn_events = 0
+        self.all_connected_after: float | None = None
+        self._started = 0.0
+        self._cpu0 = 0.0
+        timing = Timing(
+            telemetry_interval=options.telemetry_interval,
+            heartbeat_interval=options.heartbeat_interval,
+            keepalive=options.keepalive,
+            inventory_interval=max(options.telemetry_interval, 60.0),
+            random_phase=True,
+            reconnect_max=30.0,
+        )
+        tree = TopicTree(options.topic_root)
+        self.hosts: list[SimulatedHost] = []
+        self.sessions: list[AgentSession] = []
+        for i, agent_id in enumerate(options.agent_ids()):
+            host = SimulatedHost(i, random.Random(options.seed * 1_000_003 + i))  # noqa: S311
+            self.hosts.append(host)
+            url = replace(broker, username=agent_id, password=passwords[agent_id])
+            self.sessions.append(
+                AgentSession(
+                    self.loop,
+                    agent_id=agent_id,
+                    url=url,
+                    host=host,
+                    tree=tree,
+                    timing=timing,
+                    tags=host.tags,
+                    agent_version=AGENT_VERSION,
+                    buffer_size=options.buffer_size,
+                    ca_file=options.ca_file,
+                    rng=host.rng,
+                )
+            )
+
+    def connected(self) -> int:
+        return sum(1 for s in self.sessions if s.connected)
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._cpu0 = time.process_time()
+        for i, s in enumerate(self.sessions):
+            s.start(delay=i / self.options.connect_rate)
+        self.loop.call_later(1.0, self._tick)
+        self.loop.call_later(5.0, self._progress)
+
+    def _tick(self) -> None:
+        self.loop.call_later(1.0, self._tick)
+        if self.all_connected_after is None and self.connected() == len(self.sessions):
+            self.all_connected_after = time.monotonic() - self._started
+            self.on_progress(
+                f"all {len(self.sessions)} agents connected in {self.all_connected_after:.1f} s"
+            )
+        p = self.options.churn / 60.0
+        if p <= 0 or self.all_connected_after is None:
+            return
+        for s, host in zip(self.sessions, self.hosts, strict=True):
+            if s.connected and self.rng.random() < p:
+                self.churn_events += 1
+                if self.rng.random() < 0.2:
+                    host.update_software()
+                pause = self.rng.uniform(2, 20)
+                if self.rng.random() < 0.5:
+                    s.crash(pause)
+                else:
+                    s.pause(pause)
+
+    def _progress(self) -> None:
+        self.loop.call_later(10.0, self._progress)
+        self.on_progress(
+            f"{self.connected()}/{len(self.sessions)} connected, "
+            f"{sum(s.counters.telemetry_sent for s in self.sessions)} samples sent, "
+            f"cpu {self.cpu_percent():.1f}%, rss {rss_bytes() / 2**20:.0f} MiB"
+        )
+
+    def cpu_percent(self) -> float:
+        wall = max(time.monotonic() - self._started, 1e-6)
+        return 100 * (time.process_time() - self._cpu0) / wall
+
+    def stop(self) -> None:
+        """Every agent publishes `offline` itself and disconnects (call on the loop)."""
+        for s in self.sessions:
+            s.stop()
+
+    def all_stopped(self) -> bool:
+        return all(s.stopped for s in self.sessions)
+
+    def report(self) -> FleetReport:
+        return FleetReport(
+            agents=len(self.sessions),
+            connected=self.connected(),
+            seconds_to_all_connected=self.all_connected_after,
+            telemetry_sent=sum(s.counters.telemetry_sent for s in self.sessions),
+            heartbeats_sent=sum(s.counters.heartbeats_sent for s in self.sessions),
+            churn_events=self.churn_events,
+            cpu_seconds=time.process_time() - self._cpu0,
+            cpu_percent=self.cpu_percent(),
+            max_rss_bytes=max_rss_bytes(),
+        )
+
+
+def rss_bytes() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+def max_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def run(
+    options: FleetOptions,
+    broker: MqttUrl,
+    admin: MqttUrl,
+    *,
+    duration: float | None = None,
+    on_progress: Callable[[str], None] | None = None,
+    stop_timeout: float = 20.0,
+) -> FleetReport:
+    """Provision, connect the fleet and run it until `duration` s have passed or
+    SIGTERM/SIGINT; then stop every agent gracefully. Runs on the calling thread."""
+    import signal
+
+    say = on_progress or (lambda _m: None)
+    tree = TopicTree(options.topic_root)
+    started = time.monotonic()
+    passwords = provision(admin, options.agent_ids(), tree)
+    say(f"provisioned {options.agents} agents in {time.monotonic() - started:.1f} s")
+    fleet = Fleet(options, broker, passwords, on_progress=say)
+    loop = fleet.loop
+    stopping = False
+
+    def begin_stop() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            say(f"stopping {len(fleet.sessions)} agents")
+            fleet.stop()
+            loop.call_later(stop_timeout, loop.stop)
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        loop.call_soon_threadsafe(begin_stop)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        fleet.start()
+        if duration is not None:
+            loop.call_later(duration, begin_stop)
+        loop.run(until=lambda: stopping and fleet.all_stopped())
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        loop.close()
+    return fleet.report()

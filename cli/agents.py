@@ -1,0 +1,318 @@
+"""`eucora agents list/show`: the fleet as the database sees it.
+
+Connected and healthy are shown apart (docs/agents.md):
+- connected: the retained status says `online` (epoch-ordered by the bridge) and the
+  stale sweep has not flagged the agent (no message for offline_after);
+- healthy: connected, and both a heartbeat and a telemetry sample arrived within
+  --healthy-within seconds (default 180: three missed 60-s heartbeats).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import psycopg
+import typer
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from cli.common import emit_json, fail
+from cli.db import DATABASE_URL_OPTION, require_url
+from schemas.states import Platform
+from service.db.connect import DatabaseUnavailable, connect
+
+app = typer.Typer(help="The agents: status, health, hardware, history.", no_args_is_help=True)
+
+HEALTHY_WITHIN_S = 180.0
+HealthyWithin = Annotated[
+    float,
+    typer.Option(
+        "--healthy-within",
+        envvar="EUCORA_HEALTHY_WITHIN",
+        min=1,
+        help="seconds within which a heartbeat and a telemetry sample make an agent healthy",
+    ),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
+
+_STATE = """
+    (a.status = 'online' AND NOT a.stale) AS connected,
+    (a.status = 'online' AND NOT a.stale
+     AND a.last_heartbeat_at > now() - make_interval(secs => %(within)s)
+     AND a.last_telemetry_at > now() - make_interval(secs => %(within)s)) AS healthy
+"""
+
+
+def parse_tag(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        fail(f"--tag {value!r} must be key=value")
+    return key, val
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat() if value is not None else None
+
+
+def ago(value: datetime | None, now: datetime | None = None) -> str:
+    if value is None:
+        return "never"
+    seconds = max(((now or datetime.now(UTC)) - value).total_seconds(), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def _connect(database_url: str | None) -> psycopg.Connection[Any]:
+    url = require_url(database_url)
+    try:
+        return connect(url, autocommit=True)
+    except DatabaseUnavailable as exc:
+        fail(str(exc))
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+@app.command("list")
+def list_agents(
+    platform: Annotated[Platform | None, typer.Option(help="only this platform")] = None,
+    online: Annotated[
+        bool | None, typer.Option("--online/--offline", help="only connected / not connected")
+    ] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="k=v (repeatable: all must match)")
+    ] = (None),
+    healthy_within: HealthyWithin = HEALTHY_WITHIN_S,
+    database_url: str | None = DATABASE_URL_OPTION,
+    json_output: JsonFlag = False,
+) -> None:
+    """List agents: connected and healthy apart, last seen, version, tags."""
+    tags = dict(parse_tag(t) for t in tag or [])
+    where = ["a.tags @> %(tags)s"]
+    if platform is not None:
+        where.append("a.platform = %(platform)s")
+    if online is not None:
+        connected = "(a.status = 'online' AND NOT a.stale)"
+        where.append(connected if online else f"NOT {connected}")
+    sql = (
+        "SELECT a.agent_id, a.hostname, a.platform, a.tags, a.last_seen, a.status_epoch,"
+        f" a.agent_version, a.status, a.stale, {_STATE} FROM agents a"
+        f" WHERE {' AND '.join(where)} ORDER BY a.agent_id"
+    )
+    params = {
+        "tags": Jsonb(tags),
+        "platform": platform.value if platform else None,
+        "within": healthy_within,
+    }
+    with _connect(database_url) as conn:
+        rows = conn.cursor(row_factory=dict_row).execute(sql, params).fetchall()
+    if json_output:
+        emit_json([
+            {
+                "agent_id": r["agent_id"],
+                "hostname": r["hostname"],
+                "platform": r["platform"],
+                "tags": r["tags"],
+                "connected": bool(r["connected"]),
+                "healthy": bool(r["healthy"]),
+                "last_seen": iso(r["last_seen"]),
+                "epoch": r["status_epoch"],
+            }
+            for r in rows
+        ])  # fmt: skip
+        return
+    if not rows:
+        typer.echo("no agents match")
+        return
+    now = datetime.now(UTC)
+
+    def connected_text(r: dict[str, Any]) -> str:
+        if r["connected"]:
+            return "yes"
+        return "stale" if r["status"] == "online" else "no"
+
+    typer.echo(
+        table(
+            [
+                "AGENT",
+                "HOSTNAME",
+                "PLATFORM",
+                "VERSION",
+                "CONNECTED",
+                "HEALTHY",
+                "LAST SEEN",
+                "TAGS",
+            ],
+            [
+                [
+                    r["agent_id"],
+                    r["hostname"] or "-",
+                    r["platform"] or "-",
+                    r["agent_version"] or "-",
+                    connected_text(r),
+                    "yes" if r["healthy"] else "no",
+                    ago(r["last_seen"], now),
+                    ",".join(f"{k}={v}" for k, v in sorted(r["tags"].items())),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    n_connected = sum(1 for r in rows if r["connected"])
+    n_healthy = sum(1 for r in rows if r["healthy"])
+    typer.echo(f"{len(rows)} agents, {n_connected} connected, {n_healthy} healthy")
+
+
+def agent_document(
+    conn: psycopg.Connection[Any], agent_id: str, healthy_within: float, history: int
+) -> dict[str, Any] | None:
+    cur = conn.cursor(row_factory=dict_row)
+    row = cur.execute(
+        f"SELECT a.*, {_STATE} FROM agents a WHERE a.agent_id = %(id)s",
+        {"id": agent_id, "within": healthy_within},
+    ).fetchone()
+    if row is None:
+        return None
+    status_history = cur.execute(
+        "SELECT time, state, epoch, source, reason, accepted, session_present"
+        " FROM agent_status_events WHERE agent_id = %s ORDER BY time DESC LIMIT %s",
+        (agent_id, history),
+    ).fetchall()
+    changes = cur.execute(
+        "SELECT time, field, old_value, new_value FROM agent_changes"
+        " WHERE agent_id = %s ORDER BY time DESC LIMIT %s",
+        (agent_id, history),
+    ).fetchall()
+    telemetry = cur.execute(
+        "SELECT time, cpu_percent, memory_percent, disk_percent, net_rx_bytes, net_tx_bytes"
+        " FROM telemetry WHERE agent_id = %s ORDER BY time DESC LIMIT 1",
+        (agent_id,),
+    ).fetchone()
+    inventory = cur.execute(
+        "SELECT count(*) AS count, max(updated_at) AS updated_at FROM inventory"
+        " WHERE agent_id = %s",
+        (agent_id,),
+    ).fetchone()
+    inventory_changes = cur.execute(
+        "SELECT time, name, change, old_version, new_version FROM inventory_changes"
+        " WHERE agent_id = %s ORDER BY time DESC, name LIMIT %s",
+        (agent_id, history),
+    ).fetchall()
+
+    def times(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: iso(v) if isinstance(v, datetime) else v for k, v in d.items()}
+
+    return {
+        "agent_id": row["agent_id"],
+        "hostname": row["hostname"],
+        "platform": row["platform"],
+        "os_version": row["os_version"],
+        "agent_version": row["agent_version"],
+        "hardware": row["hardware"],
+        "ip_address": row["ip_address"],
+        "mac_address": row["mac_address"],
+        "tags": row["tags"],
+        "connected": bool(row["connected"]),
+        "healthy": bool(row["healthy"]),
+        "status": row["status"],
+        "epoch": row["status_epoch"],
+        "stale": row["stale"],
+        "session_present": row["session_present"],
+        "status_changed_at": iso(row["status_changed_at"]),
+        "status_reason": row["status_reason"],
+        "first_seen": iso(row["first_seen"]),
+        "registered_at": iso(row["registered_at"]),
+        "last_seen": iso(row["last_seen"]),
+        "last_heartbeat_at": iso(row["last_heartbeat_at"]),
+        "last_telemetry_at": iso(row["last_telemetry_at"]),
+        "status_history": [times(e) for e in status_history],
+        "changes": [times(c) for c in changes],
+        "telemetry": times(telemetry) if telemetry else None,
+        "inventory": {
+            "count": inventory["count"] if inventory else 0,
+            "updated_at": iso(row["inventory_updated_at"]),
+            "recent_changes": [times(c) for c in inventory_changes],
+        },
+    }
+
+
+def _fmt_bytes(n: Any) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def render(doc: dict[str, Any]) -> str:
+    hw = doc["hardware"] or {}
+    state = "connected" if doc["connected"] else ("stale" if doc["stale"] else doc["status"])
+    out = [
+        f"{doc['agent_id']}  {state}, {'healthy' if doc['healthy'] else 'not healthy'}"
+        f"  (epoch {doc['epoch']}, last seen {doc['last_seen'] or 'never'})",
+        f"  host      {doc['hostname'] or '-'}  {doc['platform'] or '-'}"
+        f"  {doc['os_version'] or ''}",
+        f"  agent     {doc['agent_version'] or '-'}  registered {doc['registered_at'] or '-'}",
+        f"  network   {doc['ip_address'] or '-'}  {doc['mac_address'] or '-'}",
+        f"  hardware  {hw.get('cpu_count', '-')} CPUs, {_fmt_bytes(hw.get('memory_bytes'))} memory,"
+        f" {_fmt_bytes(hw.get('disk_bytes'))} disk",
+        "  tags      " + (", ".join(f"{k}={v}" for k, v in sorted(doc["tags"].items())) or "-"),
+        f"  heartbeat {doc['last_heartbeat_at'] or 'never'}",
+    ]
+    t = doc["telemetry"]
+    if t:
+        out.append(
+            f"  telemetry {t['time']}: cpu {t['cpu_percent']:.1f}%  memory"
+            f" {t['memory_percent']:.1f}%  disk {t['disk_percent']:.1f}%  rx"
+            f" {_fmt_bytes(t['net_rx_bytes'])}  tx {_fmt_bytes(t['net_tx_bytes'])}"
+        )
+    else:
+        out.append("  telemetry none")
+    inv = doc["inventory"]
+    out.append(f"  software  {inv['count']} packages (list changed {inv['updated_at'] or 'never'})")
+    for c in inv["recent_changes"][:10]:
+        versions = " -> ".join(v for v in (c["old_version"], c["new_version"]) if v)
+        out.append(f"    {c['time']}  {c['change']:<8} {c['name']} {versions}")
+    if doc["status_history"]:
+        out.append("  status history (newest first)")
+        for e in doc["status_history"]:
+            note = "" if e["accepted"] else "  [ignored]"
+            reason = f"  {e['reason']}" if e["reason"] else ""
+            out.append(
+                f"    {e['time']}  {e['state']:<7} epoch {e['epoch']}  by {e['source']}"
+                f"{reason}{note}"
+            )
+    if doc["changes"]:
+        out.append("  registration changes (newest first)")
+        for c in doc["changes"]:
+            out.append(f"    {c['time']}  {c['field']}: {c['old_value']} -> {c['new_value']}")
+    return "\n".join(out)
+
+
+@app.command()
+def show(
+    agent_id: Annotated[str, typer.Argument(help="the agent's id")],
+    history: Annotated[int, typer.Option(min=1, help="how many history entries of each kind")] = (
+        20
+    ),
+    healthy_within: HealthyWithin = HEALTHY_WITHIN_S,
+    database_url: str | None = DATABASE_URL_OPTION,
+    json_output: JsonFlag = False,
+) -> None:
+    """One agent: hardware, tags, status history, latest telemetry, software."""
+    with _connect(database_url) as conn:
+        doc = agent_document(conn, agent_id, healthy_within, history)
+    if doc is None:
+        fail(f"agent {agent_id!r} not found", 1)
+    if json_output:
+        emit_json(doc)
+    else:
+        typer.echo(render(doc))

@@ -1,0 +1,105 @@
+"""`eucora simulate --agents N`: a fleet of simulated agents, for demos and load.
+
+Registered by cli/main.py as a command: `app.command("simulate")(simulate)`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+
+from cli.common import emit_json, fail
+from schemas.topics import is_agent_id
+from service.config import ADMIN_URL_ENV, DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl
+
+
+def admin_url_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """The broker admin account's URL (EUCORA_MQTT_ADMIN_URL, see `eucora stack env`)."""
+    return (os.environ if env is None else env).get(ADMIN_URL_ENV) or None
+
+
+def simulate(
+    agents: Annotated[int, typer.Option(min=1, help="how many agents to simulate")] = 10,
+    telemetry_interval: Annotated[
+        float, typer.Option(min=0.1, help="seconds between samples, per agent")
+    ] = 10.0,
+    duration: Annotated[
+        float | None, typer.Option(min=0, help="stop after this many seconds (default: SIGINT)")
+    ] = None,
+    churn: Annotated[
+        float,
+        typer.Option(
+            min=0, max=1, help="fraction of the fleet that leaves and comes back, per minute"
+        ),
+    ] = 0.0,
+    prefix: Annotated[str, typer.Option(help="agent ids are PREFIX-00000, PREFIX-00001...")] = (
+        "sim"
+    ),
+    heartbeat_interval: Annotated[float, typer.Option(min=0.1)] = 60.0,
+    keepalive: Annotated[int, typer.Option(min=1, max=300)] = 60,
+    connect_rate: Annotated[float, typer.Option(min=1, help="connections per second at start")] = (
+        200.0
+    ),
+    seed: Annotated[int, typer.Option(help="same seed, same fleet")] = 1,
+    mqtt_url: Annotated[
+        str | None,
+        typer.Option(envvar="EUCORA_MQTT_URL", help="the broker (its credentials are not used)"),
+    ] = None,
+    admin_url: Annotated[
+        str | None,
+        typer.Option(help=f"broker admin account, to provision the agents [env: {ADMIN_URL_ENV}]"),
+    ] = None,
+    topic_root: Annotated[str, typer.Option(envvar="EUCORA_TOPIC_ROOT")] = DEFAULT_TOPIC_ROOT,
+    ca_file: Annotated[str | None, typer.Option(envvar="EUCORA_CA_FILE")] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="print a JSON summary when the fleet stops")
+    ] = False,
+) -> None:
+    """Run N simulated agents (varied platforms, tags, metrics) until --duration or Ctrl-C."""
+    from agent import simulator
+    from service.stack.process import StackError
+
+    admin = admin_url or admin_url_from_env()
+    if not mqtt_url:
+        fail("EUCORA_MQTT_URL is not set (the broker to connect the agents to)")
+    if not admin:
+        fail(f"{ADMIN_URL_ENV} is not set: the simulator provisions its agents' accounts")
+    if not is_agent_id(simulator.FleetOptions(agents, prefix=prefix).agent_ids()[-1]):
+        fail(f"--prefix {prefix!r} does not make valid agent ids (letters, digits, _ . -)")
+    try:
+        broker = MqttUrl.parse(mqtt_url)
+        admin_mqtt = MqttUrl.parse(admin, var=ADMIN_URL_ENV)
+    except ConfigError as exc:
+        fail(str(exc))
+    options = simulator.FleetOptions(
+        agents=agents, prefix=prefix, telemetry_interval=telemetry_interval,
+        heartbeat_interval=heartbeat_interval, keepalive=keepalive, churn=churn,
+        connect_rate=connect_rate, seed=seed, topic_root=topic_root, ca_file=ca_file,
+    )  # fmt: skip
+
+    def say(message: str) -> None:
+        typer.echo(message, err=True)
+
+    try:
+        report = simulator.run(options, broker, admin_mqtt, duration=duration, on_progress=say)
+    except (ConnectionError, TimeoutError, StackError, OSError) as exc:
+        fail(f"simulation failed: {exc}")
+    except Exception as exc:  # DynsecError and the like: one line, not a traceback
+        fail(f"simulation failed: {type(exc).__name__}: {exc}")
+    if json_output:
+        emit_json(asdict(report))
+    else:
+        say(
+            f"stopped {report.agents} agents: {report.telemetry_sent} samples, "
+            f"{report.churn_events} churn events, cpu {report.cpu_percent:.1f}% of a core, "
+            f"max rss {report.max_rss_bytes / 2**20:.0f} MiB"
+        )
+
+
+# For tests and for running this command alone; cli/main.py registers `simulate` itself.
+app = typer.Typer(name="simulate", add_completion=False)
+app.command()(simulate)

@@ -1,0 +1,157 @@
+"""`eucora telemetry show ID [--since 1h] [--bucket 1m]`: an agent's metrics, charted.
+
+Without --bucket every stored sample is a row; with it, one row per bucket holding the
+averages (`time_bucket`, the same call on TimescaleDB and on plain PostgreSQL). The
+terminal chart is one line of Unicode blocks per metric, no dependency needed.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Annotated, Any
+
+import typer
+
+from cli.agents import _connect, iso
+from cli.common import emit_json, fail
+from cli.db import DATABASE_URL_OPTION
+
+app = typer.Typer(help="Agent metrics over time.", no_args_is_help=True)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)?\s*$", re.IGNORECASE)
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+METRICS = ("cpu_percent", "memory_percent", "disk_percent", "net_rx_bytes", "net_tx_bytes")
+_LABELS = {
+    "cpu_percent": "cpu %",
+    "memory_percent": "memory %",
+    "disk_percent": "disk %",
+    "net_rx_bytes": "net rx",
+    "net_tx_bytes": "net tx",
+}
+BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def parse_duration(text: str, option: str) -> timedelta:
+    """'90s', '5m', '1h', '2d', '1w' (a bare number is seconds)."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        fail(f"{option} {text!r} is not a duration like 30s, 5m, 1h, 7d")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[(match.group(2) or "s").lower()])
+
+
+def fetch(
+    conn: Any, agent_id: str, since: timedelta, bucket: timedelta | None
+) -> list[dict[str, Any]]:
+    if bucket is None:
+        sql = (
+            "SELECT time, cpu_percent, memory_percent, disk_percent, net_rx_bytes, net_tx_bytes"
+            " FROM telemetry WHERE agent_id = %(id)s AND time >= now() - %(since)s ORDER BY time"
+        )
+    else:
+        sql = (
+            "SELECT time_bucket(%(bucket)s, time) AS time, avg(cpu_percent), avg(memory_percent),"
+            " avg(disk_percent), avg(net_rx_bytes), avg(net_tx_bytes) FROM telemetry"
+            " WHERE agent_id = %(id)s AND time >= now() - %(since)s"
+            " GROUP BY 1 ORDER BY 1"
+        )
+    rows = conn.execute(sql, {"id": agent_id, "since": since, "bucket": bucket}).fetchall()
+    out = []
+    for t, cpu, mem, disk, rx, tx in rows:
+        out.append(
+            {
+                "time": iso(t),
+                "cpu_percent": None if cpu is None else round(float(cpu), 2),
+                "memory_percent": None if mem is None else round(float(mem), 2),
+                "disk_percent": None if disk is None else round(float(disk), 2),
+                "net_rx_bytes": None if rx is None else round(float(rx)),
+                "net_tx_bytes": None if tx is None else round(float(tx)),
+            }
+        )
+    return out
+
+
+def sparkline(values: Sequence[float | None], width: int, top: float) -> str:
+    """`values` resampled to `width` columns (averages), scaled 0..top, as blocks."""
+    if not values or width <= 0:
+        return ""
+    columns: list[float | None] = []
+    n = len(values)
+    for c in range(min(width, n)):
+        lo, hi = c * n // min(width, n), (c + 1) * n // min(width, n)
+        chunk = [v for v in values[lo:hi] if v is not None]
+        columns.append(sum(chunk) / len(chunk) if chunk else None)
+    top = top or 1.0
+    return "".join(
+        " " if v is None else BLOCKS[min(int(v / top * len(BLOCKS)), len(BLOCKS) - 1)]
+        for v in columns
+    )
+
+
+def _human(metric: str, value: float) -> str:
+    if metric.endswith("_percent"):
+        return f"{value:.1f}"
+    for unit in ("B", "K", "M", "G"):
+        if abs(value) < 1024:
+            return f"{value:.0f}{unit}"
+        value /= 1024
+    return f"{value:.1f}T"
+
+
+def chart(rows: list[dict[str, Any]], width: int) -> list[str]:
+    label_w = max(len(v) for v in _LABELS.values())
+    stats_w = 40
+    spark_w = max(width - label_w - stats_w - 4, 10)
+    lines = []
+    for metric in METRICS:
+        series = [r[metric] for r in rows]
+        present = [float(v) for v in series if v is not None]
+        if not present:
+            continue
+        top = 100.0 if metric.endswith("_percent") else max(max(present), 1.0)
+        line = sparkline(series, spark_w, top)
+        figures = (min(present), sum(present) / len(present), max(present), present[-1])
+        stats = "  ".join(
+            f"{name} {_human(metric, v)}"
+            for name, v in zip(("min", "avg", "max", "last"), figures, strict=True)
+        )
+        lines.append(f"{_LABELS[metric].ljust(label_w)}  {line.ljust(spark_w)}  {stats}")
+    return lines
+
+
+@app.command()
+def show(
+    agent_id: Annotated[str, typer.Argument(help="the agent's id")],
+    since: Annotated[str, typer.Option(help="how far back: 30m, 1h, 7d...")] = "1h",
+    bucket: Annotated[
+        str | None, typer.Option(help="average per bucket of this width: 1m, 5m, 1h...")
+    ] = None,
+    database_url: str | None = DATABASE_URL_OPTION,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = (
+        False
+    ),
+) -> None:
+    """An agent's telemetry: a chart in the terminal, or rows with --json."""
+    window = parse_duration(since, "--since")
+    width = parse_duration(bucket, "--bucket") if bucket else None
+    with _connect(database_url) as conn:
+        known = conn.execute("SELECT 1 FROM agents WHERE agent_id = %s", (agent_id,)).fetchone()
+        if known is None:
+            fail(f"agent {agent_id!r} not found", 1)
+        rows = fetch(conn, agent_id, window, width)
+    if json_output:
+        emit_json(rows)
+        return
+    if not rows:
+        typer.echo(f"no telemetry from {agent_id} in the last {since}")
+        return
+    what = f"{len(rows)} buckets of {bucket}" if bucket else f"{len(rows)} samples"
+    typer.echo(f"{agent_id}: {what}, {rows[0]['time']} .. {rows[-1]['time']}")
+    columns = shutil.get_terminal_size((100, 24)).columns
+    for line in chart(rows, columns):
+        typer.echo(line)
+
+
+__all__ = ["app", "fetch", "parse_duration", "sparkline"]
