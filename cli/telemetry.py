@@ -21,6 +21,13 @@ from cli.db import DATABASE_URL_OPTION
 
 app = typer.Typer(help="Agent metrics over time.", no_args_is_help=True)
 
+
+@app.callback()
+def _group() -> None:
+    """Agent metrics over time."""
+    # A callback keeps `telemetry` a group (`eucora telemetry show`) with one command.
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)?\s*$", re.IGNORECASE)
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 METRICS = ("cpu_percent", "memory_percent", "disk_percent", "net_rx_bytes", "net_tx_bytes")
