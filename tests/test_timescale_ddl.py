@@ -36,6 +36,8 @@ import pytest
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from cli import telemetry as telemetry_cli
+from cli.agents import iso
 from schemas.topics import Kind, TopicTree
 from schemas.validate import PayloadError, parse
 from service.bridge.ingest import Inbound
@@ -591,6 +593,35 @@ def test_grafana_cpu_panel(ts: Timescale) -> None:
         (t0, sum(range(6, 12)) / 6),
         (t0 + timedelta(minutes=2), sum(range(12, 24)) / 12),
         (t0 + timedelta(minutes=4), sum(range(24, 30)) / 6),
+    ]
+
+
+def test_cli_telemetry_show(ts: Timescale) -> None:
+    """`eucora telemetry show ID [--bucket 1m]`: its query, with and without buckets."""
+    with connect(ts.url) as conn:
+        row = conn.execute("SELECT date_trunc('minute', now()) - interval '10 minutes'").fetchone()
+        assert row is not None
+        t0: datetime = row[0]
+        conn.cursor().executemany(
+            TELEMETRY_INSERT,
+            [
+                (t0 + timedelta(seconds=20 * i), "cli-1", float(i), 50.0, 60.0, 10 * i, i)
+                for i in range(6)
+            ],
+        )
+        samples = telemetry_cli.fetch(conn, "cli-1", timedelta(hours=1), None)
+        minutes = telemetry_cli.fetch(conn, "cli-1", timedelta(hours=1), timedelta(minutes=1))
+    assert [s["cpu_percent"] for s in samples] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert minutes == [
+        {
+            "time": iso(t0 + timedelta(minutes=m)),
+            "cpu_percent": 1.0 + 3 * m,
+            "memory_percent": 50.0,
+            "disk_percent": 60.0,
+            "net_rx_bytes": 10 + 30 * m,
+            "net_tx_bytes": 1 + 3 * m,
+        }
+        for m in (0, 1)
     ]
 
 
