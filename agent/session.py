@@ -12,6 +12,7 @@ Persistent session (clean_start=false with a session expiry), client id = userna
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import ssl
@@ -256,7 +257,11 @@ class AgentSession:
     def _finish(self) -> None:
         if not self.stopped:
             self.stopped = True
+            sock = self.client.socket()
             self.loop.detach(self.client)
+            if sock is not None:  # e.g. stopped in the middle of connecting
+                with contextlib.suppress(OSError):
+                    sock.close()
             if self.on_stopped is not None:
                 self.on_stopped()
 

@@ -105,3 +105,15 @@ def test_graceful_stop_publishes_offline_itself(
         ("polite",),
     )[0]
     assert hostname and platform == "linux" and hb
+
+
+def test_agent_refuses_bad_configuration_and_bad_credentials(
+    broker: Broker, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    no_id = agent_factory(broker, "x", "pw", EUCORA_AGENT_ID="")
+    assert no_id.proc is not None and no_id.proc.wait(20) == 2
+    assert "error: no agent id" in no_id.log()
+    provision(broker, "locked-out")
+    wrong = agent_factory(broker, "locked-out", "not-the-password")
+    assert wrong.proc is not None and wrong.proc.wait(20) == 2
+    assert "the broker refused" in wrong.log() and "not-the-password" not in wrong.log()
