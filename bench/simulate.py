@@ -1,12 +1,20 @@
 """Simulator load: CPU and memory of `eucora simulate` holding N agents, end to end.
 
     python -m bench.simulate [--agents 1000 2000 5000] [--seconds 60] [--telemetry-interval 10]
+    python -m bench.simulate --preprovisioned --agents 5000 10000
+
 
 Starts its own stack (broker with the project's config, PostgreSQL, bridge) in a
 temporary folder; for each N runs the simulator as a separate process, waits until
 every agent is connected, lets it settle, then samples the simulator's CPU time and
 RSS over `--seconds` (steady state: telemetry, heartbeats, keepalives), checks that
 the database sees N agents online, and stops the fleet. Prints one JSON line per N.
+
+Provisioning N accounts at run time costs the broker O(N^2) (the dynamic security
+plugin rewrites its whole file per control message), which dominates beyond ~1000
+agents. `--preprovisioned` writes every account into the plugin's file before the
+broker starts and runs the fleet (the same agent.simulator.Fleet) without
+provisioning, to measure what the simulator itself holds.
 """
 
 from __future__ import annotations
@@ -25,7 +33,10 @@ import orjson
 import psutil
 import psycopg
 
-from service.config import ADMIN_URL_ENV
+from agent.simulator import Fleet, FleetOptions
+from schemas.topics import TopicTree
+from service import dynsec
+from service.config import ADMIN_URL_ENV, MqttUrl
 from service.stack.process import free_port, wait_for
 from service.stack.stack import Stack
 
@@ -42,16 +53,70 @@ def online(database_url: str, prefix: str) -> int:
         return int(row[0]) if row else 0
 
 
-def measure(stack: Stack, n: int, seconds: float, interval: float, log: Path) -> dict[str, Any]:
+def preprovision(stack: Stack, counts: list[int]) -> Path:
+    """Write the accounts of every fleet into the plugin's file; returns a JSON file of
+    their passwords (agent_id -> password)."""
+    tree = TopicTree()
+    passwords = {f"pre{n}-{i:05d}": dynsec.new_password() for n in counts for i in range(n)}
+    config = dynsec.initial_config(tree, stack.secrets())
+    for agent_id, password in passwords.items():
+        role = dynsec.agent_role(tree, agent_id)
+        config["roles"].append(role)
+        config["clients"].append({
+            "username": agent_id, "clientid": agent_id, **dynsec.hash_password(password),
+            "roles": [{"rolename": role["rolename"]}],
+        })  # fmt: skip
+    broker_dir = stack.dir / "mosquitto"
+    broker_dir.mkdir(parents=True, exist_ok=True)
+    (broker_dir / "dynamic-security.json").write_bytes(orjson.dumps(config))
+    out = stack.dir / "passwords.json"
+    out.write_bytes(orjson.dumps(passwords))
+    return out
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one pre-provisioned fleet until SIGTERM (a separate process, measured)."""
+    passwords = orjson.loads(Path(args.passwords).read_bytes())
+    options = FleetOptions(
+        agents=args.agents[0], prefix=f"pre{args.agents[0]}",
+        telemetry_interval=args.telemetry_interval, connect_rate=500,
+    )  # fmt: skip
+    fleet = Fleet(options, MqttUrl.parse(os.environ["EUCORA_MQTT_URL"]), passwords,
+                  on_progress=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+    stopping = False
+
+    def stop(_s: int, _f: object) -> None:
+        nonlocal stopping
+        stopping = True
+        fleet.loop.call_soon_threadsafe(fleet.stop)
+
+    signal.signal(signal.SIGTERM, stop)
+    fleet.start()
+    fleet.loop.run(until=lambda: stopping and fleet.all_stopped())
+
+
+def measure(
+    stack: Stack,
+    n: int,
+    seconds: float,
+    interval: float,
+    log: Path,
+    passwords: Path | None = None,
+) -> dict[str, Any]:
     env = os.environ | stack.env()
-    prefix = f"bench{n}"
+    prefix = f"pre{n}" if passwords else f"bench{n}"
     started = time.monotonic()
+    if passwords:
+        command = [sys.executable, "-m", "bench.simulate", "--child", "--agents", str(n),
+                   "--passwords", str(passwords),
+                   "--telemetry-interval", str(interval)]  # fmt: skip
+    else:
+        command = [*SIMULATE, "--agents", str(n), "--prefix", prefix,
+                   "--telemetry-interval", str(interval), "--connect-rate", "500"]  # fmt: skip
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [*SIMULATE, "--agents", str(n), "--prefix", prefix,
-             "--telemetry-interval", str(interval), "--connect-rate", "500"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     ps = psutil.Process(proc.pid)
     database = stack.database_url()
     try:
@@ -76,6 +141,7 @@ def measure(stack: Stack, n: int, seconds: float, interval: float, log: Path) ->
             proc.kill()
     return {
         "agents": n,
+        "provisioned": "before the broker started" if passwords else "by eucora simulate",
         "online_in_db": still,
         "seconds_to_all_online": round(ready, 1),
         "telemetry_interval_s": interval,
@@ -91,10 +157,17 @@ def main() -> None:
     parser.add_argument("--agents", type=int, nargs="+", default=[1000])
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--telemetry-interval", type=float, default=10)
+    parser.add_argument("--preprovisioned", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--passwords", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
     with tempfile.TemporaryDirectory(prefix="eucora-bench-sim-") as tmp:
         os.chmod(tmp, 0o755)  # noqa: S103 (the broker and database accounts must reach it)
         stack = Stack(Path(tmp) / "stack")
+        passwords = preprovision(stack, args.agents) if args.preprovisioned else None
         stack.up(
             mqtt_port=free_port(), mqtts_port=free_port(), db_port=free_port(),
             metrics_port=free_port(), durable=False,
@@ -103,7 +176,7 @@ def main() -> None:
         try:
             for n in args.agents:
                 log = Path(tmp) / f"simulate-{n}.log"
-                result = measure(stack, n, args.seconds, args.telemetry_interval, log)
+                result = measure(stack, n, args.seconds, args.telemetry_interval, log, passwords)
                 print(orjson.dumps(result).decode(), flush=True)
         finally:
             stack.down()
