@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -36,6 +36,56 @@ class MqttConnectError(ConnectionError):
         self.fatal = fatal  # retrying cannot help (bad credentials, not authorised)
 
 
+class BufferedSocket:
+    """Serves paho's many small reads from one large recv().
+
+    paho reads each packet with at least three recv() calls (type byte, length bytes,
+    body) and goes back to select() after every packet. Profiling the bridge showed
+    those syscalls as a large share of its CPU; with this buffer one recv() brings in
+    dozens of messages, and `pending()` (which paho consults, as for TLS sockets)
+    tells its loop to read on without waiting.
+    """
+
+    def __init__(self, sock: Any, size: int = 256 * 1024):
+        self._sock = sock
+        self._size = size
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        if self._pos >= len(self._buf):
+            data: bytes = self._sock.recv(self._size)  # raises BlockingIOError when dry
+            if not data:
+                return b""
+            self._buf, self._pos = data, 0
+        chunk = self._buf[self._pos : self._pos + n]
+        self._pos += len(chunk)
+        return chunk
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return len(self._buf) - self._pos + int(inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class BufferedClient(paho.Client):
+    """paho's client with buffered socket reads (see BufferedSocket)."""
+
+    def _create_socket(self) -> Any:
+        return BufferedSocket(super()._create_socket())
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        # paho reads one packet per select(); drain what is already buffered first.
+        rc = super().loop_read(max_packets)
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and isinstance(self._sock, BufferedSocket):
+            if self._sock.pending() <= 0:
+                break
+            rc = super().loop_read(max_packets)
+        return rc
+
+
 def make_client(
     url: MqttUrl,
     client_id: str,
@@ -43,7 +93,7 @@ def make_client(
     manual_ack: bool = False,
     ca_file: str | None = None,
 ) -> paho.Client:
-    client = paho.Client(
+    client = BufferedClient(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5,

@@ -97,7 +97,12 @@ class Ingest:
         self._inbox: collections.deque[Inbound] = collections.deque()
         self._wake = asyncio.Event()
         self._wake_pending = False
+        # How many waiting messages are worth waking the loop for: 1 while it has no
+        # batch, the rest of a batch while it fills one (it wakes at its deadline
+        # anyway). One wake-up per batch instead of one per message.
+        self._wake_at = 1
         self._slots = threading.BoundedSemaphore(self.limits.max_pending)
+        metrics.PENDING.set_function(lambda: self.limits.max_pending - self._slots._value)
         self._generation = 0
         self._stopping = False
         self._client = mqtt.make_client(
@@ -151,7 +156,7 @@ class Ingest:
         metrics.RECEIVED.inc()
         item = self._validate(msg)
         self._inbox.append(item)
-        if not self._wake_pending and self._loop is not None:
+        if not self._wake_pending and self._loop is not None and len(self._inbox) >= self._wake_at:
             self._wake_pending = True
             self._loop.call_soon_threadsafe(self._wake.set)
 
@@ -181,21 +186,40 @@ class Ingest:
 
     async def run(self) -> None:
         """Batch, store, acknowledge, until stop() is called and the inbox is empty."""
-        while True:
-            batch = await self._gather()
-            if batch:
-                await self._commit(batch)
-            elif self._stopping:
-                return
+        flushing: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                if len(flushing) >= self.store.writers:
+                    done, flushing = await asyncio.wait(
+                        flushing, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in done:
+                        task.result()
+                    continue
+                batch = await self._gather()
+                if batch:
+                    flushing.add(asyncio.create_task(self._commit(batch)))
+                elif self._stopping:
+                    break
+        finally:
+            for outcome in await asyncio.gather(*flushing, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
 
     async def _gather(self) -> list[Inbound]:
-        """Up to max_batch messages, waiting at most max_delay_s after the first."""
+        """Up to max_batch messages.
+
+        Under load, what piled up during the last flush is taken at once: the batch
+        size follows the database's pace. Only an idle bridge lingers, at most
+        max_delay_s after the first message, to give a trickle some company.
+        """
         batch: list[Inbound] = []
         deadline: float | None = None
+        backlog = bool(self._inbox)
         while True:
             while self._inbox and len(batch) < self.limits.max_batch:
                 batch.append(self._inbox.popleft())
-            if len(batch) >= self.limits.max_batch or self._stopping:
+            if len(batch) >= self.limits.max_batch or self._stopping or (batch and backlog):
                 return batch
             if batch:
                 deadline = deadline or batch[0].received + self.limits.max_delay_s
@@ -206,6 +230,7 @@ class Ingest:
                 remaining = 1.0  # wake now and then to notice stop()
             # Re-arm the wake-up before looking again, so an append racing with us
             # either is seen by the check below or schedules a new wake-up.
+            self._wake_at = self.limits.max_batch - len(batch) if batch else 1
             self._wake_pending = False
             self._wake.clear()
             if self._inbox:
@@ -242,7 +267,6 @@ class Ingest:
             if ack and item.qos > 0 and item.generation == generation:
                 self._client.ack(item.mid, item.qos)
             self._slots.release()
-        metrics.PENDING.set(self.limits.max_pending - self._slots._value)
 
     async def stop(self) -> None:
         """Stop taking messages; what is already received is stored and acknowledged."""

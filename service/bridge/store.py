@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -73,70 +74,80 @@ def _is_data_error(exc: BaseException) -> bool:
 
 
 class Store:
-    def __init__(self, database_url: str, pool: AsyncConnectionPool):
+    """Writers of batches. Each writer has its own connection (its staging table lives
+    with it); with two, one batch is copied while the other waits for its commit's
+    fsync, which is most of a small batch's time."""
+
+    def __init__(self, database_url: str, pool: AsyncConnectionPool, writers: int = 2):
         self.url = database_url
         self.pool = pool
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.writers = writers
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
 
     async def open(self) -> None:
-        await self._connection()
+        self._idle.append(await self._connect())
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        while self._idle:
+            await self._idle.pop().close()
 
-    async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        """The writer's own connection: its temporary staging table lives with it."""
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            conn = await psycopg.AsyncConnection.connect(self.url, connect_timeout=5)
-            # No key and no index: COPY into it runs at full speed. Its rows go at
-            # every COMMIT (a cheap in-place truncate), the table stays.
-            await conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS telemetry_stage"
-                " (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
-            await conn.commit()
-            self._conn = conn
-        return self._conn
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await psycopg.AsyncConnection.connect(self.url, connect_timeout=5)
+        # No key and no index: COPY into it runs at full speed. Its rows go at every
+        # COMMIT (a cheap in-place truncate); the table stays.
+        await conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS telemetry_stage"
+            " (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        await conn.commit()
+        return conn
+
+    async def _take(self) -> psycopg.AsyncConnection[Any]:
+        while self._idle:
+            conn = self._idle.pop()
+            if not (conn.closed or conn.broken):
+                return conn
+        return await self._connect()
+
+    def _give(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if not (conn.closed or conn.broken) and len(self._idle) < self.writers:
+            self._idle.append(conn)
 
     async def flush(self, batch: Sequence[Inbound]) -> None:
         """Store the batch in one transaction; raise on a connection problem."""
         started = time.perf_counter()
-        conn = await self._connection()
+        conn = await self._take()
         try:
-            dead = await self._write(conn, batch)
-        except psycopg.Error as exc:
-            await self._recover(conn)
-            if not _is_data_error(exc):
-                raise
-            log.warning(
-                "batch refused by the database; storing message by message",
-                extra={"error": " ".join(str(exc).split())[:300]},
-            )
-            dead = await self._write_each(batch)
+            try:
+                dead = await self._write(conn, batch)
+            except psycopg.Error as exc:
+                await _rollback(conn)
+                if not _is_data_error(exc):
+                    raise
+                log.warning(
+                    "batch refused by the database; storing message by message",
+                    extra={"error": " ".join(str(exc).split())[:300]},
+                )
+                dead = await self._write_each(conn, batch)
+        finally:
+            self._give(conn)
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
-        for item in batch:
-            if item.error is None and item.kind is not None:
-                metrics.STORED.labels(item.kind.value).inc()
-        for reason in dead:
-            metrics.DEAD_LETTERS.labels(reason).inc()
+        stored = Counter(i.kind.value for i in batch if i.error is None and i.kind is not None)
+        for kind, n in stored.items():
+            metrics.STORED.labels(kind).inc(n)
+        for reason, n in Counter(dead).items():
+            metrics.DEAD_LETTERS.labels(reason).inc(n)
 
-    async def _recover(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        try:
-            await conn.rollback()
-        except psycopg.Error:
-            await self.close()
-
-    async def _write_each(self, batch: Sequence[Inbound]) -> list[str]:
+    async def _write_each(
+        self, conn: psycopg.AsyncConnection[Any], batch: Sequence[Inbound]
+    ) -> list[str]:
         reasons: list[str] = []
         for item in batch:
-            conn = await self._connection()
             try:
                 reasons += await self._write(conn, [item])
             except psycopg.Error as exc:
-                await self._recover(conn)
+                await _rollback(conn)
                 if not _is_data_error(exc):
                     raise
                 reasons += await self._write(conn, [], poison=[(item, exc)])
@@ -174,8 +185,6 @@ class Store:
             dead.append(_dead_row(item, "storage", " ".join(str(exc).split())[:500]))
 
         async with conn.transaction():
-            if seen:
-                await _touch_agents(conn, seen)
             if telemetry:
                 await _copy_telemetry(conn, telemetry)
             for item in others:
@@ -189,7 +198,18 @@ class Store:
                     copy.set_types(_DEAD_TYPES)
                     for row in dead:
                         await copy.write_row(row)
+            # Last: the agents' rows stay locked only until the commit right after, so
+            # a concurrent writer touching the same agents waits as little as possible.
+            if seen:
+                await _touch_agents(conn, seen)
         return [row[3] for row in dead]
+
+
+async def _rollback(conn: psycopg.AsyncConnection[Any]) -> None:
+    try:
+        await conn.rollback()
+    except psycopg.Error:
+        await conn.close()
 
 
 async def _touch_agents(conn: psycopg.AsyncConnection[Any], seen: dict[str, list[bool]]) -> None:

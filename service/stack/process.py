@@ -33,6 +33,9 @@ def port_open(host: str, port: int) -> bool:
 def alive(pid: int | None) -> bool:
     if not pid:
         return False
+    for child in _CHILDREN:
+        if child.pid == pid:  # our own child: poll() reaps it and records its exit
+            return child.poll() is None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,0 +1,357 @@
+"""Ingest benchmark: our bridge against a C subscriber and a naive bridge, in one run.
+
+    python -m bench.ingest [--messages 200000] [--rounds 3] [--publishers 4]
+
+Starts its own broker (the project's config) and PostgreSQL cluster, then for each
+round publishes the same telemetry from several publisher processes at QoS 1 and
+measures, from the moment the publishers start until the last message is consumed:
+  (a) `mosquitto_sub -q 1` discarding everything (the broker's delivery ceiling here),
+  (b) a naive bridge: one INSERT per message, autocommit,
+  (c) our bridge, end to end: published until committed in the database,
+and reports medians, the ratios c/a and c/b, lost and duplicate rows, the bridge's
+peak RSS, and a run where each message carries a batch of 50 samples (rows/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+
+from schemas.topics import Kind, TopicTree
+from service import dynsec
+from service.broker_admin import BrokerAdmin
+from service.config import MqttUrl
+from service.db import migrate
+from service.stack.broker import Broker
+from service.stack.database import Cluster
+from service.stack.process import free_port, wait_for
+from tests.publishers import sample
+
+TREE = TopicTree()
+
+
+# --- publishers -------------------------------------------------------------------
+# C publishers (mosquitto_pub -l: one message per stdin line) so that publishing costs
+# the two cores as little as possible and the consumers are what is measured.
+# mosquitto_pub -l at QoS 1 stops after 65,535 lines (FACTS.md): each gets fewer.
+MAX_LINES = 65_000
+
+
+def make_payloads(n: int, batch: int, offset: int) -> list[bytes]:
+    if batch == 1:
+        return [orjson.dumps(sample(offset + i)) for i in range(n)]
+    return [
+        orjson.dumps({"samples": [sample(offset + i * batch + j) for j in range(batch)]})
+        for i in range(n)
+    ]
+
+
+def publish(
+    port: int, creds: dict[str, str], messages: int, batch: int = 1, round_no: int = 0
+) -> tuple[Callable[[], float], Callable[[], None]]:
+    """Prepare publisher inputs; returns (go, join). go() starts them and returns the time."""
+    per = messages // len(creds)
+    assert per <= MAX_LINES, f"use more publishers: {per} messages each is over {MAX_LINES}"
+    files = []
+    for agent in creds:
+        path = Path(tempfile.mkstemp(prefix=f"bench-{agent}-")[1])
+        # Distinct sample times per round, so no round's rows collide with another's.
+        path.write_bytes(b"\n".join(make_payloads(per, batch, round_no * 10_000_000)) + b"\n")
+        files.append((agent, path))
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def go() -> float:
+        t = time.perf_counter()
+        for agent, path in files:
+            with open(path, "rb") as stdin:
+                procs.append(subprocess.Popen(
+                    ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-V", "5",
+                     "-i", agent, "-u", agent, "-P", creds[agent], "-q", "1", "-M", "1000",
+                     "-t", TREE.agent(agent, Kind.TELEMETRY), "-l"],
+                    stdin=stdin, stderr=subprocess.PIPE,
+                ))  # fmt: skip
+        return t
+
+    def join() -> None:
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, f"mosquitto_pub failed: {err.decode()[-300:]}"
+        for _, path in files:
+            path.unlink()
+
+    return go, join
+
+
+# --- consumers --------------------------------------------------------------------
+def run_c_subscriber(broker: Broker, creds: dict[str, str], n: int, round_no: int) -> float:
+    """Messages/s a C subscriber takes at QoS 1 (it only discards)."""
+    pw = broker.passwords[dynsec.BRIDGE_USER]
+    base = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-u", dynsec.BRIDGE_USER,
+            "-P", pw, "-q", "1", "-V", "5", "-x", "600", "-i", f"bench-c-sub-{round_no}",
+            "-t", TREE.wildcard(Kind.TELEMETRY)]  # fmt: skip
+    # -c -E: subscribe in a persistent session, wait for the SUBACK, exit. The session
+    # keeps the subscription, so nothing published from now on is missed: no race.
+    subprocess.run([*base, "-c", "-E"], check=True, timeout=30, stdout=subprocess.DEVNULL)
+    go, join = publish(broker.port, creds, n)
+    sub = subprocess.Popen(
+        [*base, "-c", "-C", str(n)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    t0 = go()
+    sub.wait(600)
+    elapsed = time.perf_counter() - t0
+    join()
+    # A clean start discards the session, or the broker would queue every later
+    # message of the benchmark for it.
+    subprocess.run([*base, "-E"], check=True, timeout=30, stdout=subprocess.DEVNULL)
+    return n / elapsed
+
+
+def naive_bridge_main(url: str, db: str, n: int, ready: Any) -> None:
+    """One INSERT per message, autocommit: what a first bridge looks like."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    mqtt = MqttUrl.parse(url)
+    conn = psycopg.connect(db, autocommit=True)
+    got = 0
+    done = mp.Event()
+
+    def on_message(c: paho.Client, u: object, msg: paho.MQTTMessage) -> None:
+        nonlocal got
+        s = orjson.loads(msg.payload)
+        conn.execute(
+            "INSERT INTO telemetry (time, agent_id, cpu_percent, memory_percent, disk_percent,"
+            " net_rx_bytes, net_tx_bytes) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            (
+                s["ts"],
+                msg.topic.split("/")[3],
+                s["cpu_percent"],
+                s["memory_percent"],
+                s["disk_percent"],
+                s["net_rx_bytes"],
+                s["net_tx_bytes"],
+            ),
+        )
+        got += 1
+        if got >= n:
+            done.set()
+
+    c = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id="naive-bridge", protocol=MQTTProtocolVersion.MQTTv5
+    )
+    c.username_pw_set(mqtt.username, mqtt.password)
+    c.on_message = on_message
+    c.on_subscribe = lambda *a: ready.release()
+    c.connect(mqtt.host, mqtt.port)
+    c.subscribe(TREE.wildcard(Kind.TELEMETRY), qos=1)
+    c.loop_start()
+    done.wait(900)
+    c.loop_stop()
+
+
+def run_naive(broker: Broker, db: str, creds: dict[str, str], n: int) -> float:
+    truncate(db)
+    ctx = mp.get_context("fork")
+    ready = ctx.Semaphore(0)
+    p = ctx.Process(target=naive_bridge_main, args=(broker.url(dynsec.BRIDGE_USER), db, n, ready))
+    p.start()
+    assert ready.acquire(timeout=30), "naive bridge did not subscribe"
+    go, join = publish(broker.port, creds, n)
+    t0 = go()
+    rows = wait_count(db, n, 900)
+    elapsed = time.perf_counter() - t0
+    join()
+    p.join(30)
+    assert rows == n
+    return n / elapsed
+
+
+def truncate(db: str) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("TRUNCATE telemetry, dead_letters")
+
+
+def wait_count(db: str, n: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(db, autocommit=True) as conn:
+        while True:
+            row = conn.execute("SELECT count(*) FROM telemetry").fetchone()
+            got = int(row[0]) if row else 0
+            if got >= n or time.monotonic() > deadline:
+                return got
+            time.sleep(0.02)
+
+
+def run_bridge(
+    broker: Broker, db: str, creds: dict[str, str], n: int, batch: int, round_no: int, workdir: Path
+) -> dict[str, float]:
+    truncate(db)
+    port = free_port()
+    env = os.environ | {
+        "EUCORA_MQTT_URL": broker.url(dynsec.BRIDGE_USER), "EUCORA_DATABASE_URL": db,
+        "EUCORA_METRICS_PORT": str(port), "EUCORA_BRIDGE_CLIENT_ID": "bench-bridge",
+        "EUCORA_LOG_LEVEL": "WARNING",
+    }  # fmt: skip
+    log = open(workdir / f"bridge-{round_no}.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "bridge", "run"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: _ready(port), 30, "bridge ready")
+        go, join = publish(broker.port, creds, n, batch=batch, round_no=round_no)
+        rows_expected = (n // len(creds)) * len(creds) * batch
+        t0 = go()
+        rows = wait_count(db, rows_expected, 900)
+        elapsed = time.perf_counter() - t0
+        join()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        dup = sum(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("eucora_duplicates_total")
+        )
+        rss = _peak_rss_kb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    return {
+        "rate": rows_expected / batch / elapsed,
+        "rows_per_s": rows_expected / elapsed,
+        "lost": rows_expected - rows,
+        "duplicates": dup,
+        "peak_rss_mb": rss / 1024,
+    }
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def _peak_rss_kb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1])
+    return 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--messages", type=int, default=200_000)
+    ap.add_argument(
+        "--naive-messages",
+        type=int,
+        default=20_000,
+        help="the naive bridge is ~100x slower: it gets fewer messages",
+    )
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--publishers", type=int, default=4)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="eucora-bench-") as tmp:
+        root = Path(tmp)
+        os.chmod(root, 0o755)  # noqa: S103 (broker and database accounts walk through it)
+        passwords = {
+            u: dynsec.new_password()
+            for u in (dynsec.ADMIN_USER, dynsec.BRIDGE_USER, dynsec.OPERATOR_USER)
+        }
+        broker = Broker(data_dir=root / "mosquitto", port=free_port(), passwords=passwords)
+        cluster = Cluster(root=root / "pg", port=free_port(), password=dynsec.new_password())
+        broker.start()
+        cluster.start()
+        try:
+            migrate.upgrade(cluster.url)
+            creds = {f"bench-{i}": dynsec.new_password() for i in range(args.publishers)}
+            with BrokerAdmin(MqttUrl.parse(broker.url(dynsec.ADMIN_USER))) as admin:
+                admin.provision_many(creds)
+            pubs = creds
+            n = args.messages
+            a_rates, b_rates, c_runs, batch_runs = [], [], [], []
+            for r in range(args.rounds):
+                a_rates.append(run_c_subscriber(broker, pubs, n, r))
+                b_rates.append(run_naive(broker, cluster.url, pubs, args.naive_messages))
+                c_runs.append(run_bridge(broker, cluster.url, pubs, n, 1, r, root))
+                batch_runs.append(
+                    run_bridge(broker, cluster.url, pubs, max(n // 50, 4), 50, 100 + r, root)
+                )
+                c_rate, b50 = c_runs[-1]["rate"], batch_runs[-1]["rows_per_s"]
+                print(
+                    f"round {r + 1}: a={a_rates[-1]:,.0f} b={b_rates[-1]:,.0f} "
+                    f"c={c_rate:,.0f} msg/s, batch50={b50:,.0f} rows/s",
+                    file=sys.stderr,
+                )
+            report(n, args, a_rates, b_rates, c_runs, batch_runs)
+        finally:
+            broker.stop()
+            cluster.stop()
+
+
+def report(
+    n: int,
+    args: argparse.Namespace,
+    a: list[float],
+    b: list[float],
+    c: list[dict[str, float]],
+    batch: list[dict[str, float]],
+) -> None:
+    med = statistics.median
+    a_m, b_m = med(a), med(b)
+    c_m = med(x["rate"] for x in c)
+    print(
+        f"\nIngest benchmark: {n:,} messages x {args.rounds} rounds, {args.publishers} "
+        f"publisher processes, QoS 1, {os.cpu_count()} cores"
+    )
+    print("| measure | median | runs |")
+    print("|---|---|---|")
+
+    def row(name: str, value: str, runs: str) -> None:
+        print(f"| {name} | {value} | {runs} |")
+
+    def runs(xs: list[float]) -> str:
+        return ", ".join(f"{x:,.0f}" for x in xs)
+
+    rates = [x["rate"] for x in c]
+    batch_rows = [x["rows_per_s"] for x in batch]
+    everything = c + batch
+    row("(a) mosquitto_sub -q 1, discard", f"{a_m:,.0f} msg/s", runs(a))
+    row(
+        f"(b) naive bridge, INSERT per message ({args.naive_messages:,} msgs)",
+        f"{b_m:,.0f} msg/s",
+        runs(b),
+    )
+    row("(c) eucora bridge, published -> committed", f"{c_m:,.0f} msg/s", runs(rates))
+    row("c/a", f"{c_m / a_m:.2f}", "target >= 0.8")
+    row("c/b", f"{c_m / b_m:.1f}", "target >= 20")
+    row("lost rows (all rounds)", f"{sum(x['lost'] for x in everything):.0f}", "must be 0")
+    row(
+        "duplicate rows (all rounds)",
+        f"{sum(x['duplicates'] for x in everything):.0f}",
+        "must be 0",
+    )
+    row("bridge peak RSS", f"{max(x['peak_rss_mb'] for x in everything):.0f} MB", "")
+    row("batches of 50 samples per message", f"{med(batch_rows):,.0f} rows/s", runs(batch_rows))
+
+
+if __name__ == "__main__":
+    main()
