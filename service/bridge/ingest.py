@@ -268,6 +268,17 @@ class Ingest:
                 self._client.ack(item.mid, item.qos)
             self._slots.release()
 
+    @property
+    def connected(self) -> bool:
+        return self.health.mqtt_connected
+
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, properties: Properties | None = None
+    ) -> paho.MQTTMessageInfo:
+        """Publish on the bridge's own connection (thread-safe in paho); the caller
+        awaits the PUBACK through the returned info (e.g. with asyncio.to_thread)."""
+        return self._client.publish(topic, payload, qos=qos, properties=properties)
+
     async def stop(self) -> None:
         """Stop taking messages; what is already received is stored and acknowledged."""
         self._stopping = True
