@@ -265,12 +265,12 @@ def test_telemetry_1m_aggregates_per_agent_and_minute(database: str) -> None:
                 copy.write_row(r)
         got = conn.execute(
             "SELECT bucket, agent_id, avg_cpu_percent, avg_memory_percent, avg_disk_percent,"
-            " max_net_rx_bytes, max_net_tx_bytes, samples"
+            " net_rx_bytes, net_tx_bytes, samples"
             " FROM telemetry_1m WHERE bucket >= %s ORDER BY agent_id, bucket",
             (t0,),
         ).fetchall()
     assert got == [
-        (t0, "a1", 15.0, 30.0, 40.0, 300, 1500, 2),
+        (t0, "a1", 15.0, 30.0, 40.0, 400, 2500, 2),
         (t0 + timedelta(minutes=1), "a1", 50.0, 50.0, 50.0, 400, 1600, 1),
         (t0, "a2", 1.0, 2.0, 3.0, 4, 5, 1),
     ]

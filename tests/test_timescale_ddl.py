@@ -79,7 +79,7 @@ TELEMETRY_INSERT = (
 )
 TELEMETRY_1M = (
     "SELECT bucket, agent_id, avg_cpu_percent, avg_memory_percent, avg_disk_percent,"
-    " max_net_rx_bytes, max_net_tx_bytes, samples"
+    " net_rx_bytes, net_tx_bytes, samples"
     " FROM telemetry_1m WHERE agent_id = ANY(%s) AND bucket >= %s ORDER BY agent_id, bucket"
 )
 
@@ -639,7 +639,7 @@ def test_telemetry_1m_aggregates_per_agent_and_minute(ts: Timescale) -> None:
         ]
         conn.cursor().executemany(TELEMETRY_INSERT, samples)
         expected = [
-            (t0, "agg-1", 15.0, 30.0, 40.0, 300, 1500, 2),
+            (t0, "agg-1", 15.0, 30.0, 40.0, 400, 2500, 2),
             (t0 + timedelta(minutes=1), "agg-1", 50.0, 50.0, 50.0, 400, 1600, 1),
             (t0, "agg-2", 1.0, 2.0, 3.0, 4, 5, 1),
         ]
@@ -647,7 +647,7 @@ def test_telemetry_1m_aggregates_per_agent_and_minute(ts: Timescale) -> None:
         assert conn.execute(TELEMETRY_1M, (agents, t0)).fetchall() == expected
 
         late = (t0 + timedelta(seconds=10), "agg-1", 90.0, 30.0, 40.0, 200, 1200)
-        with_late = [(t0, "agg-1", 40.0, 30.0, 40.0, 300, 1500, 3), *expected[1:]]
+        with_late = [(t0, "agg-1", 40.0, 30.0, 40.0, 600, 3700, 3), *expected[1:]]
         if ts.license != "timescale":  # a plain view: always current
             conn.execute(TELEMETRY_INSERT, late)
             assert conn.execute(TELEMETRY_1M, (agents, t0)).fetchall() == with_late
@@ -701,7 +701,7 @@ def test_telemetry_1m_outlives_the_raw_retention(ts: Timescale) -> None:
         raw = conn.execute("SELECT count(*) FROM telemetry WHERE agent_id = 'old-1'").fetchone()
         minutes = conn.execute(TELEMETRY_1M, (["old-1"], t0)).fetchall()
     assert raw == (0,)
-    assert minutes == [(t0, "old-1", 20.0, 20.0, 30.0, 3, 4, 2)]
+    assert minutes == [(t0, "old-1", 20.0, 20.0, 30.0, 4, 6, 2)]
 
 
 def test_deduplication_into_a_compressed_chunk(ts: Timescale) -> None:

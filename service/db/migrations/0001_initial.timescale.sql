@@ -32,8 +32,8 @@ BEGIN
                    avg(cpu_percent)    AS avg_cpu_percent,
                    avg(memory_percent) AS avg_memory_percent,
                    avg(disk_percent)   AS avg_disk_percent,
-                   max(net_rx_bytes)   AS max_net_rx_bytes,
-                   max(net_tx_bytes)   AS max_net_tx_bytes,
+                   sum(net_rx_bytes)::bigint AS net_rx_bytes,
+                   sum(net_tx_bytes)::bigint AS net_tx_bytes,
                    count(*)            AS samples
             FROM telemetry
             GROUP BY 1, 2
@@ -64,8 +64,8 @@ BEGIN
                avg(cpu_percent)    AS avg_cpu_percent,
                avg(memory_percent) AS avg_memory_percent,
                avg(disk_percent)   AS avg_disk_percent,
-               max(net_rx_bytes)   AS max_net_rx_bytes,
-               max(net_tx_bytes)   AS max_net_tx_bytes,
+               sum(net_rx_bytes)::bigint AS net_rx_bytes,
+               sum(net_tx_bytes)::bigint AS net_tx_bytes,
                count(*)            AS samples
         FROM telemetry
         GROUP BY time_bucket(INTERVAL '1 minute', time), agent_id
