@@ -232,6 +232,9 @@ def run_bridge(
         proc.terminate()
         proc.wait(30)
         log.close()
+        # The stopped bridge's persistent session stays in the shared subscription and
+        # would collect the next phases' messages: discard it with a clean start.
+        forget_session(broker, "bench-bridge")
     return {
         "rate": rows_expected / batch / elapsed,
         "rows_per_s": rows_expected / elapsed,
@@ -239,6 +242,15 @@ def run_bridge(
         "duplicates": dup,
         "peak_rss_mb": rss / 1024,
     }
+
+
+def forget_session(broker: Broker, client_id: str) -> None:
+    subprocess.run(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-u", dynsec.BRIDGE_USER,
+         "-P", broker.passwords[dynsec.BRIDGE_USER], "-V", "5", "-i", client_id,
+         "-t", TREE.wildcard(Kind.TELEMETRY), "-E"],
+        check=True, timeout=30, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def _ready(port: int) -> bool:
