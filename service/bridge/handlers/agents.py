@@ -4,6 +4,10 @@ Both run inside the batch's transaction. Every write starts by locking the agent
 row, so two bridges handling the same retained status (status is not a shared
 subscription: every bridge receives it) serialise on that row: the second one sees
 the first one's committed result and finds nothing left to do.
+
+Deadlock freedom relies on the store locking every agent of a batch first, in sorted
+order (store._touch_agents runs before the handlers): the handlers then only re-lock
+rows their transaction already holds, whatever the order of the batch's messages.
 """
 
 from __future__ import annotations
