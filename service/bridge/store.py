@@ -59,6 +59,17 @@ class PoisonMessage(Exception):
     """A message the database refused for what it contains."""
 
 
+class Rejected(Exception):
+    """Raised by a handler, before it writes anything, for a valid message that cannot
+    be applied (e.g. a report on an unknown task): the message becomes a dead letter
+    with this reason, and the rest of the batch is stored as usual."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
 def _telemetry_row(agent_id: str, s: TelemetrySample) -> tuple[Any, ...]:
     return (
         s.ts, agent_id, s.cpu_percent, s.memory_percent, s.disk_percent,
@@ -185,12 +196,20 @@ class Store:
             dead.append(_dead_row(item, "storage", " ".join(str(exc).split())[:500]))
 
         async with conn.transaction():
+            # First, and in sorted order: every writer (of this bridge or another) locks
+            # a batch's agents the same way before the handlers lock rows message by
+            # message, so two concurrent batches cannot deadlock.
+            if seen:
+                await _touch_agents(conn, seen)
             if telemetry:
                 await _copy_telemetry(conn, telemetry)
             for item in others:
                 handler = HANDLERS.get(item.kind)  # type: ignore[arg-type]
                 if handler is not None:
-                    await handler(conn, item)
+                    try:
+                        await handler(conn, item)
+                    except Rejected as exc:
+                        dead.append(_dead_row(item, exc.reason, exc.detail))
             if dead:
                 async with conn.cursor().copy(
                     f"COPY dead_letters ({_DEAD_COLS}) FROM STDIN (FORMAT BINARY)"
@@ -198,10 +217,6 @@ class Store:
                     copy.set_types(_DEAD_TYPES)
                     for row in dead:
                         await copy.write_row(row)
-            # Last: the agents' rows stay locked only until the commit right after, so
-            # a concurrent writer touching the same agents waits as little as possible.
-            if seen:
-                await _touch_agents(conn, seen)
         return [row[3] for row in dead]
 
 
