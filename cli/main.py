@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from cli import bridge, stack
+from cli import access, agent, agents, bridge, stack, telemetry
 from cli.db import app as db_app
+from cli.simulate import simulate
 from cli.status import status
 
 app = typer.Typer(
@@ -14,10 +15,17 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+agents.app.command("provision")(access.provision)
+agents.app.command("revoke")(access.revoke)
+
 app.add_typer(stack.app, name="stack")
 app.add_typer(bridge.app, name="bridge")
 app.add_typer(db_app, name="db")
 app.command("status")(status)
+app.add_typer(agents.app, name="agents")
+app.add_typer(telemetry.app, name="telemetry")
+app.add_typer(agent.app, name="agent")
+app.command("simulate")(simulate)
 
 
 def main() -> None:
