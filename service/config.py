@@ -102,6 +102,16 @@ class Settings:
     # An agent whose status is online but that sent nothing for this long is marked
     # stale (SPEC "Online status"); the sweep runs several times per period.
     offline_after_s: float = 300.0
+    # Tasks (docs/tasks.md): a task published but not acknowledged (ASSIGNED) by an
+    # online agent is published again after this long; the TIMEOUT/EXPIRED sweep
+    # runs this often.
+    task_redelivery_s: float = 60.0
+    task_sweep_interval_s: float = 5.0
+    # MQTT 5 shared subscription group, for several bridges splitting the load; None =
+    # plain subscriptions. Off by default: Mosquitto 2.0.11 forgets an offline member's
+    # shared subscription over a restart, dropping what agents send until it returns
+    # (docs/ingest.md); a plain subscription keeps queuing.
+    share_group: str | None = None
 
     @classmethod
     def from_env(
@@ -133,6 +143,10 @@ class Settings:
             max_delay = float(pick("ingest_max_delay_s", "EUCORA_INGEST_MAX_DELAY", "0.2") or 0)
             max_pending = int(pick("ingest_max_pending", "EUCORA_INGEST_MAX_PENDING", "20000") or 0)
             offline_after = float(pick("offline_after_s", "EUCORA_OFFLINE_AFTER", "300") or 0)
+            redelivery = float(pick("task_redelivery_s", "EUCORA_TASK_REDELIVERY", "60") or 0)
+            task_sweep = float(
+                pick("task_sweep_interval_s", "EUCORA_TASK_SWEEP_INTERVAL", "5") or 0
+            )
         except ValueError as exc:
             raise ConfigError(f"bad number in configuration: {exc}") from exc
         return cls(
@@ -150,7 +164,18 @@ class Settings:
             ingest_max_delay_s=max_delay,
             ingest_max_pending=_positive("EUCORA_INGEST_MAX_PENDING", max(max_pending, max_batch)),
             offline_after_s=_positive_float("EUCORA_OFFLINE_AFTER", offline_after),
+            task_redelivery_s=_positive_float("EUCORA_TASK_REDELIVERY", redelivery),
+            task_sweep_interval_s=_positive_float("EUCORA_TASK_SWEEP_INTERVAL", task_sweep),
+            share_group=_share_group(pick("share_group", "EUCORA_SHARE_GROUP")),
         )
+
+
+def _share_group(value: str | None) -> str | None:
+    if not value:
+        return None
+    if any(c in value for c in "/+#"):
+        raise ConfigError(f"EUCORA_SHARE_GROUP must be one topic level, got {value!r}")
+    return value
 
 
 def _positive(name: str, value: int) -> int:

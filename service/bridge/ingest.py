@@ -41,9 +41,8 @@ from service.config import Settings
 log = logging.getLogger("eucora.bridge.ingest")
 assert handlers  # importing the package registers the per-kind handlers
 
-SHARE_GROUP = "eucora"
 # Retained online/offline must reach every bridge (a shared subscription gets no retained
-# messages), so status is a plain subscription; its handling is idempotent by epoch.
+# messages), so status is always a plain subscription; its handling is idempotent by epoch.
 _UNSHARED = {Kind.STATUS}
 
 
@@ -70,11 +69,12 @@ class Inbound:
     received: float = field(default_factory=time.monotonic)
 
 
-def subscriptions(tree: TopicTree) -> list[tuple[str, int]]:
+def subscriptions(tree: TopicTree, share_group: str | None) -> list[tuple[str, int]]:
     subs = []
     for kind in AGENT_KINDS:
         topic = tree.wildcard(kind)
-        subs.append((topic if kind in _UNSHARED else f"$share/{SHARE_GROUP}/{topic}", 1))
+        shared = share_group and kind not in _UNSHARED
+        subs.append((f"$share/{share_group}/{topic}" if shared else topic, 1))
     return subs
 
 
@@ -126,7 +126,7 @@ class Ingest:
         # Messages received on an earlier connection will be redelivered by the
         # broker; their packet ids mean nothing on this one, so they are never acked.
         self._generation += 1
-        client.subscribe(subscriptions(self.tree))
+        client.subscribe(subscriptions(self.tree, self.settings.share_group))
         self.health.mqtt_connected = True
         metrics.MQTT_CONNECTED.set(1)
         log.info("connected to broker", extra={"session_present": bool(flags.session_present)})
