@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 
 from cli.common import emit_json, fail
-from service.stack.process import StackError
+from service import dynsec
+from service.config import ADMIN_URL_ENV
+from service.stack.process import StackError, stop_pid
 from service.stack.stack import DEFAULT_DIR, Stack
 
 app = typer.Typer(
@@ -70,7 +72,13 @@ def up(
 def down(dir: DirOption = DEFAULT_DIR) -> None:
     """Stop the bridge, the broker (which saves its store) and the database."""
     try:
-        Stack(dir).down()
+        stack = Stack(dir)
+        # A simulator the demo started in the folder goes first (scripts/demo.sh).
+        pidfile = stack.dir / "simulate.pid"
+        if pidfile.exists():
+            stop_pid(int(pidfile.read_text().split()[0]))
+            pidfile.unlink()
+        stack.down()
     except (StackError, OSError) as exc:
         fail(str(exc))
     typer.echo("stack stopped")
@@ -113,3 +121,5 @@ def env(dir: DirOption = DEFAULT_DIR) -> None:
     typer.echo(f"export EUCORA_MQTT_URL='{stack.mqtt_url()}'")
     typer.echo(f"export EUCORA_DATABASE_URL='{stack.database_url()}'")
     typer.echo(f"export EUCORA_TOPIC_ROOT='{stack.state().get('topic_root', 'eucora/v1')}'")
+    # The broker administrator: `eucora agents provision/revoke` and `eucora simulate`.
+    typer.echo(f"export {ADMIN_URL_ENV}='{stack.mqtt_url(dynsec.ADMIN_USER)}'")

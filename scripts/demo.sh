@@ -1,12 +1,28 @@
 #!/usr/bin/env bash
-# Start the whole product locally (broker, database, migrations, bridge) in ./.stack,
-# then show that it is up. Stop it with: .venv/bin/eucora stack down
+# Start the whole product locally in ./.stack: broker (the project's mosquitto/ config),
+# PostgreSQL, migrations, the bridge, and a few simulated agents; then show the fleet.
+# Stop everything with: .venv/bin/eucora stack down --dir .stack
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
+AGENTS=${DEMO_AGENTS:-5}
 
 eucora stack up --dir .stack
 eval "$(eucora stack env --dir .stack)"
+
+if ! { [ -f .stack/simulate.pid ] && kill -0 "$(cat .stack/simulate.pid)" 2>/dev/null; }; then
+  nohup eucora simulate --agents "$AGENTS" --telemetry-interval 5 --prefix demo \
+    >.stack/simulate.log 2>&1 &
+  echo $! >.stack/simulate.pid
+fi
+echo "waiting for $AGENTS simulated agents to come online..."
+for _ in $(seq 120); do
+  online=$(eucora agents list --online --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+  [ "$online" -ge "$AGENTS" ] && break
+  sleep 0.5
+done
+
 eucora stack status --dir .stack
 eucora status
+eucora agents list
