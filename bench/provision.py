@@ -1,15 +1,20 @@
 """Provisioning benchmark: broker accounts for a fleet, and what they cost the broker.
 
-    python -m bench.provision [--agents 10000] [--chunks 100,250,500] [--no-acl-file]
+    python -m bench.provision [--agents 10000] [--chunks 1,20,200] [--adaptive 0.5]
+                              [--no-offline] [--no-acl-file]
 
-For each chunk size, a fresh broker from the project's config (service.stack.broker)
-gets `--agents` agents through BrokerAdmin.provision_many, `chunk` agents per
-$CONTROL message (the dynamic security plugin rewrites its whole JSON file after
-each message, so the message count matters). Reported per run: the time, the broker's
-RSS (VmRSS/VmHWM from /proc/PID/status) before and after, the plugin file's size,
-then, with the fleet in place: the latency of one more provision and one revoke (what
-`eucora agents provision/revoke` costs), a restart (the plugin loads its file), and a
-sample of agents connecting with their passwords.
+Each run starts a fresh broker from the project's config (service.stack.broker) and
+gives it `--agents` agents through BrokerAdmin.provision_many: with the product's
+adaptive message size (`--adaptive`: each $CONTROL message should keep the broker
+busy about that many seconds) and with any fixed sizes given by `--chunks`. Mosquitto
+2.0.11's plugin rewrites its whole JSON file after every command and the broker
+serves nobody meanwhile, so each run also reports the slowest PUBACK a probe client
+got during provisioning. Reported per run: the time, the broker's RSS (VmRSS/VmHWM
+from /proc/PID/status) before and after, the plugin file's size, then, with the fleet
+in place: the latency of one more provision and one revoke (what `eucora agents
+provision/revoke` cost), a restart (the plugin loads its file), and a sample of agents
+connecting with their passwords. The offline path (Broker.seed_agents: the fleet
+written into the file while the broker is stopped) is measured too.
 
 The alternative, the classic password_file + acl_file with `pattern` lines and
 `use_username_as_clientid`, is measured for comparison: the same fleet written as
@@ -44,8 +49,8 @@ from service import dynsec
 from service.broker_admin import MAX_STALL_S as ADAPTIVE_STALL_S
 from service.broker_admin import BrokerAdmin
 from service.config import MqttUrl
-from service.stack.broker import Broker
-from service.stack.process import free_port, port_open, wait_for
+from service.stack.broker import Broker, find_mosquitto
+from service.stack.process import free_port, port_open, spawn, wait_for
 
 TREE = TopicTree()
 
@@ -171,7 +176,7 @@ def bench_dynsec(n: int, chunk: int, max_stall: float | None, samples: int = 20)
                     admin.provision(agent_id, dynsec.new_password())
 
                 one.append(timed(provision_one))
-                gone.append(timed(lambda agent_id=agent_id: admin.revoke(agent_id)))  # type: ignore[misc]
+                gone.append(timed(lambda a=agent_id: admin.revoke(a)))
         file_bytes = (broker.data_dir / "dynamic-security.json").stat().st_size
         broker.stop()
         restart = timed(broker.start)
@@ -264,9 +269,7 @@ def bench_acl_file(n: int) -> dict[str, Any]:
         if os.geteuid() == 0:
             shutil.chown(d / "passwd", "mosquitto")
             shutil.chown(d / "acl", "mosquitto")
-        from service.stack.process import spawn
-
-        proc = spawn(["mosquitto", "-c", str(broker.config_file)], d / "stdout.log")
+        proc = spawn([find_mosquitto(), "-c", str(broker.config_file)], d / "stdout.log")
         broker.pid_file.write_text(str(proc.pid))
         wait_for(lambda: port_open("127.0.0.1", broker.port), 30, "mosquitto")
         rss = rss_kib(proc.pid)
@@ -291,7 +294,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--agents", type=int, default=10_000)
     ap.add_argument(
-        "--chunks", default="1,20,200", help="fixed numbers of agents per $CONTROL message"
+        "--chunks",
+        default="",
+        help="also runs with these fixed numbers of agents per $CONTROL message, e.g. 1,20,200",
     )
     ap.add_argument(
         "--adaptive",

@@ -44,7 +44,12 @@ CaFileOption = Annotated[
         help="CA certificate of the broker's TLS listener (for mqtts:// URLs)",
     ),
 ]
-TopicRootOption = Annotated[str, typer.Option(envvar="EUCORA_TOPIC_ROOT", show_envvar=True)]
+TopicRootOption = Annotated[
+    str,
+    typer.Option(
+        envvar="EUCORA_TOPIC_ROOT", show_envvar=True, help="the topic root of the agents' ACLs"
+    ),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="print one JSON document")]
 
 
