@@ -25,3 +25,19 @@ FLUSH_SECONDS = Histogram(
 FLUSH_FAILURES = Counter("eucora_batch_failures", "Batches that failed to store and were retried")
 PENDING = Gauge("eucora_unacked_in_flight", "Messages received but not yet acknowledged")
 MQTT_CONNECTED = Gauge("eucora_mqtt_connected", "1 while the bridge is connected to the broker")
+
+# Tasks (docs/tasks.md)
+TASKS_PUBLISHED = Counter(
+    "eucora_tasks_published", "Task messages acknowledged by the broker", ["message"]
+)  # command, cancel
+TASK_REPORTS = Counter(
+    "eucora_task_reports", "Task-status reports from agents, by outcome", ["outcome"]
+)  # accepted, progress, duplicate, out_of_order, after_terminal, illegal, foreign, unknown_task,
+# repeat (the same message again: redelivery, or another bridge's copy)
+TASKS_SWEPT = Counter("eucora_tasks_swept", "Tasks the sweep moved, by new status", ["status"])
+TASKS_OWED_AGAIN = Counter(
+    "eucora_tasks_owed_again", "Tasks queued for republishing to an agent that lost its session"
+)
+OUTBOX_FAILURES = Counter(
+    "eucora_outbox_failures", "Outbox rounds that failed (database or broker) and were retried"
+)

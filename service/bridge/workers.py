@@ -20,6 +20,8 @@ Worker = Callable[[Settings, AsyncConnectionPool, "Ingest"], Coroutine[Any, Any,
 
 def workers() -> list[Worker]:
     """The workers to run; later features append theirs here."""
+    from service.bridge.outbox import outbox_worker
     from service.bridge.sweeper import stale_sweeper
+    from service.bridge.task_sweeps import task_sweeper
 
-    return [stale_sweeper]
+    return [stale_sweeper, outbox_worker, task_sweeper]

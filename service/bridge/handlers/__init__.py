@@ -6,6 +6,6 @@ acknowledged) together with the rest of the batch. Importing this package regist
 them all.
 """
 
-from service.bridge.handlers import agents, inventory
+from service.bridge.handlers import agents, inventory, tasks
 
-__all__ = ["agents", "inventory"]
+__all__ = ["agents", "inventory", "tasks"]
