@@ -1,0 +1,602 @@
+"""`eucora tasks create/list/show/cancel`: commands for agents (docs/tasks.md).
+
+A task is written to the database, never published from here: the bridge's outbox
+publishes it (SPEC "Tasks": a task created while the bridge or the broker is down goes
+out when they are back). The CLI sends NOTIFY eucora_outbox in its transaction so a
+running bridge publishes at once.
+
+Exit codes: 0 done; 1 the request cannot be done (unknown task or agent, no agent
+matches, a terminal task to cancel) or, with --wait, a task ended other than
+COMPLETED; 2 usage or configuration error; 3 --wait-timeout passed first.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sys
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import orjson
+import psycopg
+import typer
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from cli.common import emit_json, fail
+from cli.db import DATABASE_URL_OPTION, require_url
+from schemas.payloads import TaskCommand
+from schemas.states import TERMINAL, Platform, TaskStatus, TaskType
+from schemas.topics import is_agent_id
+from schemas.validate import PayloadError, dump
+from service.db.connect import DatabaseUnavailable, connect
+
+app = typer.Typer(
+    help="Tasks: commands for agents, their lifecycle and history.", no_args_is_help=True
+)
+
+CHANNEL = "eucora_outbox"  # service.bridge.outbox.CHANNEL (not imported: keeps the CLI light)
+DEFAULT_TIMEOUT_S = 3600
+# A task nobody could deliver within a week is stale: the agent will not start it after
+# expires_at, and the server marks it EXPIRED.
+DEFAULT_EXPIRES_IN_S = 7 * 86400
+MAX_TIMEOUT_S = 30 * 86400  # the task schema's bound
+WAIT_POLL_S = 0.5
+
+EXIT_NOT_DONE = 1
+EXIT_WAIT_TIMEOUT = 3
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
+# Lifecycle order, for counts and tables.
+ORDER = list(TaskStatus)
+
+
+def _connect(database_url: str | None) -> psycopg.Connection[Any]:
+    url = require_url(database_url)
+    try:
+        return connect(url)
+    except DatabaseUnavailable as exc:
+        fail(str(exc))
+
+
+def _parse_tag(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        fail(f"--tag {value!r} must be key=value")
+    return key, val
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat() if value is not None else None
+
+
+def _task_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        fail(f"{value!r} is not a task id (a UUID)", EXIT_NOT_DONE)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _check_payload(text: str, type_: TaskType, timeout: int, correlation_id: str) -> dict[str, Any]:
+    """The payload as a JSON object, checked against the task schema (and its size limit)
+    now, so the bridge never holds a task it cannot publish."""
+    try:
+        payload = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        fail(f"--payload is not valid JSON: {exc}")
+    if not isinstance(payload, dict):
+        fail('--payload must be a JSON object, e.g. \'{"command": ["true"]}\'')
+    now = datetime.now(UTC).isoformat()
+    try:
+        dump(
+            TaskCommand.model_validate(
+                {
+                    "task_id": str(uuid.uuid4()),
+                    "type": type_.value,
+                    "payload": payload,
+                    "timeout_seconds": timeout,
+                    "expires_at": now,
+                    "correlation_id": correlation_id,
+                    "created_at": now,
+                    "attempt": 1,
+                },
+                strict=False,
+            )
+        )
+    except (PayloadError, ValueError) as exc:
+        fail(f"the task would not be valid: {' '.join(str(exc).split())[:300]}")
+    return payload
+
+
+_CREATE = """
+WITH target AS (
+    SELECT agent_id FROM agents WHERE {where}
+), made AS (
+    INSERT INTO tasks (agent_id, type, payload, timeout_seconds, expires_at, correlation_id,
+                       created_by)
+    SELECT agent_id, %(type)s, %(payload)s, %(timeout)s,
+           now() + make_interval(secs => %(expires_in)s), %(correlation_id)s, %(created_by)s
+      FROM target
+    RETURNING task_id, agent_id, status, correlation_id, created_by
+), events AS (
+    INSERT INTO task_events (time, task_id, agent_id, status, source, correlation_id, reason,
+                             detail)
+    SELECT clock_timestamp(), task_id, agent_id, status, 'operator', correlation_id, 'created',
+           jsonb_build_object('created_by', created_by)
+      FROM made
+)
+SELECT task_id, agent_id, status FROM made ORDER BY agent_id
+"""
+
+
+def create_tasks(
+    conn: psycopg.Connection[Any],
+    *,
+    type_: TaskType,
+    payload: dict[str, Any],
+    agents: list[str] | None = None,
+    tags: dict[str, str] | None = None,
+    platform: Platform | None = None,
+    timeout: int = DEFAULT_TIMEOUT_S,
+    expires_in: float = DEFAULT_EXPIRES_IN_S,
+    correlation_id: str | None = None,
+    created_by: str | None = None,
+) -> list[dict[str, Any]]:
+    """One task per matching agent, written with its 'created' event and a NOTIFY to the
+    outbox, in the caller's transaction (commit to publish)."""
+    where: list[str] = []
+    if agents:
+        where.append("agent_id = ANY(%(agents)s)")
+    if tags:
+        where.append("tags @> %(tags)s")
+    if platform is not None:
+        where.append("platform = %(platform)s")
+    if not where:
+        raise ValueError("no target")
+    rows = (
+        conn.cursor(row_factory=dict_row)
+        .execute(
+            _CREATE.format(where=" AND ".join(where)),
+            {
+                "agents": agents,
+                "tags": Jsonb(tags or {}),
+                "platform": platform.value if platform is not None else None,
+                "type": type_.value,
+                "payload": Jsonb(payload),
+                "timeout": timeout,
+                "expires_in": expires_in,
+                "correlation_id": correlation_id or str(uuid.uuid4()),
+                "created_by": created_by,
+            },
+        )
+        .fetchall()
+    )
+    if rows:
+        conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+    return [
+        {"task_id": str(r["task_id"]), "agent_id": r["agent_id"], "status": r["status"]}
+        for r in rows
+    ]
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+@app.command()
+def create(
+    type_: Annotated[
+        TaskType, typer.Option("--type", case_sensitive=False, help="what the agent does")
+    ],
+    agent: Annotated[
+        list[str] | None, typer.Option("--agent", help="an agent id (repeatable)")
+    ] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="k=v: agents with this tag (repeatable: all)")
+    ] = None,
+    platform: Annotated[
+        Platform | None, typer.Option(help="agents of this platform (with --tag: both)")
+    ] = None,
+    payload: Annotated[
+        str, typer.Option(help='type-specific JSON object, e.g. \'{"command": ["true"]}\'')
+    ] = "{}",
+    timeout: Annotated[
+        int,
+        typer.Option(
+            min=1, max=MAX_TIMEOUT_S, help="seconds it may run once started, then TIMEOUT"
+        ),
+    ] = DEFAULT_TIMEOUT_S,
+    expires_in: Annotated[
+        float,
+        typer.Option(min=1, help="seconds it may wait for delivery (default 7 days), then EXPIRED"),
+    ] = DEFAULT_EXPIRES_IN_S,
+    correlation_id: Annotated[
+        str | None,
+        typer.Option(help="shared by every task of this command (default: a new UUID)"),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="follow the tasks until they finish")
+    ] = False,
+    wait_timeout: Annotated[
+        float | None, typer.Option(min=0, help="with --wait: give up after this many seconds")
+    ] = None,
+    database_url: str | None = DATABASE_URL_OPTION,
+    json_output: JsonFlag = False,
+) -> None:
+    """Create a task for one agent, or for every agent matching --tag/--platform."""
+    if agent and (tag or platform is not None):
+        fail("--agent cannot be combined with --tag or --platform")
+    if not (agent or tag or platform is not None):
+        fail("choose the agents: --agent ID, --tag k=v or --platform P")
+    for a in agent or []:
+        if not is_agent_id(a):
+            fail(f"--agent {a!r} is not a valid agent id")
+    tags = dict(_parse_tag(t) for t in tag or [])
+    correlation_id = correlation_id or str(uuid.uuid4())
+    if not 1 <= len(correlation_id) <= 128:
+        fail("--correlation-id must be 1 to 128 characters")
+    body = _check_payload(payload, type_, timeout, correlation_id)
+    with _connect(database_url) as conn:
+        made = create_tasks(
+            conn,
+            type_=type_,
+            payload=body,
+            agents=sorted(set(agent)) if agent else None,
+            tags=tags,
+            platform=platform,
+            timeout=timeout,
+            expires_in=expires_in,
+            correlation_id=correlation_id,
+            created_by=_user(),
+        )
+        if agent:
+            missing = sorted(set(agent) - {m["agent_id"] for m in made})
+            if missing:
+                conn.rollback()
+                fail(f"unknown agent(s): {', '.join(missing)}; no task created", EXIT_NOT_DONE)
+        if not made:
+            conn.rollback()
+            fail("no agent matches; no task created", EXIT_NOT_DONE)
+        conn.commit()
+        if wait:
+            _wait(conn, made, wait_timeout, json_output)
+            return
+    if json_output:
+        emit_json(made)
+        return
+    typer.echo(f"created {len(made)} task(s), correlation id {correlation_id}")
+    typer.echo(_table(["TASK", "AGENT", "STATUS"], [list(m.values()) for m in made]))
+
+
+def _summary(counts: Counter[str], total: int) -> str:
+    done = sum(counts[s] for s in TERMINAL)
+    parts = [f"{s.value} {counts[s]}" for s in ORDER if counts[s]]
+    return f"{done}/{total} finished: " + ", ".join(parts)
+
+
+def _wait(
+    conn: psycopg.Connection[Any],
+    made: list[dict[str, Any]],
+    wait_timeout: float | None,
+    json_output: bool,
+) -> None:
+    """Follow until every task is terminal; the progress line goes to stderr so that
+    --json keeps stdout to one document."""
+    ids = [uuid.UUID(m["task_id"]) for m in made]
+    deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
+    tty = sys.stderr.isatty()
+    last = ""
+    cur = conn.cursor(row_factory=dict_row)
+    while True:
+        rows = cur.execute(
+            "SELECT task_id, agent_id, status, progress, error FROM tasks"
+            " WHERE task_id = ANY(%s) ORDER BY agent_id",
+            (ids,),
+        ).fetchall()
+        conn.commit()  # a fresh snapshot each round
+        counts = Counter(r["status"] for r in rows)
+        line = _summary(counts, len(ids))
+        if line != last:
+            sys.stderr.write(("\r\033[K" if tty else "") + line + ("" if tty else "\n"))
+            sys.stderr.flush()
+            last = line
+        finished = all(r["status"] in TERMINAL for r in rows)
+        timed_out = deadline is not None and time.monotonic() >= deadline
+        if finished or timed_out:
+            break
+        time.sleep(WAIT_POLL_S)
+    if tty:
+        sys.stderr.write("\n")
+    result = [
+        {
+            "task_id": str(r["task_id"]),
+            "agent_id": r["agent_id"],
+            "status": r["status"],
+            "progress": r["progress"],
+            "error": r["error"],
+        }
+        for r in rows
+    ]
+    if json_output:
+        emit_json(result)
+    else:
+        typer.echo(
+            _table(
+                ["TASK", "AGENT", "STATUS", "ERROR"],
+                [
+                    [r["task_id"], r["agent_id"], r["status"], (r["error"] or "")[:60]]
+                    for r in result
+                ],
+            )
+        )
+    if not finished:
+        typer.echo(f"error: not finished after {wait_timeout:g} s", err=True)
+        raise typer.Exit(EXIT_WAIT_TIMEOUT)
+    if any(r["status"] != TaskStatus.COMPLETED for r in rows):
+        raise typer.Exit(EXIT_NOT_DONE)
+
+
+@app.command("list")
+def list_tasks(
+    agent: Annotated[str | None, typer.Option(help="only this agent's tasks")] = None,
+    status: Annotated[
+        list[TaskStatus] | None,
+        typer.Option(case_sensitive=False, help="only these states (repeatable)"),
+    ] = None,
+    type_: Annotated[
+        TaskType | None, typer.Option("--type", case_sensitive=False, help="only this type")
+    ] = None,
+    correlation_id: Annotated[
+        str | None, typer.Option(help="only the tasks of one create command")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="newest first, at most this many")] = 100,
+    database_url: str | None = DATABASE_URL_OPTION,
+    json_output: JsonFlag = False,
+) -> None:
+    """List tasks, newest first."""
+    where = ["true"]
+    if agent is not None:
+        where.append("agent_id = %(agent)s")
+    if status:
+        where.append("status = ANY(%(status)s)")
+    if type_ is not None:
+        where.append("type = %(type)s")
+    if correlation_id is not None:
+        where.append("correlation_id = %(correlation_id)s")
+    params = {
+        "agent": agent,
+        "status": [s.value for s in status or []],
+        "type": type_.value if type_ is not None else None,
+        "correlation_id": correlation_id,
+        "limit": limit,
+    }
+    with _connect(database_url) as conn:
+        rows = (
+            conn.cursor(row_factory=dict_row)
+            .execute(
+                "SELECT task_id, agent_id, type, status, progress, attempts, correlation_id,"
+                " created_at, updated_at, finished_at FROM tasks"
+                f" WHERE {' AND '.join(where)} ORDER BY created_at DESC, task_id LIMIT %(limit)s",
+                params,
+            )
+            .fetchall()
+        )
+    docs = [
+        {
+            "task_id": str(r["task_id"]),
+            "agent_id": r["agent_id"],
+            "type": r["type"],
+            "status": r["status"],
+            "progress": r["progress"],
+            "attempts": r["attempts"],
+            "correlation_id": r["correlation_id"],
+            "created_at": _iso(r["created_at"]),
+            "updated_at": _iso(r["updated_at"]),
+            "finished_at": _iso(r["finished_at"]),
+        }
+        for r in rows
+    ]
+    if json_output:
+        emit_json(docs)
+        return
+    if not docs:
+        typer.echo("no tasks match")
+        return
+    typer.echo(
+        _table(
+            ["TASK", "AGENT", "TYPE", "STATUS", "PROGRESS", "ATTEMPTS", "CREATED"],
+            [
+                [
+                    d["task_id"],
+                    d["agent_id"],
+                    d["type"],
+                    d["status"],
+                    "-" if d["progress"] is None else f"{d['progress']}%",
+                    str(d["attempts"]),
+                    (d["created_at"] or "")[:19],
+                ]
+                for d in docs
+            ],
+        )
+    )
+
+
+def task_document(conn: psycopg.Connection[Any], task_id: uuid.UUID) -> dict[str, Any] | None:
+    cur = conn.cursor(row_factory=dict_row)
+    t = cur.execute("SELECT * FROM tasks WHERE task_id = %s", (task_id,)).fetchone()
+    if t is None:
+        return None
+    events = cur.execute(
+        "SELECT time, status, previous_status, source, correlation_id, progress, accepted,"
+        " reason, detail FROM task_events WHERE task_id = %s ORDER BY time, status",
+        (task_id,),
+    ).fetchall()
+    return {
+        "task_id": str(t["task_id"]),
+        "agent_id": t["agent_id"],
+        "type": t["type"],
+        "status": t["status"],
+        "attempts": t["attempts"],
+        "correlation_id": t["correlation_id"],
+        "payload": t["payload"],
+        "progress": t["progress"],
+        "result": t["result"],
+        "error": t["error"],
+        "timeout_seconds": t["timeout_seconds"],
+        "expires_at": _iso(t["expires_at"]),
+        "created_at": _iso(t["created_at"]),
+        "created_by": t["created_by"],
+        "published_at": _iso(t["published_at"]),
+        "assigned_at": _iso(t["assigned_at"]),
+        "started_at": _iso(t["started_at"]),
+        "finished_at": _iso(t["finished_at"]),
+        "cancel_requested": t["cancel_requested"],
+        "owed": t["next_publish_at"] is not None,
+        "deployment_id": str(t["deployment_id"]) if t["deployment_id"] else None,
+        # Every event, including reports that changed nothing (accepted false + reason).
+        "events": [
+            {
+                "ts": _iso(e["time"]),
+                "status": e["status"],
+                "previous_status": e["previous_status"],
+                "source": e["source"],
+                "correlation_id": e["correlation_id"],
+                "progress": e["progress"],
+                "accepted": e["accepted"],
+                "reason": e["reason"],
+                "detail": e["detail"],
+            }
+            for e in events
+        ],
+    }
+
+
+@app.command()
+def show(
+    task_id: Annotated[str, typer.Argument(help="the task's id")],
+    database_url: str | None = DATABASE_URL_OPTION,
+    json_output: JsonFlag = False,
+) -> None:
+    """One task: its state, result and every event (time, status, source, correlation id)."""
+    tid = _task_id(task_id)
+    with _connect(database_url) as conn:
+        doc = task_document(conn, tid)
+    if doc is None:
+        fail(f"no task {task_id}", EXIT_NOT_DONE)
+    if json_output:
+        emit_json(doc)
+        return
+    fields = [
+        "task_id", "agent_id", "type", "status", "progress", "attempts", "correlation_id",
+        "timeout_seconds", "expires_at", "created_at", "created_by", "published_at",
+        "assigned_at", "started_at", "finished_at", "error",
+    ]  # fmt: skip
+    for f in fields:
+        value = doc[f]
+        typer.echo(f"{f + ':':17} {'-' if value is None else value}")
+    typer.echo(f"{'payload:':17} {orjson.dumps(doc['payload']).decode()}")
+    if doc["result"] is not None:
+        typer.echo(f"{'result:':17} {orjson.dumps(doc['result']).decode()[:2000]}")
+    typer.echo("")
+    typer.echo(
+        _table(
+            ["TIME", "STATUS", "FROM", "SOURCE", "ACCEPTED", "REASON"],
+            [
+                [
+                    (e["ts"] or "")[:23],
+                    e["status"],
+                    e["previous_status"] or "-",
+                    e["source"],
+                    "yes" if e["accepted"] else "no",
+                    e["reason"] or "",
+                ]
+                for e in doc["events"]
+            ],
+        )
+    )
+
+
+_CANCEL = """
+UPDATE tasks SET status = 'CANCELLED', finished_at = now(), updated_at = now(),
+       cancel_requested = %(tell)s,
+       next_publish_at = CASE WHEN %(tell)s THEN now() END
+ WHERE task_id = %(id)s
+"""
+
+
+@app.command()
+def cancel(
+    task_id: Annotated[str, typer.Argument(help="the task's id")],
+    force: Annotated[
+        bool, typer.Option("--force", help="also cancel a task the agent already started")
+    ] = False,
+    database_url: str | None = DATABASE_URL_OPTION,
+    json_output: JsonFlag = False,
+) -> None:
+    """Cancel a task: PENDING or ASSIGNED at once, IN_PROGRESS only with --force.
+
+    An agent that may have the task (it was published) is sent {"cancel": task_id}
+    through the outbox: it never starts it, or stops it."""
+    tid = _task_id(task_id)
+    with _connect(database_url) as conn:
+        # The row lock waits for an outbox round that is publishing this task, so
+        # `attempts` below says whether the agent may have it.
+        row = conn.execute(
+            "SELECT agent_id, status, attempts, correlation_id FROM tasks"
+            " WHERE task_id = %s FOR UPDATE",
+            (tid,),
+        ).fetchone()
+        if row is None:
+            fail(f"no task {task_id}", EXIT_NOT_DONE)
+        agent_id, status, attempts, correlation_id = row
+        if status in TERMINAL:
+            fail(f"task {task_id} is already {status}", EXIT_NOT_DONE)
+        if status == TaskStatus.IN_PROGRESS and not force:
+            fail(
+                f"task {task_id} is IN_PROGRESS on {agent_id}: use --force to cancel it "
+                "(the agent is told to stop)",
+                EXIT_NOT_DONE,
+            )
+        tell = attempts > 0
+        conn.execute(_CANCEL, {"id": tid, "tell": tell})
+        conn.execute(
+            "INSERT INTO task_events (time, task_id, agent_id, status, previous_status,"
+            " source, correlation_id, reason, detail)"
+            " VALUES (clock_timestamp(), %s, %s, 'CANCELLED', %s, 'operator', %s, %s, %s)",
+            (
+                tid,
+                agent_id,
+                status,
+                correlation_id,
+                "cancelled with --force" if force else "cancelled",
+                Jsonb({"by": _user(), "agent_told": tell}),
+            ),
+        )
+        if tell:
+            conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+        conn.commit()
+    doc = {
+        "task_id": str(tid),
+        "agent_id": agent_id,
+        "status": TaskStatus.CANCELLED.value,
+        "previous_status": status,
+        "agent_told": tell,
+    }
+    if json_output:
+        emit_json(doc)
+        return
+    told = "; the agent is told to stop" if tell else " (it was never sent to the agent)"
+    typer.echo(f"task {tid} cancelled (was {status}){told}")
