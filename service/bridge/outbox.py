@@ -9,7 +9,8 @@ transaction:
            from expires_at and CorrelationData = correlation_id; off the event loop
   PUBACK   wait for the broker's acknowledgement of each message
   update   attempts + 1, published_at; next_publish_at = now() + redelivery interval
-           while PENDING (not yet acknowledged by the agent), NULL otherwise
+           (doubling with each attempt, up to 8 x) while PENDING (not yet acknowledged
+           by the agent), NULL otherwise
   commit
 
 so a crash before the commit publishes again (a duplicate, which agents ignore by
@@ -88,7 +89,8 @@ UPDATE tasks t SET
     attempts = t.attempts + CASE WHEN u.what = 'command' THEN 1 ELSE 0 END,
     published_at = CASE WHEN u.what = 'command' THEN clock_timestamp() ELSE t.published_at END,
     next_publish_at = CASE WHEN u.what = 'command' AND t.status = 'PENDING'
-                           THEN clock_timestamp() + make_interval(secs => %(redelivery)s) END,
+                           THEN clock_timestamp() + make_interval(
+                               secs => %(redelivery)s * power(2, least(t.attempts, 3))) END,
     updated_at = now()
   FROM unnest(%(ids)s::uuid[], %(what)s::text[]) AS u(id, what)
  WHERE t.task_id = u.id
