@@ -9,8 +9,6 @@ from typing import Annotated
 import typer
 
 from cli.common import emit_json, fail
-from service import dynsec
-from service.config import ADMIN_URL_ENV
 from service.stack.process import StackError, stop_pid
 from service.stack.stack import DEFAULT_DIR, Stack
 
@@ -30,6 +28,9 @@ DirOption = Annotated[
 def up(
     dir: DirOption = DEFAULT_DIR,
     mqtt_port: Annotated[int | None, typer.Option(help="broker port (default 11883)")] = None,
+    mqtts_port: Annotated[
+        int | None, typer.Option(help="broker TLS port (default 18883 beside 11883)")
+    ] = None,
     db_port: Annotated[int | None, typer.Option(help="PostgreSQL port (default 15432)")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="bridge metrics port")] = None,
     database_url: Annotated[
@@ -48,6 +49,7 @@ def up(
     try:
         urls = Stack(dir).up(
             mqtt_port=mqtt_port,
+            mqtts_port=mqtts_port,
             db_port=db_port,
             metrics_port=metrics_port,
             database_url=database_url,
@@ -118,8 +120,5 @@ def env(dir: DirOption = DEFAULT_DIR) -> None:
     stack = Stack(dir)
     if not stack.state_file.exists():
         fail(f"no stack in {stack.dir}: run `eucora stack up --dir {dir}`", code=1)
-    typer.echo(f"export EUCORA_MQTT_URL='{stack.mqtt_url()}'")
-    typer.echo(f"export EUCORA_DATABASE_URL='{stack.database_url()}'")
-    typer.echo(f"export EUCORA_TOPIC_ROOT='{stack.state().get('topic_root', 'eucora/v1')}'")
-    # The broker administrator: `eucora agents provision/revoke` and `eucora simulate`.
-    typer.echo(f"export {ADMIN_URL_ENV}='{stack.mqtt_url(dynsec.ADMIN_USER)}'")
+    for key, value in stack.env().items():
+        typer.echo(f"export {key}='{value}'")

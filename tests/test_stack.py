@@ -45,6 +45,15 @@ def test_stack_up_status_down() -> None:
             status = json.loads(st.stdout)
             assert all(status[p]["running"] for p in ("broker", "database", "bridge"))
 
+            env = eucora("stack", "env", "--dir", d)
+            assert env.returncode == 0, env.stderr
+            exports = dict(
+                line.removeprefix("export ").split("=", 1) for line in env.stdout.splitlines()
+            )
+            assert exports["EUCORA_MQTT_URL"] == f"'{urls['mqtt_url']}'"
+            assert exports["EUCORA_MQTT_ADMIN_URL"].startswith("'mqtt://eucora-admin:")
+            assert exports["EUCORA_AGENT_MQTT_URL"].startswith("'mqtts://")
+
             again = eucora("stack", "up", "--dir", d, "--json")  # idempotent
             assert again.returncode == 0, again.stderr
             assert json.loads(again.stdout)["mqtt_url"] == urls["mqtt_url"]
