@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -40,6 +42,13 @@ def up(
             help="use this database instead of creating a cluster in the folder",
         ),
     ] = None,
+    bind: Annotated[
+        str | None, typer.Option(help="address the broker listens on (default 127.0.0.1)")
+    ] = None,
+    foreground: Annotated[
+        bool,
+        typer.Option("--foreground", help="stay until SIGTERM/Ctrl-C, then stop the stack"),
+    ] = False,
     no_bridge: Annotated[
         bool, typer.Option("--no-bridge", help="start broker and database only")
     ] = False,
@@ -50,6 +59,7 @@ def up(
         urls = Stack(dir).up(
             mqtt_port=mqtt_port,
             mqtts_port=mqtts_port,
+            bind=bind,
             db_port=db_port,
             metrics_port=metrics_port,
             database_url=database_url,
@@ -60,7 +70,29 @@ def up(
         fail(str(exc))
     if json:
         emit_json(urls)
-        return
+    else:
+        _print_urls(urls)
+    if foreground:
+        _wait_then_down(Stack(dir))
+
+
+def _wait_then_down(stack: Stack) -> None:
+    """For containers and service managers: the stack lives as long as this process."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(5):
+        st = stack.status()
+        if not (st["broker"]["running"] and st["bridge"]["running"]):
+            typer.echo("error: a part of the stack stopped; restarting what is down", err=True)
+            try:
+                stack.up(topic_root=stack.state().get("topic_root", "eucora/v1"))
+            except (StackError, OSError) as exc:
+                typer.echo(f"error: {exc}", err=True)
+    stack.down()
+
+
+def _print_urls(urls: dict[str, str]) -> None:
     typer.echo(f"stack is up in {urls['dir']}")
     typer.echo(f"  broker    {urls['mqtt_url']}")
     typer.echo(f"  database  {urls['database_url']}")

@@ -79,3 +79,38 @@ def test_stack_status_without_stack_says_so() -> None:
         st = eucora("stack", "status", "--dir", str(root / "none"))
         assert st.returncode == 1
         assert st.stderr.startswith("error: no stack in")
+
+
+def test_stack_in_the_foreground_stops_on_sigterm() -> None:
+    """What compose.yaml and service managers run: the stack lives as long as the command."""
+    import signal
+
+    with service_dir("stack") as root:
+        d = str(root / "fg")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "stack", "up", "--dir", d, "--foreground", "--json",
+             "--mqtt-port", str(free_port()), "--db-port", str(free_port())],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            urls = json.loads(_json_doc(proc))
+            with psycopg.connect(urls["database_url"]) as conn:
+                conn.execute("SELECT 1")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+            proc.stdout.close()  # type: ignore[union-attr]
+        status = json.loads(eucora("stack", "status", "--dir", d, "--json").stdout)
+        assert not any(status[p]["running"] for p in ("broker", "database", "bridge"))
+
+
+def _json_doc(proc: subprocess.Popen[str]) -> str:
+    """The pretty-printed JSON document the command prints, up to its closing brace."""
+    assert proc.stdout is not None
+    lines = []
+    while True:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("}") or not line:
+            return "".join(lines)

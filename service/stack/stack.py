@@ -83,6 +83,7 @@ class Stack:
             extra=extra or st.get("broker_extra", ""),
             tls_port=st.get("mqtts_port"),
             ca_dir=self.dir / "ca",
+            bind=st.get("mqtt_bind", "127.0.0.1"),
         )
 
     def cluster(self, port: int | None = None, durable: bool | None = None) -> Cluster:
@@ -114,6 +115,7 @@ class Stack:
         *,
         mqtt_port: int | None = None,
         mqtts_port: int | None = None,
+        bind: str | None = None,
         db_port: int | None = None,
         metrics_port: int | None = None,
         database_url: str | None = None,
@@ -132,6 +134,7 @@ class Stack:
         self._save_state(
             dir=str(self.dir),
             mqtt_port=mqtt_port,
+            mqtt_bind=bind or st.get("mqtt_bind", "127.0.0.1"),
             # TLS listener: 18883 beside the default 11883; a stack moved to another
             # plain port (a second stack, a test) gets a free TLS port instead of
             # colliding on 18883. `stack env` tells which.

@@ -1,0 +1,18 @@
+# The EUCORA image: Debian's Mosquitto (with the dynamic security plugin) and the
+# project, as `scripts/setup.sh` installs them on a machine. compose.yaml runs it.
+FROM python:3.11-slim-bookworm
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends mosquitto mosquitto-clients \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY schemas schemas
+COPY service service
+COPY cli cli
+COPY agent agent
+COPY mosquitto mosquitto
+RUN pip install --no-cache-dir -e .
+ENV EUCORA_STACK_DIR=/data
+VOLUME /data
+EXPOSE 11883 18883 9108
+ENTRYPOINT ["eucora"]
