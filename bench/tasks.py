@@ -52,7 +52,7 @@ from service import dynsec
 from service.stack.process import free_port, wait_for
 from service.stack.stack import Stack
 
-TASKS = [sys.executable, "-c", "from cli.tasks import app; app()"]
+TASKS = [sys.executable, "-m", "cli", "tasks"]  # `eucora tasks`, as installed
 TREE = TopicTree()
 
 
