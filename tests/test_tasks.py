@@ -370,7 +370,7 @@ def test_broker_queue_overflow_loses_no_task(
     assert "dropped" in broker.log_file.read_text().lower()
 
 
-def test_task_created_while_the_bridge_is_down_is_delivered_when_it_starts(
+def test_tasks_created_while_the_bridge_is_down_are_delivered_or_expired(
     broker: Broker, database: str, db: Db, bridge_factory: Any, fleet: Any
 ) -> None:
     bridge: BridgeProcess = bridge_factory(broker, database, **FAST)
@@ -379,10 +379,17 @@ def test_task_created_while_the_bridge_is_down_is_delivered_when_it_starts(
     bridge.stop()
     (made,) = create(database, "--agent", agent.agent_id, "--type", "HEALTHCHECK")
     assert made["status"] == "PENDING"
-    assert db.one("SELECT attempts FROM tasks") == 0
+    # And one that expires before any bridge could publish it.
+    (late,) = create(database, "--agent", agent.agent_id, "--type", "COLLECT",
+                     "--expires-in", "1")  # fmt: skip
+    db.wait("SELECT count(*) FROM tasks WHERE expires_at < now()", 1)
+    assert db.one("SELECT sum(attempts) FROM tasks") == 0
     bridge.start()
-    db.wait("SELECT status FROM tasks", "COMPLETED")
+    db.wait("SELECT status FROM tasks WHERE task_id = %s", "COMPLETED", 30, made["task_id"])
+    db.wait("SELECT status FROM tasks WHERE task_id = %s", "EXPIRED", 30, late["task_id"])
     assert agent.runs == {made["task_id"]: 1}
+    assert [tid for tid, _ in agent.deliveries] == [made["task_id"]]
+    assert db.one("SELECT attempts FROM tasks WHERE task_id = %s", late["task_id"]) == 0
 
 
 def test_an_expired_task_never_starts_on_an_agent_that_comes_back_late(
