@@ -34,6 +34,7 @@ ENV: dict[str, str] = {
     "tags": "EUCORA_AGENT_TAGS",
     "inventory": "EUCORA_AGENT_INVENTORY",
     "state_dir": "EUCORA_AGENT_STATE_DIR",
+    "allow_list": "EUCORA_AGENT_ALLOW_LIST",
 }
 CONFIG_ENV = "EUCORA_AGENT_CONFIG"
 
@@ -50,6 +51,9 @@ class AgentConfig:
     buffer_size: int = 10_000
     inventory: tuple[str, ...] | None = None  # None: the platform's default sources
     state_dir: Path | None = None
+    # JSON file of the commands DEPLOY/REMEDIATE/UPDATE tasks may run (agent/tasks.py:
+    # AllowList); none = such tasks are REJECTED.
+    allow_list: Path | None = None
 
 
 def parse_tags(value: str | list[str] | dict[str, str] | None) -> dict[str, str]:
@@ -154,6 +158,9 @@ def load(
             raise ConfigError(f"unknown inventory source(s) {unknown}: use {sorted(SOURCES)}")
         sources = tuple(s for s in sources if s != "none")
     state_dir = pick("state_dir")
+    allow_list = pick("allow_list")
+    if allow_list and not Path(str(allow_list)).is_file():
+        raise ConfigError(f"allow-list file not found: {allow_list}")
     return AgentConfig(
         agent_id=str(agent_id),
         mqtt=mqtt,
@@ -165,4 +172,5 @@ def load(
         buffer_size=int(number("buffer_size", 10_000, minimum=1)),
         inventory=tuple(sources) if sources is not None else None,
         state_dir=Path(state_dir) if state_dir else None,
+        allow_list=Path(str(allow_list)) if allow_list else None,
     )

@@ -57,6 +57,7 @@ class AgentTopics:
     telemetry: str
     inventory: str
     tasks: str
+    task_status: str
 
     @classmethod
     def of(cls, tree: TopicTree, agent_id: str) -> AgentTopics:
@@ -67,6 +68,7 @@ class AgentTopics:
             telemetry=tree.agent(agent_id, Kind.TELEMETRY),
             inventory=tree.agent(agent_id, Kind.INVENTORY),
             tasks=tree.agent(agent_id, Kind.TASKS),
+            task_status=tree.agent(agent_id, Kind.TASK_STATUS),
         )
 
 

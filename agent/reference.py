@@ -20,6 +20,7 @@ from agent.host import RealHost
 from agent.loop import Loop
 from agent.protocol import EpochClock
 from agent.session import AgentSession
+from agent.tasks import AllowList, TaskExecutor
 from schemas.topics import TopicTree
 
 log = logging.getLogger("eucora.agent")
@@ -74,6 +75,12 @@ def run(config: AgentConfig) -> int:
         log.error("giving up: the broker refused this agent", extra={"reason": reason})
         loop.stop()
 
+    executor: TaskExecutor | None = None
+
+    def on_task(payload: bytes | bytearray) -> None:
+        if executor is not None:
+            executor.handle(payload)
+
     session = AgentSession(
         loop,
         agent_id=config.agent_id,
@@ -89,7 +96,22 @@ def run(config: AgentConfig) -> int:
         ca_file=config.ca_file,
         on_fatal=fatal,
         on_stopped=loop.stop,
+        on_task=on_task,
     )
+    try:
+        allow = AllowList.load(config.allow_list) if config.allow_list else AllowList()
+    except (OSError, ValueError) as exc:
+        log.error("cannot read the allow-list", extra={"error": str(exc)})
+        loop.close()
+        return 2
+    executor = TaskExecutor(
+        session.report_task,
+        agent_id=config.agent_id,
+        allow=allow,
+        # Task ids already handled survive a restart: a redelivered task never runs twice.
+        state_file=config.state_dir / "tasks.json" if config.state_dir else None,
+    )
+    executor.recover()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("stopping", extra={"signal": signal.Signals(signum).name})
@@ -107,6 +129,7 @@ def run(config: AgentConfig) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        executor.close()
         loop.close()
     log.info("agent stopped", extra={"agent_id": config.agent_id, "exit_code": exit_code})
     return exit_code

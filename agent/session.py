@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -114,6 +115,7 @@ class AgentSession:
         rng: random.Random | None = None,
         on_fatal: Callable[[str], None] | None = None,
         on_stopped: Callable[[], None] | None = None,
+        on_task: Callable[[bytes | bytearray], None] | None = None,
     ) -> None:
         self.loop = loop
         self.agent_id = agent_id
@@ -128,6 +130,9 @@ class AgentSession:
         self.rng = rng or random.Random()  # noqa: S311 (timing jitter, not security)
         self.on_fatal = on_fatal
         self.on_stopped = on_stopped
+        # Messages on our tasks topic go here (the reference agent's TaskExecutor);
+        # without it the session does not subscribe to tasks at all.
+        self.on_task = on_task
         self.counters = Counters()
 
         self.epoch: int | None = None  # the epoch of the current (or last) session
@@ -353,6 +358,10 @@ class AgentSession:
         # before our online goes out, so the retained message we get is the previous
         # state: an `online` of a foreign epoch there means a clone (see _on_message).
         client.subscribe(self.topics.status, options=SubscribeOptions(qos=1))
+        if self.on_task is not None:
+            # Also on a resumed session: re-subscribing is harmless, and a session the
+            # broker lost (session_present false) would otherwise receive no tasks.
+            client.subscribe(self.topics.tasks, options=SubscribeOptions(qos=1))
         client.publish(
             self.topics.status,
             protocol.status(AgentState.ONLINE, self.epoch, session_present=flags.session_present),
@@ -419,6 +428,9 @@ class AgentSession:
 
     # --- our own status ------------------------------------------------------------------
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic == self.topics.tasks and self.on_task is not None:
+            self.on_task(msg.payload)
+            return
         if msg.topic != self.topics.status:
             return
         try:
@@ -508,6 +520,11 @@ class AgentSession:
         self._inventory_sent = digest
         self.counters.inventories_sent += 1
         log.info("inventory sent", extra={"agent_id": self.agent_id, "packages": len(software)})
+
+    def report_task(self, doc: dict[str, Any]) -> None:
+        """Publish a task-status report; callable from any thread (task workers)."""
+        payload = orjson.dumps(doc)
+        self.loop.call_soon_threadsafe(lambda: self._publish(self.topics.task_status, payload, 1))
 
     def _publish(self, topic: str, payload: bytes, qos: int) -> None:
         info = self.client.publish(topic, payload, qos=qos)

@@ -60,7 +60,15 @@ def run(
         float | None, typer.Option(help="longest wait between reconnect attempts (default 30)")
     ] = None,
     state_dir: Annotated[
-        Path | None, typer.Option(help="folder to keep the last epoch in across restarts")
+        Path | None,
+        typer.Option(help="folder for what survives a restart: last epoch, handled task ids"),
+    ] = None,
+    allow_list: Annotated[
+        Path | None,
+        typer.Option(
+            help='JSON {"commands": [[argv...]]}: what DEPLOY/REMEDIATE/UPDATE tasks may run'
+            " [env: EUCORA_AGENT_ALLOW_LIST]"
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(envvar="EUCORA_LOG_LEVEL")] = "INFO",
 ) -> None:
@@ -83,6 +91,7 @@ def run(
                 "tags": tag or None,
                 "buffer_size": buffer_size,
                 "state_dir": state_dir,
+                "allow_list": allow_list,
                 "reconnect_max": reconnect_max,
             },
             config_file=config,
