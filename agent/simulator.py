@@ -19,6 +19,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import psutil
@@ -26,9 +27,11 @@ import psutil
 from agent.loop import Loop
 from agent.protocol import HostInfo, Metrics
 from agent.session import AgentSession, Timing
-from schemas.payloads import Software
-from schemas.states import Platform
-from schemas.topics import TopicTree
+from agent.tasks import report_document
+from schemas.payloads import Software, TaskCommand
+from schemas.states import Platform, TaskStatus
+from schemas.topics import Kind, TopicTree
+from schemas.validate import PayloadError, parse
 from service import dynsec
 from service.broker_admin import BrokerAdmin
 from service.config import MqttUrl
@@ -187,6 +190,51 @@ class SimulatedHost:
             self.packages[name] = old.model_copy(update={"version": f"{old.version}.1"})
 
 
+class SimulatedTasks:
+    """A simulated agent's side of tasks: acknowledge at once, run for a moment, succeed
+    (or reject what has expired). Deduplicated by task id, as a real agent does."""
+
+    def __init__(self, loop: Loop, agent_id: str, rng: random.Random) -> None:
+        self.loop = loop
+        self.agent_id = agent_id
+        self.rng = rng
+        self.report: Callable[[dict[str, Any]], None] = lambda doc: None
+        self._done: dict[str, dict[str, Any]] = {}  # task id -> last report
+
+    def handle(self, payload: bytes | bytearray) -> None:
+        try:
+            msg = parse(Kind.TASKS, self.agent_id, payload)
+        except PayloadError:
+            return
+        if not isinstance(msg, TaskCommand):
+            return  # a cancel: the simulated work is too short to interrupt
+        task_id, corr = str(msg.task_id), msg.correlation_id
+        if task_id in self._done:
+            self.report(self._done[task_id])  # a redelivery: say again where it stands
+            return
+        if msg.expires_at <= datetime.now(UTC):
+            rejected = report_document(
+                task_id, TaskStatus.REJECTED, error="expired", correlation_id=corr
+            )
+            self._finish(task_id, rejected)
+            return
+        self._finish(task_id, report_document(task_id, TaskStatus.ASSIGNED, correlation_id=corr))
+        self.report(
+            report_document(task_id, TaskStatus.IN_PROGRESS, progress=0, correlation_id=corr)
+        )
+        done = report_document(
+            task_id, TaskStatus.COMPLETED, progress=100,
+            result={"simulated": True, "type": msg.type.value}, correlation_id=corr,
+        )  # fmt: skip
+        self.loop.call_later(0.2 + self.rng.random(), lambda: self._finish(task_id, done))
+
+    def _finish(self, task_id: str, doc: dict[str, Any]) -> None:
+        if len(self._done) > 10_000:  # bounded memory: forget the oldest
+            self._done.pop(next(iter(self._done)))
+        self._done[task_id] = doc
+        self.report(doc)
+
+
 @dataclass
 class FleetOptions:
     agents: int
@@ -276,21 +324,23 @@ class Fleet:
             host = SimulatedHost(i, random.Random(options.seed * 1_000_003 + i))  # noqa: S311
             self.hosts.append(host)
             url = replace(broker, username=agent_id, password=passwords[agent_id])
-            self.sessions.append(
-                AgentSession(
-                    self.loop,
-                    agent_id=agent_id,
-                    url=url,
-                    host=host,
-                    tree=tree,
-                    timing=timing,
-                    tags=host.tags,
-                    agent_version=AGENT_VERSION,
-                    buffer_size=options.buffer_size,
-                    ca_file=options.ca_file,
-                    rng=host.rng,
-                )
+            tasks = SimulatedTasks(self.loop, agent_id, host.rng)
+            session = AgentSession(
+                self.loop,
+                agent_id=agent_id,
+                url=url,
+                host=host,
+                tree=tree,
+                timing=timing,
+                tags=host.tags,
+                agent_version=AGENT_VERSION,
+                buffer_size=options.buffer_size,
+                ca_file=options.ca_file,
+                rng=host.rng,
+                on_task=tasks.handle,
             )
+            tasks.report = session.report_task
+            self.sessions.append(session)
 
     def connected(self) -> int:
         return sum(1 for s in self.sessions if s.connected)

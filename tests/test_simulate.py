@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.agents import app as agents_app
+from cli.tasks import app as tasks_app
 from service import dynsec
 from service.stack.broker import Broker
 from tests.fix_services import BridgeProcess
@@ -94,6 +95,15 @@ def test_simulated_fleet_is_listed_online(
             a["agent_id"] for a in linux
         }
         assert list_online(database, "--tag", "site=nowhere") == []
+        # Simulated agents take tasks: one per linux agent, every one of them completed.
+        created = CliRunner().invoke(tasks_app, [
+            "create", "--platform", "linux", "--type", "HEALTHCHECK", "--wait",
+            "--wait-timeout", "60", "--json", "--database-url", database,
+        ])  # fmt: skip
+        assert created.exit_code == 0, created.output
+        tasks = orjson.loads(created.stdout)
+        assert sorted(t["agent_id"] for t in tasks) == sorted(a["agent_id"] for a in linux)
+        assert {t["status"] for t in tasks} == {"COMPLETED"}
 
     _, listed = run_fleet(broker, database, tmp_path, 100, 60, filters)
     assert len(listed) == 100
