@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -194,14 +195,22 @@ def cancel_payload(row: dict[str, Any]) -> bytes:
     return dump(model)
 
 
-def _publish_all(ingest: Ingest, messages: list[Outgoing], timeout: float) -> list[bool]:
-    """Publish, then wait for every PUBACK (in a worker thread: paho blocks)."""
+def _publish_all(
+    ingest: Ingest, messages: list[Outgoing], timeout: float, abort: threading.Event
+) -> list[bool]:
+    """Publish, then wait for every PUBACK (in a worker thread: paho blocks). Gives up
+    at the deadline, or at once when the bridge stops (`abort`): asyncio.run() waits
+    for this thread before the process can exit."""
     infos = [ingest.publish(m.topic, m.payload, qos=1, properties=m.properties) for m in messages]
     deadline = time.monotonic() + timeout
     acked: list[bool] = []
     for info in infos:
         try:
-            info.wait_for_publish(max(deadline - time.monotonic(), 0.001))
+            while not info.is_published() and not abort.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                info.wait_for_publish(min(left, 0.1))
             acked.append(info.is_published())
         except (RuntimeError, ValueError):
             # Not connected (paho may still send it after a reconnect: a harmless
@@ -216,6 +225,7 @@ class Outbox:
         self.pool = pool
         self.ingest = ingest
         self.wake = asyncio.Event()
+        self.abort = threading.Event()
 
     async def round(self, limit: int = BATCH) -> int:
         """Claim, publish and record up to `limit` due rows; returns how many were claimed."""
@@ -253,7 +263,9 @@ class Outbox:
                     out.append(Outgoing(row["task_id"], "command", topic, payload, props))
             sending = [m for m in out if m.what != "skip"]
             acked = (
-                await asyncio.to_thread(_publish_all, self.ingest, sending, PUBACK_TIMEOUT_S)
+                await asyncio.to_thread(
+                    _publish_all, self.ingest, sending, PUBACK_TIMEOUT_S, self.abort
+                )
                 if sending
                 else []
             )
@@ -308,9 +320,14 @@ class Outbox:
                         )
                 if more:
                     continue
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
+                # cancellation that lands as the event is set (the bridge then never
+                # stopped: seen when the listener's first wake-up met a SIGTERM).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), POLL_S)
+                    async with asyncio.timeout(POLL_S):
+                        await self.wake.wait()
         finally:
+            self.abort.set()
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
 
