@@ -142,6 +142,36 @@ class Outgoing:
     properties: Properties | None = None
 
 
+def stop_requested() -> bool:
+    """Whether this task was cancelled, even if the CancelledError got lost: on Python
+    3.11 asyncio.wait_for swallows a cancellation that lands just as what it waits for
+    completes (psycopg_pool's getconn waits with it; a bridge then never stopped). The
+    request count survives it, so the worker loops check it too."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class OwnConnection:
+    """A worker's own database connection, reconnected when lost. Not from the pool:
+    the outbox and the sweeps run all the time, and waiting in the pool's queue is
+    where a cancellation could get lost (see stop_requested)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def get(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=5, application_name="eucora-bridge"
+            )
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+
 async def owe_again(conn: psycopg.AsyncConnection[Any], agent_id: str) -> int:
     """Owe `agent_id` its open tasks again (it came back without its session): they
     are published on the outbox's next round. Runs in the caller's transaction;
@@ -222,7 +252,7 @@ def _publish_all(
 class Outbox:
     def __init__(self, settings: Settings, pool: AsyncConnectionPool, ingest: Ingest):
         self.settings = settings
-        self.pool = pool
+        self.db = OwnConnection(settings.database_url)
         self.ingest = ingest
         self.wake = asyncio.Event()
         self.abort = threading.Event()
@@ -230,7 +260,8 @@ class Outbox:
     async def round(self, limit: int = BATCH) -> int:
         """Claim, publish and record up to `limit` due rows; returns how many were claimed."""
         tree = self.ingest.tree
-        async with self.pool.connection() as conn, conn.transaction():
+        conn = await self.db.get()
+        async with conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             rows = await (await cur.execute(_CLAIM, {"limit": limit})).fetchall()
             if not rows:
@@ -318,11 +349,12 @@ class Outbox:
                             "outbox round failed; retrying",
                             extra={"error": " ".join(str(exc).split())[:300]},
                         )
+                if stop_requested():
+                    raise asyncio.CancelledError
                 if more:
                     continue
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
-                # cancellation that lands as the event is set (the bridge then never
-                # stopped: seen when the listener's first wake-up met a SIGTERM).
+                # cancellation that lands as the event is set.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL_S):
                         await self.wake.wait()
@@ -330,6 +362,7 @@ class Outbox:
             self.abort.set()
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
+            await self.db.close()
 
 
 async def listen(database_url: str, wake: asyncio.Event) -> None:

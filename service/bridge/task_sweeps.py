@@ -23,7 +23,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from service.bridge import metrics
-from service.bridge.outbox import CHANNEL, DEFAULT_EXPIRY_SQL
+from service.bridge.outbox import CHANNEL, DEFAULT_EXPIRY_SQL, OwnConnection, stop_requested
 from service.config import Settings
 
 if TYPE_CHECKING:
@@ -88,14 +88,21 @@ async def sweep_tasks(conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
 
 
 async def task_sweeper(settings: Settings, pool: AsyncConnectionPool, ingest: Ingest) -> None:
-    while True:
-        try:
-            async with pool.connection() as conn:
-                counts = await sweep_tasks(conn)
-            for status, n in counts.items():
-                if n:
-                    metrics.TASKS_SWEPT.labels(status).inc(n)
-                    log.info("tasks swept", extra={"status": status, "count": n})
-        except (psycopg.Error, OSError) as exc:
-            log.warning("task sweep failed", extra={"error": " ".join(str(exc).split())[:300]})
-        await asyncio.sleep(settings.task_sweep_interval_s)
+    db = OwnConnection(settings.database_url)
+    try:
+        while True:
+            try:
+                conn = await db.get()
+                async with conn.transaction():
+                    counts = await sweep_tasks(conn)
+                for status, n in counts.items():
+                    if n:
+                        metrics.TASKS_SWEPT.labels(status).inc(n)
+                        log.info("tasks swept", extra={"status": status, "count": n})
+            except (psycopg.Error, OSError) as exc:
+                log.warning("task sweep failed", extra={"error": " ".join(str(exc).split())[:300]})
+            if stop_requested():
+                raise asyncio.CancelledError
+            await asyncio.sleep(settings.task_sweep_interval_s)
+    finally:
+        await db.close()
