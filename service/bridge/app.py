@@ -171,7 +171,12 @@ class BridgeApp:
             self.health.stopping = True
             for task in background:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            if background:
+                # Bounded: a worker stuck where a cancellation can be lost (Python 3.11's
+                # wait_for inside a pool wait) must not keep the bridge from stopping.
+                _, stuck = await asyncio.wait(background, timeout=5)
+                for task in stuck:
+                    log.warning("a background worker did not stop", extra={"task": task.get_name()})
             await ingest.stop()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
