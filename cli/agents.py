@@ -17,10 +17,9 @@ import typer
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from cli.common import emit_json, fail
-from cli.db import DATABASE_URL_OPTION, require_url
+from cli.common import emit_json, fail, iso, open_database, parse_tag
+from cli.db import DATABASE_URL_OPTION
 from schemas.states import Platform
-from service.db.connect import DatabaseUnavailable, connect
 
 app = typer.Typer(help="The agents: status, health, hardware, history.", no_args_is_help=True)
 
@@ -44,17 +43,6 @@ _STATE = """
 """
 
 
-def parse_tag(value: str) -> tuple[str, str]:
-    key, sep, val = value.partition("=")
-    if not sep or not key:
-        fail(f"--tag {value!r} must be key=value")
-    return key, val
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat() if value is not None else None
-
-
 def ago(value: datetime | None, now: datetime | None = None) -> str:
     if value is None:
         return "never"
@@ -63,14 +51,6 @@ def ago(value: datetime | None, now: datetime | None = None) -> str:
         if seconds >= size:
             return f"{int(seconds // size)}{unit} ago"
     return f"{int(seconds)}s ago"
-
-
-def _connect(database_url: str | None) -> psycopg.Connection[Any]:
-    url = require_url(database_url)
-    try:
-        return connect(url, autocommit=True)
-    except DatabaseUnavailable as exc:
-        fail(str(exc))
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -111,7 +91,7 @@ def list_agents(
         "platform": platform.value if platform else None,
         "within": healthy_within,
     }
-    with _connect(database_url) as conn:
+    with open_database(database_url, autocommit=True) as conn:
         rows = conn.cursor(row_factory=dict_row).execute(sql, params).fetchall()
     if json_output:
         emit_json([
@@ -308,7 +288,7 @@ def show(
     json_output: JsonFlag = False,
 ) -> None:
     """One agent: hardware, tags, status history, latest telemetry, software."""
-    with _connect(database_url) as conn:
+    with open_database(database_url, autocommit=True) as conn:
         doc = agent_document(conn, agent_id, healthy_within, history)
     if doc is None:
         fail(f"agent {agent_id!r} not found", 1)

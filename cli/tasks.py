@@ -26,13 +26,12 @@ import typer
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from cli.common import emit_json, fail
-from cli.db import DATABASE_URL_OPTION, require_url
+from cli.common import emit_json, fail, iso, open_database, parse_tag
+from cli.db import DATABASE_URL_OPTION
 from schemas.payloads import TaskCommand
 from schemas.states import TERMINAL, Platform, TaskStatus, TaskType
 from schemas.topics import is_agent_id
 from schemas.validate import PayloadError, dump
-from service.db.connect import DatabaseUnavailable, connect
 
 app = typer.Typer(
     help="Tasks: commands for agents, their lifecycle and history.", no_args_is_help=True
@@ -52,25 +51,6 @@ EXIT_WAIT_TIMEOUT = 3
 JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
 # Lifecycle order, for counts and tables.
 ORDER = list(TaskStatus)
-
-
-def _connect(database_url: str | None) -> psycopg.Connection[Any]:
-    url = require_url(database_url)
-    try:
-        return connect(url)
-    except DatabaseUnavailable as exc:
-        fail(str(exc))
-
-
-def _parse_tag(value: str) -> tuple[str, str]:
-    key, sep, val = value.partition("=")
-    if not sep or not key:
-        fail(f"--tag {value!r} must be key=value")
-    return key, val
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat() if value is not None else None
 
 
 def _task_id(value: str) -> uuid.UUID:
@@ -244,12 +224,12 @@ def create(
     for a in agent or []:
         if not is_agent_id(a):
             fail(f"--agent {a!r} is not a valid agent id")
-    tags = dict(_parse_tag(t) for t in tag or [])
+    tags = dict(parse_tag(t) for t in tag or [])
     correlation_id = correlation_id or str(uuid.uuid4())
     if not 1 <= len(correlation_id) <= 128:
         fail("--correlation-id must be 1 to 128 characters")
     body = _check_payload(payload, type_, timeout, correlation_id)
-    with _connect(database_url) as conn:
+    with open_database(database_url) as conn:
         made = create_tasks(
             conn,
             type_=type_,
@@ -383,7 +363,7 @@ def list_tasks(
         "correlation_id": correlation_id,
         "limit": limit,
     }
-    with _connect(database_url) as conn:
+    with open_database(database_url) as conn:
         rows = (
             conn.cursor(row_factory=dict_row)
             .execute(
@@ -403,9 +383,9 @@ def list_tasks(
             "progress": r["progress"],
             "attempts": r["attempts"],
             "correlation_id": r["correlation_id"],
-            "created_at": _iso(r["created_at"]),
-            "updated_at": _iso(r["updated_at"]),
-            "finished_at": _iso(r["finished_at"]),
+            "created_at": iso(r["created_at"]),
+            "updated_at": iso(r["updated_at"]),
+            "finished_at": iso(r["finished_at"]),
         }
         for r in rows
     ]
@@ -456,20 +436,20 @@ def task_document(conn: psycopg.Connection[Any], task_id: uuid.UUID) -> dict[str
         "result": t["result"],
         "error": t["error"],
         "timeout_seconds": t["timeout_seconds"],
-        "expires_at": _iso(t["expires_at"]),
-        "created_at": _iso(t["created_at"]),
+        "expires_at": iso(t["expires_at"]),
+        "created_at": iso(t["created_at"]),
         "created_by": t["created_by"],
-        "published_at": _iso(t["published_at"]),
-        "assigned_at": _iso(t["assigned_at"]),
-        "started_at": _iso(t["started_at"]),
-        "finished_at": _iso(t["finished_at"]),
+        "published_at": iso(t["published_at"]),
+        "assigned_at": iso(t["assigned_at"]),
+        "started_at": iso(t["started_at"]),
+        "finished_at": iso(t["finished_at"]),
         "cancel_requested": t["cancel_requested"],
         "owed": t["next_publish_at"] is not None,
         "deployment_id": str(t["deployment_id"]) if t["deployment_id"] else None,
         # Every event, including reports that changed nothing (accepted false + reason).
         "events": [
             {
-                "ts": _iso(e["time"]),
+                "ts": iso(e["time"]),
                 "status": e["status"],
                 "previous_status": e["previous_status"],
                 "source": e["source"],
@@ -492,7 +472,7 @@ def show(
 ) -> None:
     """One task: its state, result and every event (time, status, source, correlation id)."""
     tid = _task_id(task_id)
-    with _connect(database_url) as conn:
+    with open_database(database_url) as conn:
         doc = task_document(conn, tid)
     if doc is None:
         fail(f"no task {task_id}", EXIT_NOT_DONE)
@@ -551,7 +531,7 @@ def cancel(
     An agent that may have the task (it was published) is sent {"cancel": task_id}
     through the outbox: it never starts it, or stops it."""
     tid = _task_id(task_id)
-    with _connect(database_url) as conn:
+    with open_database(database_url) as conn:
         # The row lock waits for an outbox round that is publishing this task, so
         # `attempts` below says whether the agent may have it.
         row = conn.execute(

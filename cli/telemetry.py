@@ -15,8 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.agents import _connect, iso
-from cli.common import emit_json, fail
+from cli.common import emit_json, fail, iso, open_database
 from cli.db import DATABASE_URL_OPTION
 
 app = typer.Typer(help="Agent metrics over time.", no_args_is_help=True)
@@ -143,7 +142,7 @@ def show(
     """An agent's telemetry: a chart in the terminal, or rows with --json."""
     window = parse_duration(since, "--since")
     width = parse_duration(bucket, "--bucket") if bucket else None
-    with _connect(database_url) as conn:
+    with open_database(database_url, autocommit=True) as conn:
         known = conn.execute("SELECT 1 FROM agents WHERE agent_id = %s", (agent_id,)).fetchone()
         if known is None:
             fail(f"agent {agent_id!r} not found", 1)

@@ -37,7 +37,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from cli import telemetry as telemetry_cli
-from cli.agents import iso
+from cli.common import iso
 from schemas.topics import Kind, TopicTree
 from schemas.validate import PayloadError, parse
 from service.bridge.ingest import Inbound
