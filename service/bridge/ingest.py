@@ -92,7 +92,9 @@ class Ingest:
         self.limits = limits or IngestLimits(
             settings.ingest_max_batch, settings.ingest_max_delay_s, settings.ingest_max_pending
         )
-        self.store = Store(settings.database_url, pool)
+        # Well inside offline_after, so last_seen never lags enough to look stale.
+        touch = min(5.0, settings.offline_after_s / 4)
+        self.store = Store(settings.database_url, pool, touch_interval=touch)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: collections.deque[Inbound] = collections.deque()
         self._wake = asyncio.Event()

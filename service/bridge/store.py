@@ -89,11 +89,22 @@ class Store:
     with it); with two, one batch is copied while the other waits for its commit's
     fsync, which is most of a small batch's time."""
 
-    def __init__(self, database_url: str, pool: AsyncConnectionPool, writers: int = 2):
+    def __init__(
+        self,
+        database_url: str,
+        pool: AsyncConnectionPool,
+        writers: int = 2,
+        touch_interval: float = 5.0,
+    ):
         self.url = database_url
         self.pool = pool
         self.writers = writers
         self._idle: list[psycopg.AsyncConnection[Any]] = []
+        # last_seen/last_*_at of an agent that only sends telemetry and heartbeats is
+        # refreshed at most this often: updating (and so locking) its row in every batch
+        # serialised the two writers and cost a statement per batch for nothing.
+        self.touch_interval = touch_interval
+        self._touched: dict[str, tuple[float, bool, bool]] = {}  # agent -> (when, hb, tel)
 
     async def open(self) -> None:
         self._idle.append(await self._connect())
@@ -194,11 +205,21 @@ class Store:
                 others.append(item)
         for item, exc in poison:
             dead.append(_dead_row(item, "storage", " ".join(str(exc).split())[:500]))
+        # Agents with a message for a handler are always locked here (see below); the
+        # others only when their last refresh is old or said less than this batch.
+        needed = {i.agent_id for i in others}
+        now = time.monotonic()
+        for agent_id, (hb, tel) in list(seen.items()):
+            when, had_hb, had_tel = self._touched.get(agent_id, (-1e18, False, False))
+            fresh = now - when < self.touch_interval and had_hb >= hb and had_tel >= tel
+            if fresh and agent_id not in needed:
+                del seen[agent_id]
 
         async with conn.transaction():
             # First, and in sorted order: every writer (of this bridge or another) locks
-            # a batch's agents the same way before the handlers lock rows message by
-            # message, so two concurrent batches cannot deadlock.
+            # the agents it will touch the same way before the handlers lock rows message
+            # by message, so two concurrent batches cannot deadlock. (Agents left out
+            # above have no row locked in this transaction at all.)
             if seen:
                 await _touch_agents(conn, seen)
             if telemetry:
@@ -217,6 +238,8 @@ class Store:
                     copy.set_types(_DEAD_TYPES)
                     for row in dead:
                         await copy.write_row(row)
+        for agent_id, (hb, tel) in seen.items():
+            self._touched[agent_id] = (now, hb, tel)
         return [row[3] for row in dead]
 
 
