@@ -16,10 +16,12 @@ if ! { [ -f .stack/simulate.pid ] && kill -0 "$(cat .stack/simulate.pid)" 2>/dev
     >.stack/simulate.log 2>&1 &
   echo $! >.stack/simulate.pid
 fi
-echo "waiting for $AGENTS simulated agents to come online..."
+echo "waiting for $AGENTS simulated agents to come online and report..."
 for _ in $(seq 120); do
-  online=$(eucora agents list --online --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
-  [ "$online" -ge "$AGENTS" ] && break
+  # healthy = connected, with a recent heartbeat and telemetry sample
+  healthy=$(eucora agents list --online --json |
+    python3 -c 'import json,sys; print(sum(a["healthy"] for a in json.load(sys.stdin)))')
+  [ "$healthy" -ge "$AGENTS" ] && break
   sleep 0.5
 done
 
