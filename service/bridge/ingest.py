@@ -103,8 +103,12 @@ class Ingest:
         # batch, the rest of a batch while it fills one (it wakes at its deadline
         # anyway). One wake-up per batch instead of one per message.
         self._wake_at = 1
-        self._slots = threading.BoundedSemaphore(self.limits.max_pending)
-        metrics.PENDING.set_function(lambda: self.limits.max_pending - self._slots._value)
+        # Messages admitted (written by paho's thread only) and released (by the event
+        # loop only): single-writer counters, cheaper per message than a semaphore.
+        self._taken = 0
+        self._freed = 0
+        self._room = threading.Event()
+        metrics.PENDING.set_function(lambda: self._taken - self._freed)
         self._generation = 0
         self._stopping = False
         self._client = mqtt.make_client(
@@ -149,12 +153,15 @@ class Ingest:
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         # Blocks paho's thread when max_pending messages are unacknowledged: that is
         # the back-pressure that leaves the rest queued at the broker.
-        while not self._slots.acquire(timeout=1.0):
-            if self._stopping:
+        while self._taken - self._freed >= self.limits.max_pending:
+            self._room.clear()
+            if self._taken - self._freed < self.limits.max_pending:
+                break  # released between the check and the clear
+            if not self._room.wait(1.0) and self._stopping:
                 return
         if self._stopping:  # not acknowledged: the broker redelivers it to a bridge
-            self._slots.release()
             return
+        self._taken += 1
         metrics.RECEIVED.inc()
         item = self._validate(msg)
         self._inbox.append(item)
@@ -265,10 +272,12 @@ class Ingest:
 
     def _release(self, batch: list[Inbound], *, ack: bool) -> None:
         generation = self._generation
-        for item in batch:
-            if ack and item.qos > 0 and item.generation == generation:
-                self._client.ack(item.mid, item.qos)
-            self._slots.release()
+        if ack:
+            for item in batch:
+                if item.qos > 0 and item.generation == generation:
+                    self._client.ack(item.mid, item.qos)
+        self._freed += len(batch)
+        self._room.set()
 
     @property
     def connected(self) -> bool:
