@@ -2,14 +2,14 @@
 
 Flow (see docs/ingest.md):
   paho network thread                      event loop
-  on_message: parse topic, validate   ->   Consumer.run: gather a batch (size or time)
-  (bounded by a semaphore: the bridge         -> Store.flush: one transaction
+  on_message: parse topic, validate   ->   Ingest.run: gather a batch (size or time)
+  (bounded: the bridge                        -> Store.flush: one transaction
    never holds more than `max_pending`        -> after COMMIT: PUBACK every message of it
    unacknowledged messages)
 
 A message is acknowledged only after its rows (or its dead letter) are committed. When
 the database is slow or down, flushes are retried and nothing is acknowledged; the
-semaphore fills, paho's thread waits, and the broker keeps the rest queued.
+bound is reached, paho's thread waits, and the broker keeps the rest queued.
 """
 
 from __future__ import annotations
