@@ -34,7 +34,6 @@ import orjson
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
 
 from cli import telemetry as telemetry_cli
 from cli.common import iso
@@ -441,8 +440,7 @@ def test_the_bridge_stores_a_batch_in_the_hypertables(ts: Timescale) -> None:
     )
 
     async def run() -> None:
-        pool = AsyncConnectionPool(ts.url, open=False)  # never opened: Store writes alone
-        store = Store(ts.url, pool)
+        store = Store(ts.url)
         await store.open()
         try:
             await store.flush([good, bad])

@@ -146,7 +146,7 @@ class BridgeApp:
         self.health.database_ok = True
         from service.bridge.ingest import Ingest  # heavy imports only once config is good
 
-        ingest = Ingest(self.settings, pool, self.health)
+        ingest = Ingest(self.settings, self.health)
         try:
             await retry(
                 f"cannot connect to broker {self.settings.mqtt}",

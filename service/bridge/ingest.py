@@ -18,8 +18,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +26,6 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from psycopg_pool import AsyncConnectionPool
 
 from schemas.topics import AGENT_KINDS, Kind, TopicError, TopicTree
 from schemas.validate import PayloadError, parse
@@ -82,7 +79,6 @@ class Ingest:
     def __init__(
         self,
         settings: Settings,
-        pool: AsyncConnectionPool,
         health: Health,
         limits: IngestLimits | None = None,
     ):
@@ -94,7 +90,7 @@ class Ingest:
         )
         # Well inside offline_after, so last_seen never lags enough to look stale.
         touch = min(5.0, settings.offline_after_s / 4)
-        self.store = Store(settings.database_url, pool, touch_interval=touch)
+        self.store = Store(settings.database_url, touch_interval=touch)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: collections.deque[Inbound] = collections.deque()
         self._wake = asyncio.Event()
@@ -300,8 +296,3 @@ class Ingest:
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
         await self.store.close()
-
-
-def default_client_id() -> str:
-    """Stable per host, so a restarted bridge gets its persistent session back."""
-    return f"eucora-bridge-{socket.gethostname()}-{os.getuid()}"

@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
 from schemas.payloads import TelemetrySample
 from schemas.topics import Kind
@@ -53,10 +52,6 @@ def handles(kind: Kind) -> Callable[[Handler], Handler]:
         return fn
 
     return register
-
-
-class PoisonMessage(Exception):
-    """A message the database refused for what it contains."""
 
 
 class Rejected(Exception):
@@ -92,12 +87,10 @@ class Store:
     def __init__(
         self,
         database_url: str,
-        pool: AsyncConnectionPool,
         writers: int = 2,
         touch_interval: float = 5.0,
     ):
         self.url = database_url
-        self.pool = pool
         self.writers = writers
         self._idle: list[psycopg.AsyncConnection[Any]] = []
         # last_seen/last_*_at of an agent that only sends telemetry and heartbeats is
