@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,36 +46,30 @@ def broker_passwords() -> dict[str, str]:
 
 
 @pytest.fixture
-def broker_factory() -> Iterator[type[Broker] | object]:
-    made: list[Broker] = []
+def broker_factory() -> Iterator[Callable[..., Broker]]:
+    """make(extra=..., tls=...) -> a started broker; killed and its folder removed after."""
+    with contextlib.ExitStack() as cleanup:
 
-    def make(extra: str = "", tls: bool = False) -> Broker:
-        ctx = service_dir("mqtt")
-        root = ctx.__enter__()
-        dirs.append(ctx)
-        b = Broker(
-            data_dir=root / "mosquitto",
-            port=free_port(),
-            passwords=broker_passwords(),
-            extra=extra,
-            # A CA and server certificate made for this broker (in root/ca): ~2 ms.
-            tls_port=free_port() if tls else None,
-        )
-        b.start()
-        made.append(b)
-        return b
+        def make(extra: str = "", tls: bool = False) -> Broker:
+            root = cleanup.enter_context(service_dir("mqtt"))
+            b = Broker(
+                data_dir=root / "mosquitto",
+                port=free_port(),
+                passwords=broker_passwords(),
+                extra=extra,
+                # A CA and server certificate made for this broker (in root/ca): ~2 ms.
+                tls_port=free_port() if tls else None,
+            )
+            cleanup.callback(b.kill)  # runs before the folder goes (last in, first out)
+            b.start()
+            return b
 
-    dirs: list[contextlib.AbstractContextManager[Path]] = []
-    yield make
-    for b in made:
-        b.kill()
-    for ctx in dirs:
-        ctx.__exit__(None, None, None)
+        yield make
 
 
 @pytest.fixture
-def broker(broker_factory) -> Broker:  # type: ignore[no-untyped-def]
-    return broker_factory()  # type: ignore[no-any-return]
+def broker(broker_factory: Callable[..., Broker]) -> Broker:
+    return broker_factory()
 
 
 @dataclass
