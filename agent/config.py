@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.session import Timing
+from schemas.config import DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl, check_topic_root
 from schemas.topics import is_agent_id
-from service.config import DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl, check_topic_root
 
 # setting -> environment variable
 ENV: dict[str, str] = {

@@ -34,11 +34,11 @@ from agent import protocol
 from agent.buffer import TelemetryBuffer
 from agent.loop import Loop, Timer
 from agent.protocol import AgentTopics, EpochClock, HostInfo, Metrics, OwnStatusAction
+from schemas.config import MqttUrl
 from schemas.payloads import Software, Status
 from schemas.states import AgentState
 from schemas.topics import Kind, TopicTree
 from schemas.validate import PayloadError, parse
-from service.config import MqttUrl
 
 log = logging.getLogger("eucora.agent")
 

@@ -28,13 +28,13 @@ from agent.loop import Loop
 from agent.protocol import HostInfo, Metrics
 from agent.session import AgentSession, Timing
 from agent.tasks import report_document
+from schemas.config import MqttUrl
 from schemas.payloads import Software, TaskCommand
 from schemas.states import Platform, TaskStatus
 from schemas.topics import Kind, TopicTree
 from schemas.validate import PayloadError, parse
 from service import dynsec
 from service.broker_admin import BrokerAdmin
-from service.config import MqttUrl
 
 log = logging.getLogger("eucora.simulate")
 

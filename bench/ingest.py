@@ -30,10 +30,10 @@ from typing import Any
 import orjson
 import psycopg
 
+from schemas.config import MqttUrl
 from schemas.topics import Kind, TopicTree
 from service import dynsec
 from service.broker_admin import BrokerAdmin
-from service.config import MqttUrl
 from service.db import migrate
 from service.stack.broker import Broker
 from service.stack.database import Cluster

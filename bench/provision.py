@@ -44,11 +44,11 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from schemas.config import MqttUrl
 from schemas.topics import Kind, TopicTree
 from service import dynsec
 from service.broker_admin import MAX_STALL_S as ADAPTIVE_STALL_S
 from service.broker_admin import BrokerAdmin
-from service.config import MqttUrl
 from service.stack.broker import Broker, find_mosquitto
 from service.stack.process import free_port, port_open, spawn, wait_for
 

@@ -34,9 +34,10 @@ import psutil
 import psycopg
 
 from agent.simulator import Fleet, FleetOptions
+from schemas.config import MqttUrl
 from schemas.topics import TopicTree
 from service import dynsec
-from service.config import ADMIN_URL_ENV, MqttUrl
+from service.config import ADMIN_URL_ENV
 from service.stack.process import free_port, wait_for
 from service.stack.stack import Stack
 

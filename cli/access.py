@@ -17,16 +17,11 @@ import orjson
 import typer
 
 from cli.common import emit_json, fail
+from schemas.config import DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl, check_topic_root
 from schemas.topics import TopicTree, is_agent_id
 from service import dynsec
 from service.broker_admin import BrokerAdmin
-from service.config import (
-    ADMIN_URL_ENV,
-    DEFAULT_TOPIC_ROOT,
-    ConfigError,
-    MqttUrl,
-    check_topic_root,
-)
+from service.config import ADMIN_URL_ENV
 
 AdminUrlOption = Annotated[
     str | None,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cli.common import fail
-from service.config import ConfigError
+from schemas.config import ConfigError
 
 app = typer.Typer(help="The reference agent (real metrics of this host).", no_args_is_help=True)
 

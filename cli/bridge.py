@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from cli.common import fail
-from service.config import ConfigError, Settings
+from schemas.config import ConfigError
+from service.config import Settings
 
 app = typer.Typer(help="The bridge between the broker and the database.", no_args_is_help=True)
 

@@ -13,7 +13,8 @@ from enum import StrEnum
 import orjson
 import typer
 
-from service.config import ConfigError, check_database_url, redact_url
+from schemas.config import ConfigError, redact_url
+from service.config import check_database_url
 from service.db import migrate
 from service.db.connect import DatabaseUnavailable, connect
 from service.logs import scrub

@@ -13,8 +13,9 @@ from typing import Annotated
 import typer
 
 from cli.common import emit_json, fail
+from schemas.config import DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl
 from schemas.topics import is_agent_id
-from service.config import ADMIN_URL_ENV, DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl
+from service.config import ADMIN_URL_ENV
 
 
 def admin_url_from_env(env: Mapping[str, str] | None = None) -> str | None:

@@ -22,7 +22,8 @@ import psycopg
 import typer
 
 from cli.db import DATABASE_URL_OPTION
-from service.config import ConfigError, check_database_url, redact_url
+from schemas.config import ConfigError, redact_url
+from service.config import check_database_url
 from service.db import migrate
 from service.db.connect import DatabaseUnavailable, connect
 

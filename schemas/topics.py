@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+DEFAULT_TOPIC_ROOT = "eucora/v1"
 AGENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _AGENT_ID_RE = re.compile(AGENT_ID_PATTERN)
 
@@ -47,7 +48,7 @@ class AgentTopic:
 
 @dataclass(frozen=True)
 class TopicTree:
-    root: str = "eucora/v1"
+    root: str = DEFAULT_TOPIC_ROOT
 
     def agent(self, agent_id: str, kind: Kind) -> str:
         if not is_agent_id(agent_id):

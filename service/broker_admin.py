@@ -19,9 +19,9 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from schemas.config import MqttUrl
 from schemas.topics import TopicTree
 from service import dynsec
-from service.config import MqttUrl
 
 REQUEST_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = "$CONTROL/dynamic-security/v1/response"

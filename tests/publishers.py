@@ -11,10 +11,10 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from schemas.config import MqttUrl
 from schemas.topics import Kind, TopicTree
 from service import dynsec
 from service.broker_admin import BrokerAdmin
-from service.config import MqttUrl
 from service.stack.broker import Broker
 
 BASE = datetime(2026, 1, 1, tzinfo=UTC)

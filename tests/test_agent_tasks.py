@@ -15,9 +15,9 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from schemas.config import MqttUrl
 from schemas.topics import Kind, TopicTree
 from service import dynsec
-from service.config import MqttUrl
 from service.stack.broker import Broker
 from tests.fix_services import BridgeProcess
 from tests.test_agents_support import AgentProcess, agent_factory, provision, query, wait

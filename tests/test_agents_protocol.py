@@ -12,11 +12,11 @@ from agent import protocol
 from agent.buffer import TelemetryBuffer
 from agent.config import load, parse_tags
 from agent.protocol import EpochClock, Metrics, OwnStatusAction, on_own_status
+from schemas.config import ConfigError
 from schemas.payloads import MAX_BATCH, TelemetryBatch
 from schemas.states import AgentState
 from schemas.topics import Kind
 from schemas.validate import parse
-from service.config import ConfigError
 
 
 def test_epochs_strictly_increase_even_when_the_clock_goes_back() -> None:

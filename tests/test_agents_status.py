@@ -16,12 +16,12 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from agent import protocol
 from agent.protocol import EpochClock
 from agent.session import AgentSession
+from schemas.config import MqttUrl
 from schemas.states import AgentState
 from schemas.topics import Kind, TopicTree
 from service import dynsec
 from service.bridge.handlers.agents import WILL_REASON
 from service.broker_admin import BrokerAdmin
-from service.config import MqttUrl
 from service.stack.broker import Broker
 from tests.fix_services import BridgeProcess
 from tests.test_agents_support import (

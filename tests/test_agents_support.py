@@ -21,11 +21,11 @@ import pytest
 from agent.loop import Loop, run_in_thread
 from agent.protocol import EpochClock, HostInfo, Metrics
 from agent.session import AgentSession, Timing
+from schemas.config import MqttUrl
 from schemas.payloads import Software
 from schemas.states import Platform
 from service import dynsec
 from service.broker_admin import BrokerAdmin
-from service.config import MqttUrl
 from service.stack.broker import Broker
 
 T = TypeVar("T")

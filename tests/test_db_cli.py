@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cli.db import app as db_app
 from cli.status import app as status_app
-from service.config import redact_url
+from schemas.config import redact_url
 from service.db import migrate
 
 LATEST = migrate.latest_version()

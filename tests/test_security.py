@@ -30,10 +30,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from typer.testing import CliRunner, Result
 
 from cli import access
+from schemas.config import MqttUrl
 from schemas.topics import AGENT_KINDS, Kind, TopicTree
 from service import dynsec
 from service.broker_admin import BrokerAdmin
-from service.config import MqttUrl
 from service.stack.broker import Broker
 from service.stack.process import StackError, free_port, wait_for
 from service.stack.stack import Stack

@@ -19,9 +19,10 @@ from typing import TypeVar
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from schemas.config import ConfigError, redact_url
 from service.bridge import health as health_http
 from service.bridge import workers
-from service.config import ConfigError, Settings, redact_url
+from service.config import Settings
 from service.db import migrate
 from service.mqtt import MqttConnectError
 

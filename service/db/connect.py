@@ -13,7 +13,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from service.config import redact_url
+from schemas.config import redact_url
 from service.logs import scrub
 
 # How long a CLI command waits for a server that does not answer (libpq connect_timeout).

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from schemas.config import DEFAULT_TOPIC_ROOT
 from schemas.topics import TopicTree
 from service import dynsec
-from service.config import ADMIN_URL_ENV, DEFAULT_TOPIC_ROOT
+from service.config import ADMIN_URL_ENV
 from service.stack.broker import Broker
 from service.stack.database import Cluster
 from service.stack.process import StackError, alive, free_port, spawn, stop_pid, wait_for
