@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import orjson
 import typer
@@ -13,6 +14,8 @@ from service.logs import scrub
 
 if TYPE_CHECKING:
     import psycopg
+
+T = TypeVar("T")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -48,3 +51,29 @@ def open_database(database_url: str | None, *, autocommit: bool = False) -> psyc
         return connect(url, autocommit=autocommit)
     except DatabaseUnavailable as exc:
         fail(str(exc))
+
+
+def in_transaction(
+    database_url: str | None, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]
+) -> T:
+    """Run a domain's async `work` in one transaction (committed when it returns),
+    from a synchronous command. The domains (service/domains/) are async because the
+    bridge is; the CLI shares their code rather than spelling the SQL again."""
+    import asyncio
+
+    import psycopg
+
+    from cli.db import require_url
+    from service.db.connect import describe_connection_error
+
+    url = require_url(database_url)
+
+    async def run() -> T:
+        try:
+            conn = await psycopg.AsyncConnection.connect(url, connect_timeout=5)
+        except psycopg.OperationalError as exc:
+            fail(describe_connection_error(url, exc))
+        async with conn, conn.transaction():
+            return await work(conn)
+
+    return asyncio.run(run())

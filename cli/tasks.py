@@ -1,9 +1,9 @@
 """`eucora tasks create/list/show/cancel`: commands for agents (docs/tasks.md).
 
 A task is written to the database, never published from here: the bridge's outbox
-publishes it (SPEC "Tasks": a task created while the bridge or the broker is down goes
-out when they are back). The CLI sends NOTIFY eucora_outbox in its transaction so a
-running bridge publishes at once.
+publishes it (a task created while the bridge or the broker is down goes out when
+they are back). Creating and cancelling are the task domain's
+(service/domains/tasks.py), which also wakes a running bridge's outbox.
 
 Exit codes: 0 done; 1 the request cannot be done (unknown task or agent, no agent
 matches, a terminal task to cancel) or, with --wait, a task ended other than
@@ -24,25 +24,20 @@ import orjson
 import psycopg
 import typer
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
-from cli.common import emit_json, fail, iso, open_database, parse_tag
+from cli.common import emit_json, fail, in_transaction, iso, open_database, parse_tag
 from cli.db import DATABASE_URL_OPTION
+from schemas.constants import TASK_DEFAULT_EXPIRES_IN_S, TASK_DEFAULT_TIMEOUT_S, TASK_MAX_TIMEOUT_S
 from schemas.payloads import TaskCommand
 from schemas.states import TERMINAL, Platform, TaskStatus, TaskType
 from schemas.topics import is_agent_id
 from schemas.validate import PayloadError, dump
+from service.domains import tasks
 
 app = typer.Typer(
     help="Tasks: commands for agents, their lifecycle and history.", no_args_is_help=True
 )
 
-CHANNEL = "eucora_outbox"  # service.bridge.outbox.CHANNEL (not imported: keeps the CLI light)
-DEFAULT_TIMEOUT_S = 3600
-# A task nobody could deliver within a week is stale: the agent will not start it after
-# expires_at, and the server marks it EXPIRED.
-DEFAULT_EXPIRES_IN_S = 7 * 86400
-MAX_TIMEOUT_S = 30 * 86400  # the task schema's bound
 WAIT_POLL_S = 0.5
 
 EXIT_NOT_DONE = 1
@@ -98,77 +93,6 @@ def _check_payload(text: str, type_: TaskType, timeout: int, correlation_id: str
     return payload
 
 
-_CREATE = """
-WITH target AS (
-    SELECT agent_id FROM agents WHERE {where}
-), made AS (
-    INSERT INTO tasks (agent_id, type, payload, timeout_seconds, expires_at, correlation_id,
-                       created_by)
-    SELECT agent_id, %(type)s, %(payload)s, %(timeout)s,
-           now() + make_interval(secs => %(expires_in)s), %(correlation_id)s, %(created_by)s
-      FROM target
-    RETURNING task_id, agent_id, status, correlation_id, created_by
-), events AS (
-    INSERT INTO task_events (time, task_id, agent_id, status, source, correlation_id, reason,
-                             detail)
-    SELECT clock_timestamp(), task_id, agent_id, status, 'operator', correlation_id, 'created',
-           jsonb_build_object('created_by', created_by)
-      FROM made
-)
-SELECT task_id, agent_id, status FROM made ORDER BY agent_id
-"""
-
-
-def create_tasks(
-    conn: psycopg.Connection[Any],
-    *,
-    type_: TaskType,
-    payload: dict[str, Any],
-    agents: list[str] | None = None,
-    tags: dict[str, str] | None = None,
-    platform: Platform | None = None,
-    timeout: int = DEFAULT_TIMEOUT_S,
-    expires_in: float = DEFAULT_EXPIRES_IN_S,
-    correlation_id: str | None = None,
-    created_by: str | None = None,
-) -> list[dict[str, Any]]:
-    """One task per matching agent, written with its 'created' event and a NOTIFY to the
-    outbox, in the caller's transaction (commit to publish)."""
-    where: list[str] = []
-    if agents:
-        where.append("agent_id = ANY(%(agents)s)")
-    if tags:
-        where.append("tags @> %(tags)s")
-    if platform is not None:
-        where.append("platform = %(platform)s")
-    if not where:
-        raise ValueError("no target")
-    rows = (
-        conn.cursor(row_factory=dict_row)
-        .execute(
-            _CREATE.format(where=" AND ".join(where)),
-            {
-                "agents": agents,
-                "tags": Jsonb(tags or {}),
-                "platform": platform.value if platform is not None else None,
-                "type": type_.value,
-                "payload": Jsonb(payload),
-                "timeout": timeout,
-                "expires_in": expires_in,
-                "correlation_id": correlation_id or str(uuid.uuid4()),
-                "created_by": created_by,
-            },
-        )
-        .fetchall()
-    )
-    if rows:
-        conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
-    return [
-        {"task_id": str(r["task_id"]), "agent_id": r["agent_id"], "status": r["status"]}
-        for r in rows
-    ]
-
-
 def _user() -> str | None:
     try:
         return getpass.getuser()
@@ -196,13 +120,13 @@ def create(
     timeout: Annotated[
         int,
         typer.Option(
-            min=1, max=MAX_TIMEOUT_S, help="seconds it may run once started, then TIMEOUT"
+            min=1, max=TASK_MAX_TIMEOUT_S, help="seconds it may run once started, then TIMEOUT"
         ),
-    ] = DEFAULT_TIMEOUT_S,
+    ] = TASK_DEFAULT_TIMEOUT_S,
     expires_in: Annotated[
         float,
-        typer.Option(min=1, help="seconds it may wait for delivery (default 7 days), then EXPIRED"),
-    ] = DEFAULT_EXPIRES_IN_S,
+        typer.Option(min=1, help="seconds it may wait for delivery, then EXPIRED"),
+    ] = TASK_DEFAULT_EXPIRES_IN_S,
     correlation_id: Annotated[
         str | None,
         typer.Option(help="shared by every task of this command (default: a new UUID)"),
@@ -229,8 +153,9 @@ def create(
     if not 1 <= len(correlation_id) <= 128:
         fail("--correlation-id must be 1 to 128 characters")
     body = _check_payload(payload, type_, timeout, correlation_id)
-    with open_database(database_url) as conn:
-        made = create_tasks(
+
+    async def create_all(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
+        made = await tasks.create_tasks(
             conn,
             type_=type_,
             payload=body,
@@ -242,18 +167,21 @@ def create(
             correlation_id=correlation_id,
             created_by=_user(),
         )
-        if agent:
-            missing = sorted(set(agent) - {m["agent_id"] for m in made})
-            if missing:
-                conn.rollback()
-                fail(f"unknown agent(s): {', '.join(missing)}; no task created", EXIT_NOT_DONE)
+        missing = sorted(set(agent or []) - {m["agent_id"] for m in made})
+        if missing:
+            raise tasks.TaskError(f"unknown agent(s): {', '.join(missing)}; no task created")
         if not made:
-            conn.rollback()
-            fail("no agent matches; no task created", EXIT_NOT_DONE)
-        conn.commit()
-        if wait:
+            raise tasks.TaskError("no agent matches; no task created")
+        return made
+
+    try:
+        made = in_transaction(database_url, create_all)
+    except tasks.TaskError as exc:
+        fail(str(exc), EXIT_NOT_DONE)
+    if wait:
+        with open_database(database_url) as conn:
             _wait(conn, made, wait_timeout, json_output)
-            return
+        return
     if json_output:
         emit_json(made)
         return
@@ -509,14 +437,6 @@ def show(
     )
 
 
-_CANCEL = """
-UPDATE tasks SET status = 'CANCELLED', finished_at = now(), updated_at = now(),
-       cancel_requested = %(tell)s,
-       next_publish_at = CASE WHEN %(tell)s THEN now() END
- WHERE task_id = %(id)s
-"""
-
-
 @app.command()
 def cancel(
     task_id: Annotated[str, typer.Argument(help="the task's id")],
@@ -531,43 +451,15 @@ def cancel(
     An agent that may have the task (it was published) is sent {"cancel": task_id}
     through the outbox: it never starts it, or stops it."""
     tid = _task_id(task_id)
-    with open_database(database_url) as conn:
-        # The row lock waits for an outbox round that is publishing this task, so
-        # `attempts` below says whether the agent may have it.
-        row = conn.execute(
-            "SELECT agent_id, status, attempts, correlation_id FROM tasks"
-            " WHERE task_id = %s FOR UPDATE",
-            (tid,),
-        ).fetchone()
-        if row is None:
-            fail(f"no task {task_id}", EXIT_NOT_DONE)
-        agent_id, status, attempts, correlation_id = row
-        if status in TERMINAL:
-            fail(f"task {task_id} is already {status}", EXIT_NOT_DONE)
-        if status == TaskStatus.IN_PROGRESS and not force:
-            fail(
-                f"task {task_id} is IN_PROGRESS on {agent_id}: use --force to cancel it "
-                "(the agent is told to stop)",
-                EXIT_NOT_DONE,
-            )
-        tell = attempts > 0
-        conn.execute(_CANCEL, {"id": tid, "tell": tell})
-        conn.execute(
-            "INSERT INTO task_events (time, task_id, agent_id, status, previous_status,"
-            " source, correlation_id, reason, detail)"
-            " VALUES (clock_timestamp(), %s, %s, 'CANCELLED', %s, 'operator', %s, %s, %s)",
-            (
-                tid,
-                agent_id,
-                status,
-                correlation_id,
-                "cancelled with --force" if force else "cancelled",
-                Jsonb({"by": _user(), "agent_told": tell}),
-            ),
-        )
-        if tell:
-            conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
-        conn.commit()
+
+    async def do(conn: psycopg.AsyncConnection[Any]) -> tasks.Cancelled:
+        return await tasks.cancel_task(conn, tid, force=force, by=_user())
+
+    try:
+        done = in_transaction(database_url, do)
+    except tasks.TaskError as exc:
+        fail(str(exc), EXIT_NOT_DONE)
+    agent_id, status, tell = done.agent_id, done.previous, done.agent_told
     doc = {
         "task_id": str(tid),
         "agent_id": agent_id,

@@ -153,3 +153,22 @@ class DeploymentState(StrEnum):
 DEPLOYMENT_TERMINAL: frozenset[DeploymentState] = frozenset(
     {DeploymentState.COMPLETED, DeploymentState.ABORTED, DeploymentState.CANCELLED}
 )
+
+
+# Tasks the agent has not started: a redelivery or a reconnect may still send them.
+UNSTARTED: frozenset[TaskStatus] = frozenset({TaskStatus.PENDING, TaskStatus.ASSIGNED})
+
+
+class DeadLetterReason(StrEnum):
+    """Why a message went to the dead-letter table (its `reason` column and the
+    `eucora_dead_letters` metric's label). The first five are `schemas.validate`'s."""
+
+    OVERSIZE = "oversize"
+    NOT_JSON = "not_json"
+    SCHEMA = "schema"
+    IDENTITY = "identity"
+    UNKNOWN_KIND = "unknown_kind"
+    UNKNOWN_TASK = "unknown_task"  # a task-status report on a task that does not exist
+    UNSUPPORTED = "unsupported"  # a valid kind this bridge version does not store yet
+    STORAGE = "storage"  # the database refused the message's values
+    INTERNAL_ERROR = "internal_error"  # a bug in the bridge while storing this message

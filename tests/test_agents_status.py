@@ -17,10 +17,10 @@ from agent import protocol
 from agent.protocol import EpochClock
 from agent.session import AgentSession
 from schemas.config import MqttUrl
+from schemas.constants import WILL_REASON
 from schemas.states import AgentState
 from schemas.topics import Kind, TopicTree
 from service import dynsec
-from service.bridge.handlers.agents import WILL_REASON
 from service.broker_admin import BrokerAdmin
 from service.stack.broker import Broker
 from tests.fix_services import BridgeProcess
@@ -326,7 +326,7 @@ def test_status_messages_are_idempotent_across_two_bridges(
 
 def test_status_judgement_table() -> None:
     # judge() is the whole decision; its table is tested without any service.
-    from service.bridge.handlers.agents import Verdict, judge
+    from service.domains.agents import Verdict, judge
 
     on, off = AgentState.ONLINE, AgentState.OFFLINE
     assert judge(None, None, off, 5).verdict is Verdict.ACCEPT

@@ -9,7 +9,7 @@ from typing import Any
 
 from agent.inventory import dpkg_packages, python_distributions
 from schemas.payloads import Software
-from service.bridge.handlers.inventory import diff, listing
+from service.domains.inventory import diff, listing
 from service.stack.broker import Broker
 from tests.fix_services import BridgeProcess
 from tests.test_agents_support import AgentProcess, agent_factory, provision, query, wait

@@ -11,8 +11,8 @@ from schemas.payloads import TaskCancel, TaskCommand
 from schemas.states import TaskStatus
 from schemas.topics import Kind
 from schemas.validate import parse
-from service.bridge.handlers.tasks import judge_report
 from service.bridge.outbox import cancel_payload, command_payload
+from service.domains.tasks import judge_report
 
 S = TaskStatus
 

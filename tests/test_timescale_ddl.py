@@ -39,7 +39,8 @@ from cli import telemetry as telemetry_cli
 from cli.common import iso
 from schemas.topics import Kind, TopicTree
 from schemas.validate import PayloadError, parse
-from service.bridge.ingest import Inbound
+from service.bridge.message import Inbound
+from service.bridge.routes import default_routes
 from service.bridge.store import Store
 from service.db import migrate
 from service.db.connect import connect
@@ -440,7 +441,7 @@ def test_the_bridge_stores_a_batch_in_the_hypertables(ts: Timescale) -> None:
     )
 
     async def run() -> None:
-        store = Store(ts.url)
+        store = Store(ts.url, default_routes())
         await store.open()
         try:
             await store.flush([good, bad])

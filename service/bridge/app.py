@@ -1,4 +1,13 @@
-"""The bridge process: wires database, broker, ingest and health together, and stops cleanly.
+"""The bridge's composition root: builds every part, wires them, runs them, stops them.
+
+Nothing registers itself at import time; this module is where the parts meet
+(docs/architecture.md):
+
+  BrokerLink (link.py)  -- messages -->  Ingest (ingest.py)  --> Store (store.py)
+       ^                                                            | Routes (routes.py)
+       |  publish, PUBACK                                           v
+  Outbox (outbox.py)  <-- tasks table --  domains (service/domains/: agents,
+  Sweeps (sweeps.py)  --------------------> inventory, tasks, telemetry, dead letters)
 
 Start-up checks everything before it takes traffic: a wrong URL or a database without
 the current migrations is a configuration error (exit 2, one line on stderr); a broker
@@ -13,17 +22,24 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
 from schemas.config import ConfigError, redact_url
+from schemas.topics import TopicTree
 from service.bridge import health as health_http
-from service.bridge import workers
+from service.bridge.ingest import Ingest, IngestLimits
+from service.bridge.link import BrokerLink
+from service.bridge.outbox import Outbox
+from service.bridge.routes import Routes, default_routes
+from service.bridge.store import Store
+from service.bridge.sweeps import stale_sweeper, task_sweeper
 from service.config import Settings
 from service.db import migrate
+from service.db.connect import connect_async
 from service.mqtt import MqttConnectError
 
 log = logging.getLogger("eucora.bridge")
@@ -90,22 +106,13 @@ def _db_fatal(exc: Exception) -> bool:
     return isinstance(exc, psycopg.ProgrammingError) or any(h in text for h in _FATAL_DB_HINTS)
 
 
-async def open_database(settings: Settings) -> AsyncConnectionPool:
+async def check_database(settings: Settings) -> None:
     """Connect (with retries) and insist that the schema is current."""
     target = f"database {redact_url(settings.database_url)}"
 
-    async def attempt() -> AsyncConnectionPool:
-        # A plain connection first: its errors say what is wrong (a pool's would
-        # only time out), and the schema check needs just one.
-        async with await psycopg.AsyncConnection.connect(
-            settings.database_url, connect_timeout=5
-        ) as conn:
+    async def attempt() -> None:
+        async with await connect_async(settings.database_url) as conn:
             await migrate.require_current_async(conn)
-        pool = AsyncConnectionPool(
-            settings.database_url, min_size=1, max_size=4, open=False, timeout=10
-        )
-        await pool.open(wait=True, timeout=10)
-        return pool
 
     try:
         return await retry(
@@ -119,19 +126,84 @@ async def open_database(settings: Settings) -> AsyncConnectionPool:
         raise ConfigError(str(exc)) from exc
 
 
+@dataclass
+class Bridge:
+    """Every part of one bridge process, built and wired by `build`."""
+
+    settings: Settings
+    health: health_http.Health
+    links: list[BrokerLink]
+    store: Store
+    ingest: Ingest
+    outbox: Outbox
+
+    def workers(self) -> list[Coroutine[Any, Any, None]]:
+        """The background work beside ingest, started once the bridge is ready."""
+        s = self.settings
+        return [
+            self.outbox.run(connected=lambda: all(link.connected for link in self.links)),
+            task_sweeper(s.database_url, s.task_sweep_interval_s),
+            stale_sweeper(s.database_url, s.offline_after_s),
+        ]
+
+    @property
+    def connected(self) -> bool:
+        return all(link.connected for link in self.links)
+
+
+def build(settings: Settings, *, routes: Routes | None = None) -> Bridge:
+    """Build the parts (nothing connects yet). `routes` replaces the route table (tests)."""
+    tree = TopicTree(settings.topic_root)
+    health = health_http.Health()
+    limits = IngestLimits(
+        settings.ingest_max_batch, settings.ingest_max_delay_s, settings.ingest_max_pending
+    )
+    link = BrokerLink(
+        settings.mqtt,
+        settings.client_id,
+        ca_file=settings.ca_file,
+        receive_maximum=limits.max_pending,
+    )
+    links = [link]
+    health.links = links
+    # Well inside offline_after, so last_seen never lags enough to look stale.
+    touch = min(5.0, settings.offline_after_s / 4)
+    store = Store(settings.database_url, routes or default_routes(), touch_interval=touch)
+    ingest = Ingest(links, store, tree, health, limits, share_group=settings.share_group)
+    outbox = Outbox(
+        settings.database_url,
+        lambda agent_id: link,  # one broker: every agent's home
+        tree,
+        redelivery_s=settings.task_redelivery_s,
+    )
+    return Bridge(settings, health, links, store, ingest, outbox)
+
+
 class BridgeApp:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, routes: Routes | None = None):
         self.settings = settings
-        self.health = health_http.Health()
+        self.bridge = build(settings, routes=routes)
+        self.health = self.bridge.health
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def run(self) -> None:
+    async def _connect(self, link: BrokerLink) -> None:
+        await retry(
+            f"cannot connect to broker {link}",
+            link.start,
+            budget=self.settings.connect_timeout_s,
+            fatal=lambda e: isinstance(e, MqttConnectError) and e.fatal,
+            retryable=(MqttConnectError, TimeoutError),
+        )
+
+    async def run(self, *, signals: bool = True) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        bridge = self.bridge
         server = None
         if self.settings.metrics_port:
             server = await health_http.serve(self.health, self.settings.metrics_port)
@@ -143,25 +215,18 @@ class BridgeApp:
                 "topic_root": self.settings.topic_root,
             },
         )
-        pool = await open_database(self.settings)
+        await check_database(self.settings)
         self.health.database_ok = True
-        from service.bridge.ingest import Ingest  # heavy imports only once config is good
-
-        ingest = Ingest(self.settings, self.health)
+        background: list[asyncio.Task[None]] = []
         try:
-            await retry(
-                f"cannot connect to broker {self.settings.mqtt}",
-                ingest.start,
-                budget=self.settings.connect_timeout_s,
-                fatal=lambda e: isinstance(e, MqttConnectError) and e.fatal,
-                retryable=(MqttConnectError, TimeoutError),
-            )
+            await bridge.store.open()
+            bridge.ingest.bind()
+            for link in bridge.links:
+                await self._connect(link)
             log.info("bridge ready")
             stopper = asyncio.create_task(self._stop.wait())
-            worker = asyncio.create_task(ingest.run())
-            background = [
-                asyncio.create_task(w(self.settings, pool, ingest)) for w in workers.workers()
-            ]
+            worker = asyncio.create_task(bridge.ingest.run())
+            background = [asyncio.create_task(w) for w in bridge.workers()]
             done, _ = await asyncio.wait(
                 {stopper, worker, *background}, return_when=asyncio.FIRST_COMPLETED
             )
@@ -178,13 +243,16 @@ class BridgeApp:
                 _, stuck = await asyncio.wait(background, timeout=5)
                 for task in stuck:
                     log.warning("a background worker did not stop", extra={"task": task.get_name()})
-            await ingest.stop()
+            await bridge.ingest.stop()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
         finally:
             self.health.stopping = True
-            await ingest.close()
-            await pool.close()
+            for task in background:
+                task.cancel()
+            for link in bridge.links:
+                await link.close()
+            await bridge.store.close()
             if server is not None:
                 server.close()
                 await server.wait_closed()

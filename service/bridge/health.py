@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 
+class Link(Protocol):
+    connected: bool
+
+
 @dataclass
 class Health:
-    mqtt_connected: bool = False
+    links: Sequence[Link] = ()
     database_ok: bool = False
     stopping: bool = False
     details: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mqtt_connected(self) -> bool:
+        return bool(self.links) and all(link.connected for link in self.links)
 
     @property
     def ready(self) -> bool:

@@ -1,11 +1,12 @@
-"""The bridge's consumer: MQTT in, validated batches committed, then acknowledged.
+"""The bridge's consumer: messages from broker links in, validated batches committed,
+then acknowledged.
 
 Flow (see docs/ingest.md):
-  paho network thread                      event loop
-  on_message: parse topic, validate   ->   Ingest.run: gather a batch (size or time)
+  paho network thread (per link)           event loop
+  receive: parse topic, validate      ->   Ingest.run: gather a batch (size or time)
   (bounded: the bridge                        -> Store.flush: one transaction
    never holds more than `max_pending`        -> after COMMIT: PUBACK every message of it
-   unacknowledged messages)
+   unacknowledged messages)                      on the link it came from
 
 A message is acknowledged only after its rows (or its dead letter) are committed. When
 the database is slow or down, flushes are retried and nothing is acknowledged; the
@@ -20,23 +21,21 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import paho.mqtt.client as paho
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
+from schemas.states import DeadLetterReason
 from schemas.topics import AGENT_KINDS, Kind, TopicError, TopicTree
 from schemas.validate import PayloadError, parse
-from service import mqtt
-from service.bridge import handlers, metrics
+from service import metrics
 from service.bridge.health import Health
-from service.bridge.store import Store
-from service.config import Settings
+from service.bridge.link import BrokerLink, OnMessage
+from service.bridge.message import Inbound
+from service.bridge.store import Store, is_connection_error
 
 log = logging.getLogger("eucora.bridge.ingest")
-assert handlers  # importing the package registers the per-kind handlers
 
 # Retained online/offline must reach every bridge (a shared subscription gets no retained
 # messages), so status is always a plain subscription; its handling is idempotent by epoch.
@@ -48,22 +47,6 @@ class IngestLimits:
     max_batch: int = 5000  # messages per transaction
     max_delay_s: float = 0.2  # a lone message waits at most this long for company
     max_pending: int = 20000  # messages received but not yet acknowledged
-
-
-@dataclass(slots=True)
-class Inbound:
-    """One received message, validated on paho's thread."""
-
-    mid: int
-    qos: int
-    generation: int
-    topic: str
-    agent_id: str | None
-    kind: Kind | None
-    model: Any = None
-    error: PayloadError | None = None
-    payload: bytes | bytearray = b""
-    received: float = field(default_factory=time.monotonic)
 
 
 def subscriptions(tree: TopicTree, share_group: str | None) -> list[tuple[str, int]]:
@@ -78,19 +61,18 @@ def subscriptions(tree: TopicTree, share_group: str | None) -> list[tuple[str, i
 class Ingest:
     def __init__(
         self,
-        settings: Settings,
+        links: Sequence[BrokerLink],
+        store: Store,
+        tree: TopicTree,
         health: Health,
-        limits: IngestLimits | None = None,
+        limits: IngestLimits,
+        share_group: str | None = None,
     ):
-        self.settings = settings
-        self.tree = TopicTree(settings.topic_root)
+        self.links = list(links)
+        self.store = store
+        self.tree = tree
         self.health = health
-        self.limits = limits or IngestLimits(
-            settings.ingest_max_batch, settings.ingest_max_delay_s, settings.ingest_max_pending
-        )
-        # Well inside offline_after, so last_seen never lags enough to look stale.
-        touch = min(5.0, settings.offline_after_s / 4)
-        self.store = Store(settings.database_url, touch_interval=touch)
+        self.limits = limits
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: collections.deque[Inbound] = collections.deque()
         self._wake = asyncio.Event()
@@ -99,54 +81,27 @@ class Ingest:
         # batch, the rest of a batch while it fills one (it wakes at its deadline
         # anyway). One wake-up per batch instead of one per message.
         self._wake_at = 1
-        # Messages admitted (written by paho's thread only) and released (by the event
-        # loop only): single-writer counters, cheaper per message than a semaphore.
+        # Messages admitted (written by the links' paho threads, under _admit when
+        # there are several) and released (by the event loop only): single-writer
+        # counters, cheaper per message than a semaphore.
         self._taken = 0
         self._freed = 0
+        self._admit = threading.Lock() if len(self.links) > 1 else contextlib.nullcontext()
         self._room = threading.Event()
         metrics.PENDING.set_function(lambda: self._taken - self._freed)
-        self._generation = 0
         self._stopping = False
-        self._client = mqtt.make_client(
-            settings.mqtt, settings.client_id, manual_ack=True, ca_file=settings.ca_file
-        )
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
+        for index, link in enumerate(self.links):
+            link.subscribe(subscriptions(tree, share_group))
+            link.on_message = self._receiver(index)
 
     # --- paho thread --------------------------------------------------------
-    def _on_connect(
-        self,
-        client: paho.Client,
-        userdata: object,
-        flags: paho.ConnectFlags,
-        reason: ReasonCode,
-        props: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            return
-        # Messages received on an earlier connection will be redelivered by the
-        # broker; their packet ids mean nothing on this one, so they are never acked.
-        self._generation += 1
-        client.subscribe(subscriptions(self.tree, self.settings.share_group))
-        self.health.mqtt_connected = True
-        metrics.MQTT_CONNECTED.set(1)
-        log.info("connected to broker", extra={"session_present": bool(flags.session_present)})
+    def _receiver(self, index: int) -> OnMessage:
+        def receive(msg: paho.MQTTMessage, generation: int) -> None:
+            self._receive(msg, generation, index)
 
-    def _on_disconnect(
-        self,
-        client: paho.Client,
-        userdata: object,
-        flags: paho.DisconnectFlags,
-        reason: ReasonCode,
-        props: Properties | None,
-    ) -> None:
-        self.health.mqtt_connected = False
-        metrics.MQTT_CONNECTED.set(0)
-        if not self._stopping:
-            log.warning("disconnected from broker", extra={"reason": str(reason)})
+        return receive
 
-    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+    def _receive(self, msg: paho.MQTTMessage, generation: int, link: int) -> None:
         # Blocks paho's thread when max_pending messages are unacknowledged: that is
         # the back-pressure that leaves the rest queued at the broker.
         while self._taken - self._freed >= self.limits.max_pending:
@@ -157,22 +112,23 @@ class Ingest:
                 return
         if self._stopping:  # not acknowledged: the broker redelivers it to a bridge
             return
-        self._taken += 1
+        with self._admit:
+            self._taken += 1
         metrics.RECEIVED.inc()
-        item = self._validate(msg)
+        item = self._validate(msg, generation, link)
         self._inbox.append(item)
         if not self._wake_pending and self._loop is not None and len(self._inbox) >= self._wake_at:
             self._wake_pending = True
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def _validate(self, msg: paho.MQTTMessage) -> Inbound:
+    def _validate(self, msg: paho.MQTTMessage, generation: int, link: int) -> Inbound:
         item = Inbound(
-            msg.mid, msg.qos, self._generation, msg.topic, None, None, payload=msg.payload
+            msg.mid, msg.qos, generation, msg.topic, None, None, payload=msg.payload, link=link
         )
         try:
             where = self.tree.parse(msg.topic)
         except TopicError as exc:
-            item.error = PayloadError("unknown_kind", str(exc))
+            item.error = PayloadError(DeadLetterReason.UNKNOWN_KIND.value, str(exc))
             return item
         item.agent_id, item.kind = where.agent_id, where.kind
         try:
@@ -182,12 +138,9 @@ class Ingest:
         return item
 
     # --- event loop ---------------------------------------------------------
-    async def start(self) -> None:
-        """Connect to the broker (raises MqttConnectError); messages start flowing."""
+    def bind(self) -> None:
+        """Before the links start: messages may arrive from then on."""
         self._loop = asyncio.get_running_loop()
-        await self.store.open()
-        props = mqtt.connect_properties(receive_maximum=min(self.limits.max_pending, 65535))
-        await mqtt.connect(self._client, self.settings.mqtt, clean_start=False, properties=props)
 
     async def run(self) -> None:
         """Batch, store, acknowledge, until stop() is called and the inbox is empty."""
@@ -244,14 +197,18 @@ class Ingest:
                 await asyncio.wait_for(self._wake.wait(), remaining)
 
     async def _commit(self, batch: list[Inbound]) -> None:
-        """Store a batch, retrying while the database is away; then acknowledge it."""
+        """Store a batch, retrying while the database is away; then acknowledge it.
+        Only connection problems get here (the store dead-letters what concerns a
+        message); anything else is a bug of the bridge and stops it."""
         delay = 0.2
         while True:
             try:
                 await self.store.flush(batch)
                 self.health.database_ok = True
                 break
-            except Exception as exc:  # any database failure: keep the batch, retry
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
                 self.health.database_ok = False
                 metrics.FLUSH_FAILURES.inc()
                 log.warning(
@@ -267,32 +224,14 @@ class Ingest:
         self._release(batch, ack=True)
 
     def _release(self, batch: list[Inbound], *, ack: bool) -> None:
-        generation = self._generation
         if ack:
+            links = self.links
             for item in batch:
-                if item.qos > 0 and item.generation == generation:
-                    self._client.ack(item.mid, item.qos)
+                links[item.link].ack(item.mid, item.qos, item.generation)
         self._freed += len(batch)
         self._room.set()
-
-    @property
-    def connected(self) -> bool:
-        return self.health.mqtt_connected
-
-    def publish(
-        self, topic: str, payload: bytes, *, qos: int = 1, properties: Properties | None = None
-    ) -> paho.MQTTMessageInfo:
-        """Publish on the bridge's own connection (thread-safe in paho); the caller
-        awaits the PUBACK through the returned info (e.g. with asyncio.to_thread)."""
-        return self._client.publish(topic, payload, qos=qos, properties=properties)
 
     async def stop(self) -> None:
         """Stop taking messages; what is already received is stored and acknowledged."""
         self._stopping = True
         self._wake.set()
-
-    async def close(self) -> None:
-        self._stopping = True
-        self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
-        await self.store.close()

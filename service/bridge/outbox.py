@@ -27,8 +27,10 @@ session gets everything it is owed again through `owe_again` (a status hook).
 Rows that are due but cannot be published: a PENDING task past its expires_at becomes
 EXPIRED here (never published); a cancelled task sends `{"cancel": task_id}` once.
 
-The worker wakes on NOTIFY eucora_outbox (sent by `eucora tasks create/cancel` in
-their transaction) and polls every second besides, for writers that do not notify.
+The worker wakes on NOTIFY (schemas.constants.OUTBOX_CHANNEL, sent in the same
+transaction by whoever makes a message owed) and polls every second besides. The SQL
+is the task domain's (service/domains/tasks.py); this module only publishes, through
+the broker link it is given.
 """
 
 from __future__ import annotations
@@ -36,106 +38,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import psycopg
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 
+from schemas.constants import OUTBOX_CHANNEL
 from schemas.payloads import TaskCancel, TaskCommand
-from schemas.topics import Kind
+from schemas.states import UNSTARTED, TaskStatus
+from schemas.topics import Kind, TopicTree
 from schemas.validate import PayloadError, dump
-from service.bridge import metrics
-from service.config import Settings
-
-if TYPE_CHECKING:
-    from service.bridge.ingest import Ingest
+from service import metrics
+from service.bridge.link import BrokerLink
+from service.db.connect import OwnConnection, connect_async
+from service.domains import tasks
 
 log = logging.getLogger("eucora.bridge.outbox")
 
-CHANNEL: Final = "eucora_outbox"  # NOTIFY channel: "a task is owed, look now"
 POLL_S: Final = 1.0
 BATCH: Final = 200  # rows per claim: short transactions, row locks held briefly
 PUBACK_TIMEOUT_S: Final = 10.0
-# For rows written without expires_at (the CLI always sets it): the CLI's default.
-DEFAULT_EXPIRY_SQL: Final = "interval '7 days'"
-
-_EXPIRES = f"coalesce(t.expires_at, t.created_at + {DEFAULT_EXPIRY_SQL})"
-
-# A redelivery (attempts > 0) of a task command waits for the agent to be online; first
-# publications go into the agent's persistent session, online or not, and so do cancels.
-_CLAIM = f"""
-SELECT t.task_id, t.agent_id, t.type, t.payload, t.status, t.timeout_seconds,
-       {_EXPIRES} AS expires_at, t.correlation_id, t.created_at, t.attempts,
-       t.cancel_requested, {_EXPIRES} <= now() AS expired,
-       greatest(1, ceil(extract(epoch FROM {_EXPIRES} - now())))::bigint AS expiry_s
-  FROM tasks t
- WHERE t.next_publish_at <= now()
-   AND (t.attempts = 0 OR t.cancel_requested OR t.status NOT IN ('PENDING', 'ASSIGNED')
-        OR EXISTS (SELECT 1 FROM agents a
-                    WHERE a.agent_id = t.agent_id AND a.status = 'online' AND NOT a.stale))
- ORDER BY t.next_publish_at
- LIMIT %(limit)s
- FOR UPDATE OF t SKIP LOCKED
-"""
-
-_DONE = """
-UPDATE tasks t SET
-    attempts = t.attempts + CASE WHEN u.what = 'command' THEN 1 ELSE 0 END,
-    published_at = CASE WHEN u.what = 'command' THEN clock_timestamp() ELSE t.published_at END,
-    next_publish_at = CASE WHEN u.what = 'command' AND t.status = 'PENDING'
-                           THEN clock_timestamp() + make_interval(
-                               secs => %(redelivery)s * power(2, least(t.attempts, 3))) END,
-    updated_at = now()
-  FROM unnest(%(ids)s::uuid[], %(what)s::text[]) AS u(id, what)
- WHERE t.task_id = u.id
-"""
-
-_EXPIRE = """
-WITH moved AS (
-    UPDATE tasks SET status = 'EXPIRED', next_publish_at = NULL, finished_at = now(),
-           updated_at = now(), error = coalesce(error, 'not delivered before expires_at')
-     WHERE task_id = ANY(%(ids)s::uuid[]) AND status = 'PENDING'
-    RETURNING task_id, agent_id, correlation_id
-)
-INSERT INTO task_events
-    (time, task_id, agent_id, status, previous_status, source, correlation_id, reason)
-SELECT clock_timestamp(), task_id, agent_id, 'EXPIRED', 'PENDING', 'server', correlation_id,
-       'expired before delivery'
-  FROM moved
-"""
-
-_UNPUBLISHABLE = """
-INSERT INTO task_events (time, task_id, agent_id, status, previous_status, source,
-                         correlation_id, accepted, reason)
-SELECT clock_timestamp(), task_id, agent_id, status, status, 'server', correlation_id, false,
-       %(reason)s
-  FROM tasks WHERE task_id = %(id)s
-"""
-
-# What an agent that came back without its session is owed again: its open tasks that
-# can still start, and the cancels of tasks that could still be running there (an
-# agent stops a task itself at timeout_seconds).
-_OWE_AGAIN = f"""
-UPDATE tasks t SET next_publish_at = now()
- WHERE t.agent_id = %(agent_id)s
-   AND (t.next_publish_at IS NULL OR t.next_publish_at > now())
-   AND ((t.status IN ('PENDING', 'ASSIGNED') AND NOT t.cancel_requested
-         AND {_EXPIRES} > now())
-        OR (t.cancel_requested
-            AND t.finished_at > now() - make_interval(secs => t.timeout_seconds)))
-"""
 
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     task_id: Any
+    agent_id: str
     what: str  # "command" | "cancel" | "skip" (nothing owed any more: clear the row)
     topic: str = ""
     payload: bytes = b""
@@ -145,43 +77,9 @@ class Outgoing:
 def stop_requested() -> bool:
     """Whether this task was cancelled, even if the CancelledError got lost: on Python
     3.11 asyncio.wait_for swallows a cancellation that lands just as what it waits for
-    completes (psycopg_pool's getconn waits with it; a bridge then never stopped). The
-    request count survives it, so the worker loops check it too."""
+    completes. The request count survives it, so the worker loops check it too."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-class OwnConnection:
-    """A worker's own database connection, reconnected when lost. Not from the pool:
-    the outbox and the sweeps run all the time, and waiting in the pool's queue is
-    where a cancellation could get lost (see stop_requested)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-
-    async def get(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = await psycopg.AsyncConnection.connect(
-                self.url, autocommit=True, connect_timeout=5, application_name="eucora-bridge"
-            )
-        return self._conn
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-
-
-async def owe_again(conn: psycopg.AsyncConnection[Any], agent_id: str) -> int:
-    """Owe `agent_id` its open tasks again (it came back without its session): they
-    are published on the outbox's next round. Runs in the caller's transaction;
-    returns how many tasks were set."""
-    cur = await conn.execute(_OWE_AGAIN, {"agent_id": agent_id})
-    n = max(cur.rowcount, 0)
-    if n:
-        metrics.TASKS_OWED_AGAIN.inc(n)
-        await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
-    return n
 
 
 def _properties(expiry_s: int, correlation_id: str) -> Properties:
@@ -225,95 +123,84 @@ def cancel_payload(row: dict[str, Any]) -> bytes:
     return dump(model)
 
 
-def _publish_all(
-    ingest: Ingest, messages: list[Outgoing], timeout: float, abort: threading.Event
-) -> list[bool]:
-    """Publish, then wait for every PUBACK (in a worker thread: paho blocks). Gives up
-    at the deadline, or at once when the bridge stops (`abort`): asyncio.run() waits
-    for this thread before the process can exit."""
-    infos = [ingest.publish(m.topic, m.payload, qos=1, properties=m.properties) for m in messages]
-    deadline = time.monotonic() + timeout
-    acked: list[bool] = []
-    for info in infos:
-        try:
-            while not info.is_published() and not abort.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                info.wait_for_publish(min(left, 0.1))
-            acked.append(info.is_published())
-        except (RuntimeError, ValueError):
-            # Not connected (paho may still send it after a reconnect: a harmless
-            # duplicate), or its queue is full. The row stays due.
-            acked.append(False)
-    return acked
-
-
 class Outbox:
-    def __init__(self, settings: Settings, pool: AsyncConnectionPool, ingest: Ingest):
-        self.settings = settings
-        self.db = OwnConnection(settings.database_url)
-        self.ingest = ingest
+    """Publishes what the tasks table says is owed, each task to its agent's broker
+    (`link_for`: today every agent has the same one)."""
+
+    def __init__(
+        self,
+        database_url: str,
+        link_for: Callable[[str], BrokerLink],
+        tree: TopicTree,
+        *,
+        redelivery_s: float,
+    ) -> None:
+        self.database_url = database_url
+        self.db = OwnConnection(database_url)
+        self.link_for = link_for
+        self.tree = tree
+        self.redelivery_s = redelivery_s
         self.wake = asyncio.Event()
-        self.abort = threading.Event()
+
+    def _outgoing(self, row: dict[str, Any]) -> Outgoing | str:
+        """The message a claimed row owes, or why it owes none."""
+        topic = self.tree.agent(row["agent_id"], Kind.TASKS)
+        if row["cancel_requested"]:
+            props = _properties(row["timeout_seconds"], row["correlation_id"])
+            return Outgoing(
+                row["task_id"], row["agent_id"], "cancel", topic, cancel_payload(row), props
+            )
+        if TaskStatus(row["status"]) not in UNSTARTED:
+            return Outgoing(row["task_id"], row["agent_id"], "skip")
+        if row["expired"]:
+            # A PENDING one becomes EXPIRED below; an ASSIGNED one reached the agent,
+            # which will not start it now: the timeout sweep ends it if the agent is silent.
+            return "expired"
+        try:
+            payload = command_payload(row)
+        except (PayloadError, ValueError) as exc:
+            return f"unpublishable: {exc}"
+        props = _properties(row["expiry_s"], row["correlation_id"])
+        return Outgoing(row["task_id"], row["agent_id"], "command", topic, payload, props)
 
     async def round(self, limit: int = BATCH) -> int:
         """Claim, publish and record up to `limit` due rows; returns how many were claimed."""
-        tree = self.ingest.tree
         conn = await self.db.get()
         async with conn.transaction():
-            cur = conn.cursor(row_factory=dict_row)
-            rows = await (await cur.execute(_CLAIM, {"limit": limit})).fetchall()
+            rows = await tasks.claim_due(conn, limit)
             if not rows:
                 return 0
             out: list[Outgoing] = []
             expired: list[Any] = []
             for row in rows:
-                topic = tree.agent(row["agent_id"], Kind.TASKS)
-                if row["cancel_requested"]:
-                    props = _properties(row["timeout_seconds"], row["correlation_id"])
-                    out.append(
-                        Outgoing(row["task_id"], "cancel", topic, cancel_payload(row), props)
-                    )
-                elif row["status"] not in ("PENDING", "ASSIGNED"):
-                    out.append(Outgoing(row["task_id"], "skip"))
-                elif row["expired"]:
-                    if row["status"] == "PENDING":
+                outgoing = self._outgoing(row)
+                if isinstance(outgoing, Outgoing):
+                    out.append(outgoing)
+                    continue
+                if outgoing == "expired":
+                    if row["status"] == TaskStatus.PENDING:
                         expired.append(row["task_id"])
-                    # An ASSIGNED one reached the agent, which will not start it now;
-                    # the timeout sweep ends it if the agent says nothing.
-                    out.append(Outgoing(row["task_id"], "skip"))
                 else:
-                    try:
-                        payload = command_payload(row)
-                    except (PayloadError, ValueError) as exc:
-                        await self._unpublishable(conn, row, str(exc))
-                        out.append(Outgoing(row["task_id"], "skip"))
-                        continue
-                    props = _properties(row["expiry_s"], row["correlation_id"])
-                    out.append(Outgoing(row["task_id"], "command", topic, payload, props))
+                    await tasks.mark_unpublishable(conn, row, outgoing)
+                out.append(Outgoing(row["task_id"], row["agent_id"], "skip"))
             sending = [m for m in out if m.what != "skip"]
-            acked = (
-                await asyncio.to_thread(
-                    _publish_all, self.ingest, sending, PUBACK_TIMEOUT_S, self.abort
+            acked = await asyncio.gather(
+                *(
+                    self.link_for(m.agent_id).publish(
+                        m.topic, m.payload, properties=m.properties, timeout=PUBACK_TIMEOUT_S
+                    )
+                    for m in sending
                 )
-                if sending
-                else []
             )
             ok = {m.task_id for m, a in zip(sending, acked, strict=True) if a}
-            done = [m for m in out if m.what == "skip" or m.task_id in ok]
-            if done:
-                await conn.execute(
-                    _DONE,
-                    {
-                        "ids": [m.task_id for m in done],
-                        "what": [m.what for m in done],
-                        "redelivery": self.settings.task_redelivery_s,
-                    },
-                )
+            await tasks.mark_sent(
+                conn,
+                [(m.task_id, m.what) for m in out if m.what == "skip" or m.task_id in ok],
+                self.redelivery_s,
+            )
             if expired:
-                await conn.execute(_EXPIRE, {"ids": expired})
-                metrics.TASKS_SWEPT.labels("EXPIRED").inc(len(expired))
+                n = await tasks.expire(conn, expired)
+                metrics.TASKS_SWEPT.labels(TaskStatus.EXPIRED.value).inc(n)
         for m in sending:
             if m.task_id in ok:
                 metrics.TASKS_PUBLISHED.labels(m.what).inc()
@@ -325,22 +212,13 @@ class Outbox:
             )
         return len(rows)
 
-    async def _unpublishable(
-        self, conn: psycopg.AsyncConnection[Any], row: dict[str, Any], why: str
-    ) -> None:
-        # Only a writer that bypassed the CLI's checks gets here (e.g. a payload over the
-        # size limit): say so in the task's history rather than retry forever.
-        reason = f"unpublishable: {' '.join(why.split())[:300]}"
-        await conn.execute(_UNPUBLISHABLE, {"id": row["task_id"], "reason": reason})
-        log.error("task cannot be published", extra={"task_id": str(row["task_id"]), "why": why})
-
-    async def run(self) -> None:
-        listener = asyncio.create_task(listen(self.settings.database_url, self.wake))
+    async def run(self, connected: Callable[[], bool]) -> None:
+        listener = asyncio.create_task(listen(self.database_url, self.wake))
         try:
             while True:
                 self.wake.clear()
                 more = False
-                if self.ingest.connected:
+                if connected():
                     try:
                         more = await self.round() >= BATCH
                     except (psycopg.Error, OSError) as exc:
@@ -359,22 +237,19 @@ class Outbox:
                     async with asyncio.timeout(POLL_S):
                         await self.wake.wait()
         finally:
-            self.abort.set()
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
             await self.db.close()
 
 
 async def listen(database_url: str, wake: asyncio.Event) -> None:
-    """Set `wake` on every NOTIFY eucora_outbox; reconnect when the database goes away
-    (the poll keeps the outbox going meanwhile)."""
+    """Set `wake` on every NOTIFY; reconnect when the database goes away (the poll
+    keeps the outbox going meanwhile)."""
     delay = 0.5
     while True:
         try:
-            async with await psycopg.AsyncConnection.connect(
-                database_url, autocommit=True, connect_timeout=5
-            ) as conn:
-                await conn.execute(f"LISTEN {CHANNEL}")
+            async with await connect_async(database_url, autocommit=True) as conn:
+                await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
                 delay = 0.5
                 wake.set()  # anything written while we were not listening
                 async for _ in conn.notifies():
@@ -383,7 +258,3 @@ async def listen(database_url: str, wake: asyncio.Event) -> None:
             log.info("outbox listener reconnecting", extra={"error": str(exc)[:200]})
         await asyncio.sleep(delay)
         delay = min(delay * 2, 10.0)
-
-
-async def outbox_worker(settings: Settings, pool: AsyncConnectionPool, ingest: Ingest) -> None:
-    await Outbox(settings, pool, ingest).run()

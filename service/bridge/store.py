@@ -1,14 +1,19 @@
-"""Writes a batch of validated messages in one transaction.
+"""Writes a batch of validated messages in one transaction (docs/ingest.md).
 
-Telemetry goes through binary COPY into a session-local staging table, then
-`INSERT ... ON CONFLICT DO NOTHING` into `telemetry`, so a redelivered or replayed
-sample is stored once (the key is (agent_id, time)). Heartbeats and every other valid
-message refresh the agent's last_seen; invalid messages become dead letters. The
-caller acknowledges the batch only after `flush` returns, i.e. after COMMIT.
+In order, inside one transaction:
+  1. lock (touch) every agent the batch concerns, in sorted order: last_seen, and the
+     deadlock-free order for everything after (see service/domains/agents.py);
+  2. telemetry samples of the whole batch with one COPY (service/domains/telemetry.py);
+  3. each other message through its route (routes.py), in a savepoint of its own;
+  4. dead letters: invalid messages, and messages their handler rejected or failed on.
+The caller acknowledges the batch only after `flush` returns, i.e. after COMMIT.
 
-A batch that fails for a reason in the data rather than the connection (a value
-PostgreSQL refuses) is retried message by message, so one poisonous message is
-dead-lettered instead of stalling the stream.
+Failure isolation: a lost connection (psycopg.OperationalError / InterfaceError) is
+raised, and the caller retries the whole batch. Anything else concerns a message, not
+the stream: a handler's exception rolls back that message's savepoint and
+dead-letters it (`internal_error`, or `storage` for values the database refused);
+when the batch as a whole fails (a value the COPY refuses), it is written again
+message by message, so one poisonous message never stalls the others.
 """
 
 from __future__ import annotations
@@ -16,67 +21,44 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import psycopg
 
-from schemas.payloads import TelemetrySample
+from schemas.states import DeadLetterReason
 from schemas.topics import Kind
 from schemas.validate import telemetry_samples
-from service.bridge import metrics
-
-if TYPE_CHECKING:
-    from service.bridge.ingest import Inbound
+from service import metrics
+from service.bridge.message import Inbound
+from service.bridge.routes import Rejected, Routes
+from service.domains import agents, dead_letters, telemetry
+from service.domains.dead_letters import DeadLetter
 
 log = logging.getLogger("eucora.bridge.store")
 
-DEAD_LETTER_PAYLOAD_MAX = 4096
-_TELEMETRY_COLS = (
-    "time, agent_id, cpu_percent, memory_percent, disk_percent, net_rx_bytes, net_tx_bytes,"
-    " correlation_id"
-)
-_TELEMETRY_TYPES = ["timestamptz", "text", "float8", "float8", "float8", "int8", "int8", "text"]
-_DEAD_COLS = "topic, agent_id, kind, reason, detail, payload, payload_size"
-_DEAD_TYPES = ["text", "text", "text", "text", "text", "bytea", "int4"]
-
-# Per-kind handlers for the low-rate kinds (registration, status, inventory, task and
-# deployment reports): each runs inside the batch's transaction, in its own savepoint.
-Handler = Callable[["psycopg.AsyncConnection[Any]", "Inbound"], Awaitable[None]]
-HANDLERS: dict[Kind, Handler] = {}
+Conn = psycopg.AsyncConnection[Any]
 
 
-def handles(kind: Kind) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        HANDLERS[kind] = fn
-        return fn
-
-    return register
+def is_connection_error(exc: BaseException) -> bool:
+    """True when the database (or the way to it) failed, not the data: retry later."""
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError)
 
 
-class Rejected(Exception):
-    """Raised by a handler, before it writes anything, for a valid message that cannot
-    be applied (e.g. a report on an unknown task): the message becomes a dead letter
-    with this reason, and the rest of the batch is stored as usual."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-def _telemetry_row(agent_id: str, s: TelemetrySample) -> tuple[Any, ...]:
-    return (
-        s.ts, agent_id, s.cpu_percent, s.memory_percent, s.disk_percent,
-        s.net_rx_bytes, s.net_tx_bytes, s.correlation_id,
+def _letter(item: Inbound, reason: str, detail: str) -> DeadLetter:
+    return DeadLetter(
+        item.topic, item.agent_id, item.kind.value if item.kind else None, reason, detail,
+        bytes(item.payload),
     )  # fmt: skip
 
 
-def _is_data_error(exc: BaseException) -> bool:
-    """True when retrying the same rows cannot succeed (vs a lost connection)."""
-    return isinstance(exc, psycopg.Error) and not isinstance(
-        exc, psycopg.OperationalError | psycopg.InterfaceError
+def _failure(exc: BaseException) -> tuple[DeadLetterReason, str]:
+    reason = (
+        DeadLetterReason.STORAGE
+        if isinstance(exc, psycopg.Error)
+        else DeadLetterReason.INTERNAL_ERROR
     )
+    return reason, f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
 
 
 class Store:
@@ -85,14 +67,12 @@ class Store:
     fsync, which is most of a small batch's time."""
 
     def __init__(
-        self,
-        database_url: str,
-        writers: int = 2,
-        touch_interval: float = 5.0,
+        self, database_url: str, routes: Routes, *, writers: int = 2, touch_interval: float = 5.0
     ):
         self.url = database_url
+        self.routes = routes
         self.writers = writers
-        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._idle: list[Conn] = []
         # last_seen/last_*_at of an agent that only sends telemetry and heartbeats is
         # refreshed at most this often: updating (and so locking) its row in every batch
         # serialised the two writers and cost a statement per batch for nothing.
@@ -106,41 +86,38 @@ class Store:
         while self._idle:
             await self._idle.pop().close()
 
-    async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        conn = await psycopg.AsyncConnection.connect(self.url, connect_timeout=5)
-        # No key and no index: COPY into it runs at full speed. Its rows go at every
-        # COMMIT (a cheap in-place truncate); the table stays.
-        await conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS telemetry_stage"
-            " (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    async def _connect(self) -> Conn:
+        conn = await psycopg.AsyncConnection.connect(
+            self.url, connect_timeout=5, application_name="eucora-bridge-ingest"
         )
+        await telemetry.prepare(conn)
         await conn.commit()
         return conn
 
-    async def _take(self) -> psycopg.AsyncConnection[Any]:
+    async def _take(self) -> Conn:
         while self._idle:
             conn = self._idle.pop()
             if not (conn.closed or conn.broken):
                 return conn
         return await self._connect()
 
-    def _give(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    def _give(self, conn: Conn) -> None:
         if not (conn.closed or conn.broken) and len(self._idle) < self.writers:
             self._idle.append(conn)
 
     async def flush(self, batch: Sequence[Inbound]) -> None:
-        """Store the batch in one transaction; raise on a connection problem."""
+        """Store the batch in one transaction; raise only on a connection problem."""
         started = time.perf_counter()
         conn = await self._take()
         try:
             try:
                 dead = await self._write(conn, batch)
-            except psycopg.Error as exc:
+            except Exception as exc:
                 await _rollback(conn)
-                if not _is_data_error(exc):
+                if is_connection_error(exc):
                     raise
                 log.warning(
-                    "batch refused by the database; storing message by message",
+                    "batch refused; storing message by message",
                     extra={"error": " ".join(str(exc).split())[:300]},
                 )
                 dead = await self._write_each(conn, batch)
@@ -148,40 +125,54 @@ class Store:
             self._give(conn)
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
-        stored = Counter(i.kind.value for i in batch if i.error is None and i.kind is not None)
+        failed = set(dead)
+        stored = Counter(
+            i.kind.value
+            for i in batch
+            if i.error is None and i.kind is not None and id(i) not in failed
+        )
         for kind, n in stored.items():
             metrics.STORED.labels(kind).inc(n)
-        for reason, n in Counter(dead).items():
+        for reason, n in Counter(reason for reason in dead.values()).items():
             metrics.DEAD_LETTERS.labels(reason).inc(n)
 
-    async def _write_each(
-        self, conn: psycopg.AsyncConnection[Any], batch: Sequence[Inbound]
-    ) -> list[str]:
-        reasons: list[str] = []
+    async def _write_each(self, conn: Conn, batch: Sequence[Inbound]) -> dict[int, str]:
+        dead: dict[int, str] = {}
         for item in batch:
             try:
-                reasons += await self._write(conn, [item])
-            except psycopg.Error as exc:
+                dead |= await self._write(conn, [item])
+            except Exception as exc:
                 await _rollback(conn)
-                if not _is_data_error(exc):
+                if is_connection_error(exc):
                     raise
-                reasons += await self._write(conn, [], poison=[(item, exc)])
-        return reasons
+                log.error(
+                    "message could not be stored; dead-lettered",
+                    exc_info=True,
+                    extra={"agent_id": item.agent_id, "topic": item.topic[:200]},
+                )
+                dead |= await self._write(conn, [], poison=[(item, *_failure(exc))])
+        return dead
 
     async def _write(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        conn: Conn,
         batch: Sequence[Inbound],
-        poison: Sequence[tuple[Inbound, BaseException]] = (),
-    ) -> list[str]:
-        """One transaction for the batch; returns the dead-letter reasons written."""
-        telemetry: list[tuple[Any, ...]] = []
+        poison: Sequence[tuple[Inbound, str, str]] = (),
+    ) -> dict[int, str]:
+        """One transaction for the batch; returns {id(item): reason} of dead letters."""
+        rows: list[telemetry.Row] = []
         seen: dict[str, list[bool]] = {}  # agent -> [heartbeat?, telemetry?]
-        others: list[Inbound] = []
-        dead: list[tuple[Any, ...]] = []
+        routed: list[Inbound] = []
+        letters: list[DeadLetter] = []
+        dead: dict[int, str] = {}
+
+        def reject(item: Inbound, reason: str, detail: str) -> None:
+            letters.append(_letter(item, reason, detail))
+            dead[id(item)] = reason
+
         for item in batch:
             if item.error is not None:
-                dead.append(_dead_row(item, item.error.reason, item.error.detail))
+                reject(item, item.error.reason, item.error.detail)
                 if item.error.reason == "identity":
                     metrics.IDENTITY_VIOLATIONS.inc()
                 continue
@@ -189,18 +180,19 @@ class Store:
             flags = seen.setdefault(item.agent_id, [False, False])
             if item.kind is Kind.TELEMETRY:
                 flags[1] = True
-                telemetry.extend(
-                    _telemetry_row(item.agent_id, s) for s in telemetry_samples(item.model)
+                rows.extend(
+                    telemetry.row(item.agent_id, s)
+                    for s in telemetry_samples(item.model)  # type: ignore[arg-type]
                 )
             elif item.kind is Kind.HEARTBEAT:
                 flags[0] = True
             else:
-                others.append(item)
-        for item, exc in poison:
-            dead.append(_dead_row(item, "storage", " ".join(str(exc).split())[:500]))
-        # Agents with a message for a handler are always locked here (see below); the
-        # others only when their last refresh is old or said less than this batch.
-        needed = {i.agent_id for i in others}
+                routed.append(item)
+        for item, reason, detail in poison:
+            reject(item, reason, detail)
+        # Agents with a routed message are always locked here (see above); the others
+        # only when their last refresh is old or said less than this batch.
+        needed = {i.agent_id for i in routed}
         now = time.monotonic()
         for agent_id, (hb, tel) in list(seen.items()):
             when, had_hb, had_tel = self._touched.get(agent_id, (-1e18, False, False))
@@ -209,78 +201,47 @@ class Store:
                 del seen[agent_id]
 
         async with conn.transaction():
-            # First, and in sorted order: every writer (of this bridge or another) locks
-            # the agents it will touch the same way before the handlers lock rows message
-            # by message, so two concurrent batches cannot deadlock. (Agents left out
-            # above have no row locked in this transaction at all.)
             if seen:
-                await _touch_agents(conn, seen)
-            if telemetry:
-                await _copy_telemetry(conn, telemetry)
-            for item in others:
-                handler = HANDLERS.get(item.kind)  # type: ignore[arg-type]
-                if handler is not None:
-                    try:
-                        await handler(conn, item)
-                    except Rejected as exc:
-                        dead.append(_dead_row(item, exc.reason, exc.detail))
-            if dead:
-                async with conn.cursor().copy(
-                    f"COPY dead_letters ({_DEAD_COLS}) FROM STDIN (FORMAT BINARY)"
-                ) as copy:
-                    copy.set_types(_DEAD_TYPES)
-                    for row in dead:
-                        await copy.write_row(row)
+                await agents.touch(conn, {a: (f[0], f[1]) for a, f in seen.items()})
+            if rows:
+                inserted = await telemetry.store(conn, rows)
+                metrics.ROWS.labels("telemetry").inc(inserted)
+                metrics.DUPLICATES.inc(len(rows) - inserted)
+            for item in routed:
+                await self._route(conn, item, reject)
+            if letters:
+                await dead_letters.write(conn, letters)
         for agent_id, (hb, tel) in seen.items():
             self._touched[agent_id] = (now, hb, tel)
-        return [row[3] for row in dead]
+        return dead
+
+    async def _route(
+        self, conn: Conn, item: Inbound, reject: Callable[[Inbound, str, str], None]
+    ) -> None:
+        assert item.kind is not None
+        handler = self.routes.handlers.get(item.kind)
+        if handler is None:  # Routes refuses such a table; never acknowledge silently
+            reject(item, DeadLetterReason.UNSUPPORTED, f"no route for {item.kind.value}")
+            return
+        try:
+            async with conn.transaction():  # a savepoint: a failure undoes this message only
+                await handler(conn, item)
+        except Rejected as exc:
+            reject(item, exc.reason, exc.detail)
+        except Exception as exc:
+            if is_connection_error(exc) or conn.broken:
+                raise
+            reason, detail = _failure(exc)
+            log.error(
+                "handler failed; message dead-lettered",
+                exc_info=True,
+                extra={"agent_id": item.agent_id, "kind": item.kind.value, "reason": reason},
+            )
+            reject(item, reason, detail)
 
 
-async def _rollback(conn: psycopg.AsyncConnection[Any]) -> None:
+async def _rollback(conn: Conn) -> None:
     try:
         await conn.rollback()
     except psycopg.Error:
         await conn.close()
-
-
-async def _touch_agents(conn: psycopg.AsyncConnection[Any], seen: dict[str, list[bool]]) -> None:
-    # Sorted, so two bridges updating the same agents lock them in the same order.
-    ids = sorted(seen)
-    await conn.execute(
-        """
-        INSERT INTO agents AS a (agent_id, last_seen, last_heartbeat_at, last_telemetry_at)
-        SELECT id, now(), CASE WHEN hb THEN now() END, CASE WHEN tel THEN now() END
-          FROM unnest(%s::text[], %s::bool[], %s::bool[]) AS u(id, hb, tel)
-        ON CONFLICT (agent_id) DO UPDATE SET
-            last_seen = now(),
-            last_heartbeat_at = coalesce(EXCLUDED.last_heartbeat_at, a.last_heartbeat_at),
-            last_telemetry_at = coalesce(EXCLUDED.last_telemetry_at, a.last_telemetry_at),
-            stale = false
-        """,
-        (ids, [seen[i][0] for i in ids], [seen[i][1] for i in ids]),
-    )
-
-
-async def _copy_telemetry(conn: psycopg.AsyncConnection[Any], rows: list[tuple[Any, ...]]) -> None:
-    async with conn.cursor() as cur:
-        async with cur.copy(
-            f"COPY telemetry_stage ({_TELEMETRY_COLS}) FROM STDIN (FORMAT BINARY)"
-        ) as copy:
-            copy.set_types(_TELEMETRY_TYPES)
-            for row in rows:
-                await copy.write_row(row)
-        await cur.execute(
-            f"INSERT INTO telemetry ({_TELEMETRY_COLS}) SELECT {_TELEMETRY_COLS}"
-            " FROM telemetry_stage ON CONFLICT DO NOTHING"
-        )
-        inserted = max(cur.rowcount, 0)
-    metrics.ROWS.labels("telemetry").inc(inserted)
-    metrics.DUPLICATES.inc(len(rows) - inserted)
-
-
-def _dead_row(item: Inbound, reason: str, detail: str) -> tuple[Any, ...]:
-    payload = bytes(item.payload)
-    return (
-        item.topic[:1024], item.agent_id, item.kind.value if item.kind else None, reason,
-        detail, payload[:DEAD_LETTER_PAYLOAD_MAX], len(payload),
-    )  # fmt: skip

@@ -1,4 +1,6 @@
-"""Database connections: a pool for the bridge, a plain connection for the CLI.
+"""Database connections, opened one way: `connect` (sync: CLI, migrations) and
+`connect_async` (the bridge, the CLI's async commands); `OwnConnection` is a
+long-running worker's own connection, reconnected when lost.
 
 Connection failures are turned into one readable line that never shows a password,
 because libpq's messages are multi-line and quote the connection target.
@@ -105,3 +107,42 @@ async def open_pool(
             f"no connection ready within {open_timeout:g} s"
         ) from None
     return pool
+
+
+async def connect_async(
+    url: str,
+    *,
+    autocommit: bool = False,
+    connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_S,
+    application_name: str = "eucora-bridge",
+) -> psycopg.AsyncConnection[TupleRow]:
+    """An async connection; psycopg's errors are raised as they are (the bridge tells a
+    lost database from a wrong configuration by them)."""
+    return await psycopg.AsyncConnection.connect(
+        url,
+        autocommit=autocommit,
+        connect_timeout=connect_timeout,
+        application_name=application_name,
+    )
+
+
+class OwnConnection:
+    """A worker's own autocommit connection (transactions are explicit), reconnected
+    when lost. Not from a pool: the outbox and the sweeps run all the time, and
+    waiting in a pool's queue is where Python 3.11 can lose a cancellation."""
+
+    def __init__(self, url: str, application_name: str = "eucora-bridge") -> None:
+        self.url = url
+        self.application_name = application_name
+        self._conn: psycopg.AsyncConnection[TupleRow] | None = None
+
+    async def get(self) -> psycopg.AsyncConnection[TupleRow]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await connect_async(
+                self.url, autocommit=True, application_name=self.application_name
+            )
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()

@@ -1,4 +1,4 @@
-"""Installed software: the current list per agent, and the history of its changes.
+"""The inventory domain: the current software list per agent, and its history.
 
 An inventory message carries the full list; the handler compares it with the stored
 one and writes only the difference (`added`, `removed`, `changed` rows in
@@ -10,21 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
-from prometheus_client import Counter
 
 from schemas.payloads import Inventory, Software
-from schemas.topics import Kind
-from service.bridge.store import handles
-
-if TYPE_CHECKING:
-    from service.bridge.ingest import Inbound
-
-INVENTORY_CHANGES = Counter(
-    "eucora_inventory_changes", "Software added, removed or changed", ["change"]
-)
+from service import metrics
 
 # name -> (version, publisher)
 Listing = dict[str, tuple[str | None, str | None]]
@@ -65,11 +56,10 @@ def diff(old: Listing, new: Listing) -> Diff:
     return d
 
 
-@handles(Kind.INVENTORY)
-async def handle_inventory(conn: psycopg.AsyncConnection[Any], item: Inbound) -> None:
-    assert item.agent_id is not None
-    agent_id: str = item.agent_id
-    inv: Inventory = item.model
+async def apply_inventory(
+    conn: psycopg.AsyncConnection[Any], agent_id: str, inv: Inventory
+) -> None:
+    """Apply a full software list (in the caller's transaction)."""
     await conn.execute(
         "INSERT INTO agents (agent_id) VALUES (%s) ON CONFLICT (agent_id) DO NOTHING", (agent_id,)
     )
@@ -123,6 +113,6 @@ async def handle_inventory(conn: psycopg.AsyncConnection[Any], item: Inbound) ->
             "UPDATE agents SET inventory_ts = %s, inventory_updated_at = now() WHERE agent_id = %s",
             (inv.ts, agent_id),
         )
-    INVENTORY_CHANGES.labels("added").inc(len(d.added))
-    INVENTORY_CHANGES.labels("removed").inc(len(d.removed))
-    INVENTORY_CHANGES.labels("changed").inc(len(d.changed))
+    metrics.INVENTORY_CHANGES.labels("added").inc(len(d.added))
+    metrics.INVENTORY_CHANGES.labels("removed").inc(len(d.removed))
+    metrics.INVENTORY_CHANGES.labels("changed").inc(len(d.changed))

@@ -1,4 +1,4 @@
-"""Every Prometheus metric the bridge exports, in one place."""
+"""Every Prometheus metric the bridge exports, in one place (the domains count here too)."""
 
 from __future__ import annotations
 
@@ -40,4 +40,19 @@ TASKS_OWED_AGAIN = Counter(
 )
 OUTBOX_FAILURES = Counter(
     "eucora_outbox_failures", "Outbox rounds that failed (database or broker) and were retried"
+)
+
+# Agents (docs/agents.md)
+STATUS_TRANSITIONS = Counter(
+    "eucora_status_transitions", "Accepted online/offline transitions", ["state"]
+)
+STATUS_IGNORED = Counter(
+    "eucora_status_ignored", "Status messages ignored as out of order (older epoch)"
+)
+REGISTRATIONS = Counter(
+    "eucora_registrations", "Registrations applied", ["outcome"]
+)  # new, unchanged, changed, out_of_order
+MARKED_STALE = Counter("eucora_agents_marked_stale", "Online agents marked stale by the sweep")
+INVENTORY_CHANGES = Counter(
+    "eucora_inventory_changes", "Software added, removed or changed", ["change"]
 )

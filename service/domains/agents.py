@@ -1,50 +1,35 @@
-"""Registration and online status (SPEC "Identity", "Online status"); docs/agents.md.
+"""The agent domain: registration, online status, liveness (SPEC "Identity", "Online
+status"); docs/agents.md.
 
-Both run inside the batch's transaction. Every write starts by locking the agent's
-row, so two bridges handling the same retained status (status is not a shared
-subscription: every bridge receives it) serialise on that row: the second one sees
-the first one's committed result and finds nothing left to do.
+Everything here runs in the caller's transaction (for the bridge: the batch's).
+Every write starts by locking the agent's row, so two bridges handling the same
+retained status (status is not a shared subscription: every bridge receives it)
+serialise on that row: the second one sees the first one's committed result and
+finds nothing left to do.
 
 Deadlock freedom relies on the store locking every agent of a batch first, in sorted
-order (store._touch_agents runs before the handlers): the handlers then only re-lock
+order (`touch` runs before the handlers): the handlers then only re-lock
 rows their transaction already holds, whatever the order of the batch's messages.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import psycopg
-from prometheus_client import Counter
 from psycopg.types.json import Jsonb
 
+from schemas.constants import WILL_REASON
 from schemas.payloads import Register, Status
 from schemas.states import AgentState
-from schemas.topics import Kind
-from service.bridge.store import handles
+from service import metrics
 
-if TYPE_CHECKING:
-    from service.bridge.ingest import Inbound
+log = logging.getLogger("eucora.agents")
 
-log = logging.getLogger("eucora.bridge.agents")
-
-# The reason an agent puts in its last will's payload (agent/protocol.py sets it):
-# it lets the status history say "last_will" rather than "agent".
-WILL_REASON: Final = "last will"
-
-STATUS_TRANSITIONS = Counter(
-    "eucora_status_transitions", "Accepted online/offline transitions", ["state"]
-)
-STATUS_IGNORED = Counter(
-    "eucora_status_ignored", "Status messages ignored as out of order (older epoch)"
-)
-REGISTRATIONS = Counter(
-    "eucora_registrations", "Registrations applied", ["outcome"]
-)  # new, unchanged, changed, out_of_order
+Conn = psycopg.AsyncConnection[Any]
 
 
 class Verdict(Enum):
@@ -88,23 +73,14 @@ def judge(
     return Judgement(Verdict.DUPLICATE)
 
 
-# Hooks run after an accepted transition, in the same transaction: e.g. the task
-# outbox republishes what it owes an agent that came back without its session.
-StatusHook = Callable[["psycopg.AsyncConnection[Any]", str, Status], Awaitable[None]]
-STATUS_HOOKS: list[StatusHook] = []
-
-
-async def _ensure_agent(conn: psycopg.AsyncConnection[Any], agent_id: str) -> None:
+async def _ensure_agent(conn: Conn, agent_id: str) -> None:
     await conn.execute(
         "INSERT INTO agents (agent_id) VALUES (%s) ON CONFLICT (agent_id) DO NOTHING", (agent_id,)
     )
 
 
-@handles(Kind.STATUS)
-async def handle_status(conn: psycopg.AsyncConnection[Any], item: Inbound) -> None:
-    assert item.agent_id is not None
-    agent_id: str = item.agent_id
-    msg: Status = item.model
+async def apply_status(conn: Conn, agent_id: str, msg: Status) -> bool:
+    """Apply an online/offline message; True when it was a transition (stored)."""
     await _ensure_agent(conn, agent_id)
     cur = await conn.execute(
         "SELECT status, status_epoch FROM agents WHERE agent_id = %s FOR UPDATE", (agent_id,)
@@ -115,9 +91,9 @@ async def handle_status(conn: psycopg.AsyncConnection[Any], item: Inbound) -> No
     result = judge(current, current_epoch, msg.state, msg.epoch)
     source = "last_will" if msg.reason == WILL_REASON else "agent"
     if result.verdict is Verdict.DUPLICATE:
-        return
+        return False
     if result.verdict is Verdict.IGNORE:
-        STATUS_IGNORED.inc()
+        metrics.STATUS_IGNORED.inc()
         reason = f"ignored: {result.why}" + (f" ({msg.reason})" if msg.reason else "")
         # Once per (state, epoch): a retained message seen again after a bridge restart
         # is the same event, not a new one.
@@ -146,7 +122,7 @@ async def handle_status(conn: psycopg.AsyncConnection[Any], item: Inbound) -> No
             extra={"agent_id": agent_id, "state": msg.state.value, "epoch": msg.epoch,
                    "current_epoch": current_epoch, "why": result.why},
         )  # fmt: skip
-        return
+        return False
     online = msg.state is AgentState.ONLINE
     await conn.execute(
         """
@@ -173,9 +149,8 @@ async def handle_status(conn: psycopg.AsyncConnection[Any], item: Inbound) -> No
         """,
         (agent_id, msg.state.value, msg.epoch, msg.reason, source, msg.session_present),
     )
-    STATUS_TRANSITIONS.labels(msg.state.value).inc()
-    for hook in STATUS_HOOKS:
-        await hook(conn, agent_id, msg)
+    metrics.STATUS_TRANSITIONS.labels(msg.state.value).inc()
+    return True
 
 
 # Registration fields whose changes are kept in agent_changes.
@@ -203,11 +178,7 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f for f in TRACKED_FIELDS if old.get(f) != new.get(f)]
 
 
-@handles(Kind.REGISTER)
-async def handle_register(conn: psycopg.AsyncConnection[Any], item: Inbound) -> None:
-    assert item.agent_id is not None
-    agent_id: str = item.agent_id
-    reg: Register = item.model
+async def apply_registration(conn: Conn, agent_id: str, reg: Register) -> None:
     await _ensure_agent(conn, agent_id)
     cur = await conn.execute(
         f"SELECT registered_at, registration_ts, {', '.join(TRACKED_FIELDS)}"
@@ -220,7 +191,7 @@ async def handle_register(conn: psycopg.AsyncConnection[Any], item: Inbound) -> 
     old = dict(zip(TRACKED_FIELDS, row[2:], strict=True))
     if registration_ts is not None and reg.ts < registration_ts:
         # An older registration committed after a newer one (two bridges, redelivery).
-        REGISTRATIONS.labels("out_of_order").inc()
+        metrics.REGISTRATIONS.labels("out_of_order").inc()
         return
     new = registration_record(reg)
     changes = changed_fields(old, new) if registered_at is not None else []
@@ -237,12 +208,12 @@ async def handle_register(conn: psycopg.AsyncConnection[Any], item: Inbound) -> 
         },
     )
     if registered_at is None:
-        REGISTRATIONS.labels("new").inc()
+        metrics.REGISTRATIONS.labels("new").inc()
         return
     if not changes:
-        REGISTRATIONS.labels("unchanged").inc()
+        metrics.REGISTRATIONS.labels("unchanged").inc()
         return
-    REGISTRATIONS.labels("changed").inc()
+    metrics.REGISTRATIONS.labels("changed").inc()
     async with conn.cursor() as cur2:
         await cur2.executemany(
             "INSERT INTO agent_changes (time, agent_id, field, old_value, new_value)"
@@ -255,3 +226,61 @@ async def handle_register(conn: psycopg.AsyncConnection[Any], item: Inbound) -> 
         (agent_id, Jsonb({"fields": changes, "registration_ts": reg.ts.isoformat()})),
     )
     log.info("agent re-registered with changes", extra={"agent_id": agent_id, "fields": changes})
+
+
+async def touch(conn: Conn, seen: dict[str, tuple[bool, bool]]) -> None:
+    """Refresh last_seen (and last_heartbeat_at / last_telemetry_at where the flags say
+    so) of `seen`'s agents, creating unknown ones and clearing `stale`. Sorted, so two
+    writers touching the same agents lock them in the same order."""
+    ids = sorted(seen)
+    await conn.execute(
+        """
+        INSERT INTO agents AS a (agent_id, last_seen, last_heartbeat_at, last_telemetry_at)
+        SELECT id, now(), CASE WHEN hb THEN now() END, CASE WHEN tel THEN now() END
+          FROM unnest(%s::text[], %s::bool[], %s::bool[]) AS u(id, hb, tel)
+        ON CONFLICT (agent_id) DO UPDATE SET
+            last_seen = now(),
+            last_heartbeat_at = coalesce(EXCLUDED.last_heartbeat_at, a.last_heartbeat_at),
+            last_telemetry_at = coalesce(EXCLUDED.last_telemetry_at, a.last_telemetry_at),
+            stale = false
+        """,
+        (ids, [seen[i][0] for i in ids], [seen[i][1] for i in ids]),
+    )
+
+
+# Stale: the status says online but nothing came for `offline_after` (SPEC "Online
+# status": stale-offline). Any message from the agent clears it again (`touch`).
+_STALE = """
+WITH due AS (
+    SELECT agent_id FROM agents
+     WHERE status = %(online)s AND NOT stale
+       AND coalesce(last_seen, status_changed_at, first_seen)
+           < now() - make_interval(secs => %(after)s)
+     ORDER BY agent_id
+     FOR UPDATE SKIP LOCKED
+), marked AS (
+    UPDATE agents a SET stale = true, updated_at = now()
+      FROM due WHERE a.agent_id = due.agent_id
+    RETURNING a.agent_id, a.status_epoch
+)
+INSERT INTO agent_status_events (time, agent_id, state, epoch, reason, source)
+SELECT clock_timestamp(), agent_id, 'stale', status_epoch, %(reason)s, 'bridge' FROM marked
+"""
+
+
+async def mark_stale(conn: Conn, offline_after_s: float) -> int:
+    """Mark what is due; returns how many agents became stale. Several bridges may
+    sweep at once: rows are claimed with SKIP LOCKED and re-checked under the lock, so
+    each stale transition is recorded once."""
+    cur = await conn.execute(
+        _STALE,
+        {
+            "online": AgentState.ONLINE.value,
+            "after": offline_after_s,
+            "reason": f"nothing received for {offline_after_s:g} s",
+        },
+    )
+    n = max(cur.rowcount, 0)
+    if n:
+        metrics.MARKED_STALE.inc(n)
+    return n

@@ -1,0 +1,24 @@
+"""What ingest hands to the store: one received message, already validated."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from schemas.topics import Kind
+from schemas.validate import AnyPayload, PayloadError
+
+
+@dataclass(slots=True)
+class Inbound:
+    mid: int
+    qos: int
+    generation: int  # of the broker connection it came on (acks go only to that one)
+    topic: str
+    agent_id: str | None
+    kind: Kind | None
+    model: AnyPayload | None = None
+    error: PayloadError | None = None
+    payload: bytes | bytearray = b""
+    received: float = field(default_factory=time.monotonic)
+    link: int = 0  # which broker link it came on (its index in the bridge's links)

@@ -1,0 +1,592 @@
+"""The task domain: every statement that reads or changes a task, and its history.
+
+SPEC "Tasks: lifecycle and the offline queue"; docs/tasks.md. The lifecycle's rules
+are the pure function `schemas.states.task_transition_allowed`; this module applies
+them to the database. Its callers are thin: the CLI (`create_tasks`, `cancel_task`),
+the bridge's outbox (`claim_due`, `mark_sent`, `expire`), its sweeps (`sweep`), the
+task-status handler (`apply_report`) and the status handler (`owe_again`).
+
+Every task transition, and every report that changed nothing, leaves one row in
+task_events, and `record_events` is the only place that writes them.
+
+Everything here runs in the caller's transaction: a task row and its event commit
+together, and so does the NOTIFY that wakes the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from schemas.constants import (
+    OUTBOX_CHANNEL,
+    TASK_DEFAULT_EXPIRES_IN_S,
+    TASK_DEFAULT_TIMEOUT_S,
+)
+from schemas.payloads import TaskStatusReport
+from schemas.states import TERMINAL, UNSTARTED, Platform, TaskStatus, TaskType
+from schemas.states import task_transition_allowed as allowed
+from service import metrics
+
+log = logging.getLogger("eucora.tasks")
+
+Conn = psycopg.AsyncConnection[Any]
+Source = Literal["agent", "server", "operator"]
+_S = TaskStatus
+
+# For rows written without expires_at (the CLI always sets it).
+_EXPIRES = (
+    f"coalesce(t.expires_at, t.created_at + make_interval(secs => {TASK_DEFAULT_EXPIRES_IN_S}))"
+)
+
+
+def _states(*states: TaskStatus) -> list[str]:
+    return [s.value for s in states]
+
+
+def _from(new: TaskStatus) -> list[str]:
+    """The states the lifecycle lets a task leave for `new` (server transitions)."""
+    return [s.value for s in TaskStatus if allowed(s, new)]
+
+
+# --- history -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    task_id: uuid.UUID
+    agent_id: str
+    status: str
+    previous: str | None
+    source: Source
+    correlation_id: str | None
+    reason: str | None = None
+    progress: int | None = None
+    detail: dict[str, Any] | None = None
+    accepted: bool = True
+
+
+_RECORD = """
+INSERT INTO task_events (time, task_id, agent_id, status, previous_status, source,
+                         correlation_id, progress, detail, accepted, reason)
+SELECT clock_timestamp(), e.* FROM unnest(
+    %s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::smallint[],
+    %s::jsonb[], %s::bool[], %s::text[]) AS e
+"""
+
+
+async def record_events(conn: Conn, events: Sequence[TaskEvent]) -> None:
+    """The one writer of task_events."""
+    if not events:
+        return
+    await conn.execute(
+        _RECORD,
+        (
+            [e.task_id for e in events],
+            [e.agent_id for e in events],
+            [e.status for e in events],
+            [e.previous for e in events],
+            [e.source for e in events],
+            [e.correlation_id for e in events],
+            [e.progress for e in events],
+            [None if e.detail is None else Jsonb(e.detail) for e in events],
+            [e.accepted for e in events],
+            [e.reason for e in events],
+        ),
+    )
+
+
+async def notify_outbox(conn: Conn) -> None:
+    """Wake the outbox at commit (it polls besides, for writers that do not notify)."""
+    await conn.execute("SELECT pg_notify(%s, '')", (OUTBOX_CHANNEL,))
+
+
+# --- operator commands ---------------------------------------------------------------
+
+
+class TaskError(Exception):
+    """A request that cannot be done (unknown task, already finished...)."""
+
+
+_CREATE = """
+INSERT INTO tasks (agent_id, type, payload, timeout_seconds, expires_at, correlation_id,
+                   created_by, deployment_id)
+SELECT agent_id, %(type)s, %(payload)s, %(timeout)s,
+       now() + make_interval(secs => %(expires_in)s), %(correlation_id)s, %(created_by)s,
+       %(deployment_id)s
+  FROM agents WHERE {where}
+RETURNING task_id, agent_id, status, correlation_id
+"""
+
+
+async def create_tasks(
+    conn: Conn,
+    *,
+    type_: TaskType,
+    payload: dict[str, Any],
+    agents: list[str] | None = None,
+    tags: dict[str, str] | None = None,
+    platform: Platform | None = None,
+    timeout: int = TASK_DEFAULT_TIMEOUT_S,  # noqa: ASYNC109 (the task's, not ours)
+    expires_in: float = TASK_DEFAULT_EXPIRES_IN_S,
+    correlation_id: str | None = None,
+    created_by: str | None = None,
+    deployment_id: uuid.UUID | None = None,
+) -> list[dict[str, Any]]:
+    """One PENDING task per matching agent, with its 'created' event and a NOTIFY to the
+    outbox. Sorted by agent id."""
+    where: list[str] = []
+    if agents:
+        where.append("agent_id = ANY(%(agents)s)")
+    if tags:
+        where.append("tags @> %(tags)s")
+    if platform is not None:
+        where.append("platform = %(platform)s")
+    if not where:
+        raise ValueError("no target")
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        _CREATE.format(where=" AND ".join(where)),
+        {
+            "agents": agents,
+            "tags": Jsonb(tags or {}),
+            "platform": platform.value if platform is not None else None,
+            "type": type_.value,
+            "payload": Jsonb(payload),
+            "timeout": timeout,
+            "expires_in": expires_in,
+            "correlation_id": correlation_id or str(uuid.uuid4()),
+            "created_by": created_by,
+            "deployment_id": deployment_id,
+        },
+    )
+    rows = sorted(await cur.fetchall(), key=lambda r: r["agent_id"])
+    await record_events(
+        conn,
+        [
+            TaskEvent(
+                r["task_id"], r["agent_id"], r["status"], None, "operator", r["correlation_id"],
+                "created", detail={"created_by": created_by},
+            )
+            for r in rows
+        ],
+    )  # fmt: skip
+    if rows:
+        await notify_outbox(conn)
+    return [
+        {"task_id": str(r["task_id"]), "agent_id": r["agent_id"], "status": r["status"]}
+        for r in rows
+    ]
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    task_id: uuid.UUID
+    agent_id: str
+    previous: str
+    agent_told: bool
+
+
+async def cancel_task(
+    conn: Conn, task_id: uuid.UUID, *, force: bool = False, by: str | None = None
+) -> Cancelled:
+    """CANCELLED now: PENDING or ASSIGNED, IN_PROGRESS only with `force`. An agent that
+    may have the task (it was published) is sent {"cancel": task_id} by the outbox."""
+    # The row lock waits for an outbox round that is publishing this task, so
+    # `attempts` below says whether the agent may have it.
+    cur = await conn.execute(
+        "SELECT agent_id, status, attempts, correlation_id FROM tasks"
+        " WHERE task_id = %s FOR UPDATE",
+        (task_id,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise TaskError(f"no task {task_id}")
+    agent_id, status, attempts, correlation_id = row
+    if status in TERMINAL:
+        raise TaskError(f"task {task_id} is already {status}")
+    if status == _S.IN_PROGRESS and not force:
+        raise TaskError(
+            f"task {task_id} is IN_PROGRESS on {agent_id}: use --force to cancel it "
+            "(the agent is told to stop)"
+        )
+    tell = attempts > 0
+    await conn.execute(
+        "UPDATE tasks SET status = %(new)s, finished_at = now(), updated_at = now(),"
+        " cancel_requested = %(tell)s, next_publish_at = CASE WHEN %(tell)s THEN now() END"
+        " WHERE task_id = %(id)s",
+        {"id": task_id, "tell": tell, "new": _S.CANCELLED.value},
+    )
+    await record_events(
+        conn,
+        [
+            TaskEvent(
+                task_id, agent_id, _S.CANCELLED.value, status, "operator", correlation_id,
+                "cancelled with --force" if force else "cancelled",
+                detail={"by": by, "agent_told": tell},
+            )
+        ],
+    )  # fmt: skip
+    if tell:
+        await notify_outbox(conn)
+    return Cancelled(task_id, agent_id, status, tell)
+
+
+# --- server transitions: sweeps and the outbox ---------------------------------------
+
+_TIMEOUT = """
+WITH due AS (
+    SELECT task_id, status FROM tasks
+     WHERE status = ANY(%(from)s)
+       AND CASE WHEN status = %(running)s
+                THEN coalesce(started_at, assigned_at, updated_at)
+                ELSE coalesce(assigned_at, updated_at) END
+           + make_interval(secs => timeout_seconds) <= now()
+     ORDER BY task_id
+     FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks t SET status = %(new)s, finished_at = now(), updated_at = now(),
+       error = coalesce(t.error, 'no outcome within ' || t.timeout_seconds
+                                 || ' s after it was ' || lower(due.status)),
+       cancel_requested = true, next_publish_at = now()
+  FROM due WHERE t.task_id = due.task_id
+RETURNING t.task_id, t.agent_id, t.correlation_id, due.status, t.timeout_seconds
+"""
+
+_EXPIRE = f"""
+WITH due AS (
+    SELECT task_id FROM tasks t
+     WHERE status = %(pending)s AND {_EXPIRES} <= now()
+       AND (%(ids)s::uuid[] IS NULL OR task_id = ANY(%(ids)s::uuid[]))
+     ORDER BY task_id
+     FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks t SET status = %(new)s, finished_at = now(), updated_at = now(),
+       error = coalesce(t.error, 'not delivered before expires_at'), next_publish_at = NULL
+  FROM due WHERE t.task_id = due.task_id
+RETURNING t.task_id, t.agent_id, t.correlation_id
+"""
+
+
+async def time_out(conn: Conn) -> int:
+    """TIMEOUT: IN_PROGRESS for longer than timeout_seconds since it started, or
+    ASSIGNED that long since it arrived (the agent went silent). The agent is told to
+    stop (a cancel through the outbox): whatever it still does no longer counts."""
+    cur = await conn.execute(
+        _TIMEOUT,
+        {"from": _from(_S.TIMEOUT), "running": _S.IN_PROGRESS.value, "new": _S.TIMEOUT.value},
+    )
+    rows = await cur.fetchall()
+    await record_events(
+        conn,
+        [
+            TaskEvent(tid, agent, _S.TIMEOUT.value, previous, "server", corr,
+                      f"timeout: {timeout_s} s")
+            for tid, agent, corr, previous, timeout_s in rows
+        ],
+    )  # fmt: skip
+    if rows:
+        await notify_outbox(conn)  # the cancels are owed now
+    return len(rows)
+
+
+async def expire(conn: Conn, ids: Sequence[uuid.UUID] | None = None) -> int:
+    """EXPIRED: still PENDING (never acknowledged by the agent) at expires_at; all such
+    tasks, or only `ids`. Nothing is sent: the broker drops the queued copy at its
+    message expiry, and an agent checks expires_at before it starts anything."""
+    cur = await conn.execute(
+        _EXPIRE,
+        {"pending": _S.PENDING.value, "new": _S.EXPIRED.value, "ids": ids},
+    )
+    rows = await cur.fetchall()
+    await record_events(
+        conn,
+        [
+            TaskEvent(tid, agent, _S.EXPIRED.value, _S.PENDING.value, "server", corr,
+                      "expired before delivery")
+            for tid, agent, corr in rows
+        ],
+    )  # fmt: skip
+    return len(rows)
+
+
+async def sweep(conn: Conn) -> dict[str, int]:
+    """One pass of both sweeps; counts per new status. With several bridges, rows are
+    claimed with SKIP LOCKED and re-checked under the lock: each transition once."""
+    counts = {_S.TIMEOUT.value: await time_out(conn), _S.EXPIRED.value: await expire(conn)}
+    for status, n in counts.items():
+        if n:
+            metrics.TASKS_SWEPT.labels(status).inc(n)
+    return counts
+
+
+# A redelivery (attempts > 0) of a task command waits for the agent to be online; first
+# publications go into the agent's persistent session, online or not, and so do cancels.
+_CLAIM = f"""
+SELECT t.task_id, t.agent_id, t.type, t.payload, t.status, t.timeout_seconds,
+       {_EXPIRES} AS expires_at, t.correlation_id, t.created_at, t.attempts,
+       t.cancel_requested, {_EXPIRES} <= now() AS expired,
+       greatest(1, ceil(extract(epoch FROM {_EXPIRES} - now())))::bigint AS expiry_s
+  FROM tasks t
+ WHERE t.next_publish_at <= now()
+   AND (t.attempts = 0 OR t.cancel_requested OR t.status <> ALL(%(unstarted)s)
+        OR EXISTS (SELECT 1 FROM agents a
+                    WHERE a.agent_id = t.agent_id AND a.status = 'online' AND NOT a.stale))
+ ORDER BY t.next_publish_at
+ LIMIT %(limit)s
+ FOR UPDATE OF t SKIP LOCKED
+"""
+
+_SENT = """
+UPDATE tasks t SET
+    attempts = t.attempts + CASE WHEN u.what = 'command' THEN 1 ELSE 0 END,
+    published_at = CASE WHEN u.what = 'command' THEN clock_timestamp() ELSE t.published_at END,
+    next_publish_at = CASE WHEN u.what = 'command' AND t.status = %(pending)s
+                           THEN clock_timestamp() + make_interval(
+                               secs => %(redelivery)s * power(2, least(t.attempts, 3))) END,
+    updated_at = now()
+  FROM unnest(%(ids)s::uuid[], %(what)s::text[]) AS u(id, what)
+ WHERE t.task_id = u.id
+"""
+
+
+async def claim_due(conn: Conn, limit: int) -> list[dict[str, Any]]:
+    """Rows owed a message now, locked until the caller's transaction ends (another
+    bridge skips them)."""
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(_CLAIM, {"limit": limit, "unstarted": _states(*UNSTARTED)})
+    return await cur.fetchall()
+
+
+async def mark_sent(conn: Conn, sent: Sequence[tuple[uuid.UUID, str]], redelivery_s: float) -> None:
+    """After the broker's PUBACK (or for rows owed nothing any more, `what` "skip"): a
+    command counts an attempt and, while PENDING, is due again after the redelivery
+    interval (doubling per attempt, up to 8 x); anything else is owed nothing."""
+    if sent:
+        await conn.execute(
+            _SENT,
+            {
+                "ids": [tid for tid, _ in sent],
+                "what": [what for _, what in sent],
+                "redelivery": redelivery_s,
+                "pending": _S.PENDING.value,
+            },
+        )
+
+
+async def mark_unpublishable(conn: Conn, row: dict[str, Any], why: str) -> None:
+    """Only a writer that bypassed the CLI's checks gets here (e.g. a payload over the
+    size limit): say so in the task's history rather than retry forever."""
+    reason = f"unpublishable: {' '.join(why.split())[:300]}"
+    await record_events(
+        conn,
+        [
+            TaskEvent(row["task_id"], row["agent_id"], row["status"], row["status"], "server",
+                      row["correlation_id"], reason, accepted=False)
+        ],
+    )  # fmt: skip
+    log.error("task cannot be published", extra={"task_id": str(row["task_id"]), "why": why})
+
+
+# What an agent that came back without its session is owed again: its open tasks that
+# can still start, and the cancels of tasks that could still be running there (an
+# agent stops a task itself at timeout_seconds).
+_OWE_AGAIN = f"""
+UPDATE tasks t SET next_publish_at = now()
+ WHERE t.agent_id = %(agent_id)s
+   AND (t.next_publish_at IS NULL OR t.next_publish_at > now())
+   AND ((t.status = ANY(%(unstarted)s) AND NOT t.cancel_requested AND {_EXPIRES} > now())
+        OR (t.cancel_requested
+            AND t.finished_at > now() - make_interval(secs => t.timeout_seconds)))
+"""
+
+
+async def owe_again(conn: Conn, agent_id: str) -> int:
+    """Owe `agent_id` its open tasks again (it came back without its session): they are
+    published on the outbox's next round. Returns how many tasks were set."""
+    cur = await conn.execute(_OWE_AGAIN, {"agent_id": agent_id, "unstarted": _states(*UNSTARTED)})
+    n = max(cur.rowcount, 0)
+    if n:
+        metrics.TASKS_OWED_AGAIN.inc(n)
+        await notify_outbox(conn)
+    return n
+
+
+# --- agent reports -------------------------------------------------------------------
+
+# How far along the lifecycle a state is: a report of an earlier stage than the
+# current one arrived out of order.
+_STAGE: Final[dict[TaskStatus, int]] = {
+    _S.PENDING: 0,
+    _S.ASSIGNED: 1,
+    _S.IN_PROGRESS: 2,
+    **{s: 3 for s in TERMINAL},
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    # accepted: a transition; progress: same IN_PROGRESS, further along (stored);
+    # anything else: recorded with accepted = false and changes nothing.
+    outcome: str
+    reason: str | None = None
+
+    @property
+    def applies(self) -> bool:
+        return self.outcome in ("accepted", "progress")
+
+
+def judge_report(
+    current: TaskStatus,
+    new: TaskStatus,
+    current_progress: float | None = None,
+    new_progress: float | None = None,
+) -> Verdict:
+    """What an agent's report of `new` does to a task in `current` (pure)."""
+    if allowed(current, new, source="agent"):
+        return Verdict("accepted")
+    if new == current:
+        if new is _S.IN_PROGRESS and new_progress is not None:
+            if current_progress is None or new_progress > current_progress:
+                return Verdict("progress", "progress")
+            if new_progress < current_progress:
+                return Verdict(
+                    "out_of_order", f"progress {new_progress:g} after {current_progress:g}"
+                )
+        return Verdict("duplicate", f"duplicate {new.value}")
+    if current in TERMINAL:
+        return Verdict("after_terminal", f"{new.value} after terminal {current.value}")
+    if _STAGE[new] < _STAGE[current]:
+        return Verdict("out_of_order", f"{new.value} after {current.value}")
+    return Verdict("illegal", f"{new.value} is not allowed from {current.value}")
+
+
+_APPLY = """
+UPDATE tasks SET
+    status = %(status)s,
+    progress = CASE WHEN %(progress)s::smallint IS NOT NULL THEN %(progress)s::smallint
+                    WHEN %(status)s = %(completed)s THEN 100 ELSE progress END,
+    result = coalesce(%(result)s, result),
+    error = coalesce(%(error)s, error),
+    assigned_at = coalesce(assigned_at, clock_timestamp()),
+    started_at = CASE WHEN %(status)s = %(running)s THEN coalesce(started_at, clock_timestamp())
+                      ELSE started_at END,
+    finished_at = CASE WHEN %(terminal)s THEN clock_timestamp() ELSE finished_at END,
+    next_publish_at = NULL,
+    updated_at = now()
+ WHERE task_id = %(task_id)s
+"""
+
+_SEEN = """
+SELECT 1 FROM task_events
+ WHERE task_id = %s AND agent_id = %s AND status = %s AND source = 'agent'
+   AND detail->>'agent_ts' = %s
+ LIMIT 1
+"""
+
+
+class UnknownTask(Exception):
+    """A report on a task that does not exist: there is no task to attach it to."""
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    outcome: str  # a Verdict outcome, or "repeat" / "foreign"
+    task_id: uuid.UUID
+    owner: str | None = None
+    deployment_id: uuid.UUID | None = None
+    status: TaskStatus | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _progress(value: float | None) -> int | None:
+    return None if value is None else round(value)
+
+
+async def apply_report(conn: Conn, agent_id: str, report: TaskStatusReport) -> ReportOutcome:
+    """Apply an agent's task-status report (`agent_id` is the topic's: the broker's ACL
+    bound it to the account). The task's row is locked first, so the copies of a
+    report that two bridges handle at once serialise and the second one judges
+    against the first one's result. Raises UnknownTask."""
+    cur = await conn.execute(
+        "SELECT agent_id, status, progress, correlation_id, deployment_id FROM tasks"
+        " WHERE task_id = %s FOR UPDATE",
+        (report.task_id,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        metrics.TASK_REPORTS.labels("unknown_task").inc()
+        raise UnknownTask(f"task-status: no task {report.task_id}")
+    owner, current_text, current_progress, task_correlation, deployment_id = row
+    agent_ts = report.ts.isoformat()
+    # The very message already recorded: a QoS 1 redelivery, or the same report handled
+    # by another bridge (plain subscriptions: each bridge gets every report). A new
+    # statement, so it sees what the lock holder committed.
+    cur = await conn.execute(_SEEN, (report.task_id, agent_id, report.status.value, agent_ts))
+    if await cur.fetchone() is not None:
+        metrics.TASK_REPORTS.labels("repeat").inc()
+        return ReportOutcome("repeat", report.task_id, owner)
+    current = TaskStatus(current_text)
+    correlation = (report.model_extra or {}).get("correlation_id")
+    detail: dict[str, Any] = {"agent_ts": agent_ts}
+    if report.error is not None:
+        detail["error"] = report.error[:1000]
+
+    def event(accepted: bool, reason: str | None) -> TaskEvent:
+        return TaskEvent(
+            report.task_id, agent_id, report.status.value, current.value, "agent",
+            correlation if isinstance(correlation, str) else task_correlation,
+            reason, _progress(report.progress), detail, accepted,
+        )  # fmt: skip
+
+    if owner != agent_id:
+        # The ACL lets an agent publish only on its own topics, but nothing stops it
+        # from naming another agent's task_id in the payload.
+        metrics.TASK_REPORTS.labels("foreign").inc()
+        await record_events(
+            conn, [event(False, f"foreign: reported by {agent_id}, task of {owner}")]
+        )
+        await conn.execute(
+            "INSERT INTO security_events (time, agent_id, event, detail)"
+            " VALUES (now(), %s, 'foreign_task_report', %s)",
+            (
+                agent_id,
+                Jsonb(
+                    {"task_id": str(report.task_id), "owner": owner, "status": report.status.value}
+                ),
+            ),
+        )
+        log.warning(
+            "an agent reported on another agent's task",
+            extra={"agent_id": agent_id, "task_id": str(report.task_id), "owner": owner},
+        )
+        return ReportOutcome("foreign", report.task_id, owner)
+
+    verdict = judge_report(current, report.status, current_progress, report.progress)
+    metrics.TASK_REPORTS.labels(verdict.outcome).inc()
+    if verdict.applies:
+        await conn.execute(
+            _APPLY,
+            {
+                "task_id": report.task_id,
+                "status": report.status.value,
+                "progress": _progress(report.progress),
+                "result": Jsonb(report.result) if report.result is not None else None,
+                "error": report.error,
+                "terminal": report.status in TERMINAL,
+                "completed": _S.COMPLETED.value,
+                "running": _S.IN_PROGRESS.value,
+            },
+        )
+    await record_events(conn, [event(verdict.applies, verdict.reason)])
+    return ReportOutcome(
+        verdict.outcome, report.task_id, owner, deployment_id,
+        report.status if verdict.applies else None,
+    )  # fmt: skip
