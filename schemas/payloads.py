@@ -36,6 +36,7 @@ from pydantic import (
 
 from schemas.states import (
     AGENT_SETTABLE,
+    DEPLOYMENT_AGENT_REPORTABLE,
     AgentState,
     DeploymentAgentStatus,
     Platform,
@@ -82,6 +83,27 @@ ReportedTaskStatus = Annotated[
     AfterValidator(_agent_settable),
     WithJsonSchema(
         {"type": "string", "enum": [s.value for s in TaskStatus if s in AGENT_SETTABLE]}
+    ),
+]
+
+
+def _reportable(value: DeploymentAgentStatus) -> DeploymentAgentStatus:
+    if value not in DEPLOYMENT_AGENT_REPORTABLE:
+        raise ValueError(f"{value} is set by the server; an agent may report {_DEPLOY_STATES}")
+    return value
+
+
+_DEPLOY_STATES = ", ".join(
+    s.value for s in DeploymentAgentStatus if s in DEPLOYMENT_AGENT_REPORTABLE
+)
+ReportedDeploymentStatus = Annotated[
+    DeploymentAgentStatus,
+    AfterValidator(_reportable),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "enum": [s.value for s in DeploymentAgentStatus if s in DEPLOYMENT_AGENT_REPORTABLE],
+        }
     ),
 ]
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -505,7 +527,7 @@ class DeploymentStatusReport(Payload):
     )
 
     deployment_id: uuid.UUID
-    status: DeploymentAgentStatus
+    status: ReportedDeploymentStatus
     progress: Percent
     message: str | None = Field(default=None, max_length=4096)
     ts: Timestamp = _ts_field()

@@ -123,36 +123,74 @@ def task_transition_allowed(
 
 
 class DeploymentAgentStatus(StrEnum):
-    """Per (deployment, agent), as the agent reports it on deployment-status."""
+    """Per (deployment, agent). The agent reports the first five on deployment-status;
+    SKIPPED is the server's (never started: aborted, expired, offline past the
+    deployment's deadline)."""
 
     PENDING = "PENDING"
     IN_PROGRESS = "IN_PROGRESS"
     SUCCESS = "SUCCESS"
     FAILED = "FAILED"
     ROLLBACK = "ROLLBACK"  # the agent rolled the deployment back (asked to, or on its own)
+    SKIPPED = "SKIPPED"
+
+
+# What an agent may put in a deployment-status report.
+DEPLOYMENT_AGENT_REPORTABLE: frozenset[DeploymentAgentStatus] = frozenset(
+    set(DeploymentAgentStatus) - {DeploymentAgentStatus.SKIPPED}
+)
 
 
 class DeploymentState(StrEnum):
     """A rollout as a whole (server side; never sent by agents).
 
-    - RUNNING: waves are still being sent or agents are still working.
-    - COMPLETED: every targeted agent reached a final per-agent status (SUCCESS,
-      FAILED or ROLLBACK) without the failure threshold being passed.
-    - ABORTED: stopped automatically because failures passed the threshold; the
-      tasks not yet finished are CANCELLED.
-    - CANCELLED: stopped by an operator (`eucora deployments abort`); the tasks not
-      yet finished are CANCELLED likewise.
+    PENDING -> RUNNING -> COMPLETED (every agent finished) | ABORTED (the failure
+    threshold passed, or an operator aborted: no new agent is started, unstarted
+    tasks are CANCELLED); ROLLING_BACK -> ROLLED_BACK (agents that reported SUCCESS
+    get a DEPLOY task with "rollback": true).
     """
 
+    PENDING = "PENDING"
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
     ABORTED = "ABORTED"
-    CANCELLED = "CANCELLED"
+    ROLLING_BACK = "ROLLING_BACK"
+    ROLLED_BACK = "ROLLED_BACK"
 
 
 DEPLOYMENT_TERMINAL: frozenset[DeploymentState] = frozenset(
-    {DeploymentState.COMPLETED, DeploymentState.ABORTED, DeploymentState.CANCELLED}
+    {DeploymentState.COMPLETED, DeploymentState.ABORTED, DeploymentState.ROLLED_BACK}
 )
+
+
+class AgentRecordState(StrEnum):
+    """`agents.status`: the last online/offline an agent set, or none yet."""
+
+    UNKNOWN = "unknown"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class StatusEventState(StrEnum):
+    """`agent_status_events.state`: the agent's transitions, and the bridge's stale mark."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+    STALE = "stale"
+
+
+class EventSource(StrEnum):
+    """Who made a task transition (`task_events.source`)."""
+
+    AGENT = "agent"
+    SERVER = "server"
+    OPERATOR = "operator"
+
+
+class InventoryChange(StrEnum):
+    ADDED = "added"
+    REMOVED = "removed"
+    CHANGED = "changed"
 
 
 # Tasks the agent has not started: a redelivery or a reconnect may still send them.

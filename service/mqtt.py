@@ -21,10 +21,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from schemas.config import MqttUrl
+from schemas.constants import FATAL_CONNECT_REASONS, SESSION_EXPIRY_S
 
 OnConnect = Callable[[paho.Client, Any, paho.ConnectFlags, ReasonCode, Properties | None], None]
-
-SESSION_EXPIRY_S = 7 * 24 * 3600  # a persistent session outlives a week-long absence
 
 
 class MqttConnectError(ConnectionError):
@@ -118,15 +117,6 @@ def connect_properties(
     return props
 
 
-_FATAL_REASONS = {
-    "Bad user name or password",
-    "Not authorized",
-    "Client identifier not valid",
-    "Banned",
-    "Bad authentication method",
-}
-
-
 @dataclass
 class ConnectResult:
     session_present: bool
@@ -164,7 +154,7 @@ async def connect(
                     err = MqttConnectError(
                         f"broker {url} refused the connection: {reason}",
                         reason=str(reason),
-                        fatal=str(reason) in _FATAL_REASONS,
+                        fatal=str(reason) in FATAL_CONNECT_REASONS,
                     )
                     loop.call_soon_threadsafe(_settle, done, None, err)
                 else:

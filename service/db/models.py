@@ -1,9 +1,10 @@
 """SQLModel models of the relational tables, for AsyncSession work (CLI, deployments).
 
-They mirror migration 0001 and do not create anything: the schema is owned by the SQL
+They mirror the migrations and do not create anything: the schema is owned by the SQL
 migrations (`eucora db upgrade`), never by `metadata.create_all()`.
-tests/test_migrations.py compares every model with the migrated database, so the two
-cannot drift. Time-series tables (telemetry, *_events, dead_letters) have no model:
+tests/test_migrations.py compares every model with the migrated database, and
+tests/test_contract.py every state column's CHECK and default with schemas/, so none
+of them can drift. Time-series tables (telemetry, *_events, dead_letters) have no model:
 they are written with COPY / plain SQL and read with time_bucket queries.
 """
 
@@ -17,15 +18,8 @@ from sqlalchemy import BigInteger, DateTime, Double, SmallInteger, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
-TASK_TYPES = ("DEPLOY", "REMEDIATE", "COLLECT", "UPDATE", "HEALTHCHECK")
-TASK_STATES = (
-    "PENDING", "ASSIGNED", "IN_PROGRESS", "COMPLETED", "FAILED",
-    "REJECTED", "TIMEOUT", "EXPIRED", "CANCELLED",
-)  # fmt: skip
-TASK_TERMINAL_STATES = ("COMPLETED", "FAILED", "REJECTED", "TIMEOUT", "EXPIRED", "CANCELLED")
-AGENT_STATUSES = ("online", "offline", "unknown")
-DEPLOYMENT_STATES = ("PENDING", "RUNNING", "COMPLETED", "ABORTED")
-DEPLOYMENT_AGENT_STATES = ("PENDING", "IN_PROGRESS", "SUCCESS", "FAILED", "ROLLBACK")
+from schemas.constants import TASK_DEFAULT_TIMEOUT_S
+from schemas.states import AgentRecordState, DeploymentState, TaskStatus
 
 _TS = DateTime(timezone=True)
 
@@ -49,7 +43,7 @@ class Agent(SQLModel, table=True):
     first_seen: datetime = Field(default_factory=_now, sa_type=_TS)
     registered_at: datetime | None = Field(default=None, sa_type=_TS)
     last_seen: datetime | None = Field(default=None, sa_type=_TS)
-    status: str = Field(default="unknown", sa_type=Text)
+    status: str = Field(default=AgentRecordState.UNKNOWN.value, sa_type=Text)
     status_epoch: int | None = Field(default=None, sa_type=BigInteger)
     status_changed_at: datetime | None = Field(default=None, sa_type=_TS)
     status_reason: str | None = Field(default=None, sa_type=Text)
@@ -84,7 +78,7 @@ class Deployment(SQLModel, table=True):
     max_in_flight: int | None = None
     abort_after_count: int | None = None
     abort_after_percent: float | None = Field(default=None, sa_type=Double)
-    status: str = Field(default="PENDING", sa_type=Text)
+    status: str = Field(default=DeploymentState.PENDING.value, sa_type=Text)
     status_reason: str | None = Field(default=None, sa_type=Text)
     correlation_id: str = Field(default_factory=lambda: str(uuid.uuid4()), sa_type=Text)
     created_at: datetime = Field(default_factory=_now, sa_type=_TS)
@@ -115,11 +109,11 @@ class Task(SQLModel, table=True):
     agent_id: str = Field(foreign_key="agents.agent_id", sa_type=Text)
     type: str = Field(sa_type=Text)
     payload: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)
-    status: str = Field(default="PENDING", sa_type=Text)
+    status: str = Field(default=TaskStatus.PENDING.value, sa_type=Text)
     progress: int | None = Field(default=None, sa_type=SmallInteger)
     result: Any | None = Field(default=None, sa_type=JSONB)
     error: str | None = Field(default=None, sa_type=Text)
-    timeout_seconds: int = 3600
+    timeout_seconds: int = TASK_DEFAULT_TIMEOUT_S
     expires_at: datetime | None = Field(default=None, sa_type=_TS)
     correlation_id: str = Field(default_factory=lambda: str(uuid.uuid4()), sa_type=Text)
     created_at: datetime = Field(default_factory=_now, sa_type=_TS)
