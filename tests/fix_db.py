@@ -4,6 +4,13 @@ EUCORA_TEST_DATABASE_URL (an account that may CREATE DATABASE) when set; otherwi
 throwaway cluster made with the system's binaries through the same stack code that
 `eucora stack up` uses. Each test that asks for `empty_database` gets a database of its
 own, dropped afterwards.
+
+The schema has two modes (service/db/migrate.py): plain PostgreSQL, and TimescaleDB
+when the server can load the extension (the private cluster preloads it whenever it
+is installed). Fixtures that migrate in `auto` mode therefore test whichever mode the
+server offers; a test about one mode asks for `db_mode`, which runs it in both and
+skips the TimescaleDB run only where the server cannot load the extension
+(EUCORA_REQUIRE_TIMESCALEDB=1 turns that skip into a failure).
 """
 
 from __future__ import annotations
@@ -11,15 +18,20 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from service.db import migrate
+from service.db.connect import connect
 from service.stack.database import Cluster
 from service.stack.process import free_port
 from tests.fix_services import service_dir
+
+REQUIRE_TIMESCALEDB = os.environ.get("EUCORA_REQUIRE_TIMESCALEDB", "") not in ("", "0")
 
 
 def with_dbname(url: str, dbname: str) -> str:
@@ -51,9 +63,9 @@ def admin_database_url(pg_cluster: Cluster | None) -> str:
     return pg_cluster.url_for("postgres")
 
 
-@pytest.fixture
-def empty_database(admin_database_url: str) -> Iterator[str]:
-    """A new, empty database; its URL is yielded and it is dropped afterwards."""
+@contextmanager
+def new_database(admin_database_url: str) -> Iterator[str]:
+    """A new, empty database on the test server; its URL, dropped afterwards."""
     name = f"eucora_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_database_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -67,9 +79,53 @@ def empty_database(admin_database_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def database(empty_database: str) -> str:
-    """A new database with every migration applied."""
-    from service.db import migrate
+def empty_database(admin_database_url: str) -> Iterator[str]:
+    """A new, empty database; its URL is yielded and it is dropped afterwards."""
+    with new_database(admin_database_url) as url:
+        yield url
 
+
+@pytest.fixture(scope="session")
+def timescaledb_version(admin_database_url: str) -> str | None:
+    """The TimescaleDB version a new database gets here; None when the server cannot
+    load the extension (not installed, or installed but not preloaded)."""
+    with connect(admin_database_url) as conn:
+        ts = migrate.timescaledb_status(conn)
+        row = conn.execute(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
+        ).fetchone()
+    return row[0] if row and ts.available and ts.preloaded else None
+
+
+def require_mode(mode: migrate.Mode, timescaledb_version: str | None) -> None:
+    """Skip (or, with EUCORA_REQUIRE_TIMESCALEDB=1, fail) a TimescaleDB-mode test on a
+    server that cannot load the extension."""
+    if mode == "timescaledb" and timescaledb_version is None:
+        reason = (
+            "TimescaleDB mode: the extension is not installed on this PostgreSQL server "
+            "(or not in shared_preload_libraries)"
+        )
+        if REQUIRE_TIMESCALEDB:
+            pytest.fail(f"{reason}, and EUCORA_REQUIRE_TIMESCALEDB is set")
+        pytest.skip(reason)
+
+
+@pytest.fixture(params=["postgresql", "timescaledb"])
+def db_mode(request: pytest.FixtureRequest, timescaledb_version: str | None) -> migrate.Mode:
+    """The schema mode a test runs in: each such test runs once per mode."""
+    mode: migrate.Mode = request.param
+    require_mode(mode, timescaledb_version)
+    return mode
+
+
+@pytest.fixture
+def mode_label(db_mode: migrate.Mode, timescaledb_version: str | None) -> str:
+    """What `eucora status` and `eucora db upgrade` call a database of `db_mode`."""
+    return f"timescaledb {timescaledb_version}" if db_mode == "timescaledb" else "postgresql"
+
+
+@pytest.fixture
+def database(empty_database: str) -> str:
+    """A new database with every migration applied, in the mode the server offers."""
     migrate.upgrade(empty_database)
     return empty_database
