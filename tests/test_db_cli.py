@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -18,29 +19,47 @@ BAD_URL = "postgresql://nobody:s3cret@127.0.0.1:1/x"
 runner = CliRunner()
 
 
-def test_upgrade_then_up_to_date(empty_database: str) -> None:
-    first = runner.invoke(db_app, ["upgrade", "--database-url", empty_database])
+def test_upgrade_then_up_to_date(empty_database: str, db_mode: str, mode_label: str) -> None:
+    first = runner.invoke(db_app, ["upgrade", "--database-url", empty_database, "--mode", db_mode])
     assert first.exit_code == 0, first.output
-    assert "applied 0001_initial (postgresql)" in first.stdout
-    assert f"database is now at version {LATEST} (postgresql)" in first.stdout
+    assert f"applied 0001_initial ({db_mode})" in first.stdout
+    assert f"database is now at version {LATEST} ({mode_label})" in first.stdout
 
+    # Without --mode (auto), a later upgrade keeps the mode the schema was made in.
     again = runner.invoke(db_app, ["upgrade"], env={"EUCORA_DATABASE_URL": empty_database})
     assert again.exit_code == 0, again.output
-    assert again.stdout.strip() == f"database is up to date at version {LATEST} (postgresql)"
+    assert again.stdout.strip() == f"database is up to date at version {LATEST} ({mode_label})"
 
 
-def test_upgrade_json(empty_database: str) -> None:
-    result = runner.invoke(db_app, ["upgrade", "--database-url", empty_database, "--json"])
+def test_upgrade_json(empty_database: str, db_mode: str, mode_label: str) -> None:
+    result = runner.invoke(
+        db_app, ["upgrade", "--database-url", empty_database, "--json", "--mode", db_mode]
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["mode"] == "postgresql"
+    assert doc["mode"] == mode_label
     assert doc["schema_version"] == LATEST
-    assert doc["applied"][0] == {"version": 1, "name": "initial", "mode": "postgresql"}
+    assert doc["applied"][0] == {"version": 1, "name": "initial", "mode": db_mode}
 
     again = json.loads(
         runner.invoke(db_app, ["upgrade", "--database-url", empty_database, "--json"]).stdout
     )
     assert again["applied"] == []
+    assert again["mode"] == mode_label
+
+
+def test_upgrade_auto_uses_timescaledb_when_the_server_can_load_it(
+    empty_database: str, timescaledb_version: str | None
+) -> None:
+    result = runner.invoke(db_app, ["upgrade", "--database-url", empty_database, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    if timescaledb_version is None:
+        assert doc["mode"] == "postgresql"
+        assert {m["mode"] for m in doc["applied"]} == {"postgresql"}
+    else:
+        assert doc["mode"] == f"timescaledb {timescaledb_version}"
+        assert {m["mode"] for m in doc["applied"]} == {"timescaledb"}
 
 
 def test_upgrade_unreachable_database_is_one_line_without_password() -> None:
@@ -79,7 +98,9 @@ def test_upgrade_without_url_says_what_to_set() -> None:
     )
 
 
-def test_status_json_reports_mode_and_version(empty_database: str) -> None:
+def test_status_json_reports_mode_and_version(
+    empty_database: str, db_mode: str, mode_label: str
+) -> None:
     before = runner.invoke(status_app, ["--database-url", empty_database, "--json"])
     assert before.exit_code == 1  # reachable but not migrated: not healthy
     db = json.loads(before.stdout)["database"]
@@ -87,12 +108,15 @@ def test_status_json_reports_mode_and_version(empty_database: str) -> None:
     assert db["schema_version"] == 0
     assert db["pending"] == LATEST
 
-    runner.invoke(db_app, ["upgrade", "--database-url", empty_database])
+    upgraded = runner.invoke(
+        db_app, ["upgrade", "--database-url", empty_database, "--mode", db_mode]
+    )
+    assert upgraded.exit_code == 0, upgraded.output
     after = runner.invoke(status_app, ["--json"], env={"EUCORA_DATABASE_URL": empty_database})
     assert after.exit_code == 0, after.output
     db = json.loads(after.stdout)["database"]
     assert db["url"] == redact_url(empty_database)  # the password never printed
-    assert db["mode"] == "postgresql"
+    assert db["mode"] == mode_label
     assert db["schema_version"] == LATEST
     assert db["pending"] == 0
     assert db["error"] is None
@@ -101,6 +125,7 @@ def test_status_json_reports_mode_and_version(empty_database: str) -> None:
     assert text.exit_code == 0
     assert "database: ok" in text.stdout
     assert f"{LATEST} (up to date)" in text.stdout
+    assert re.search(rf"^ +mode +{re.escape(mode_label)}$", text.stdout, re.MULTILINE)
 
 
 def test_status_unreachable_database() -> None:
