@@ -1,4 +1,8 @@
-"""Migrations against a real PostgreSQL (plain: TimescaleDB is not installed here)."""
+"""Migrations against a real PostgreSQL, in whichever mode the server offers.
+
+Tests about one schema mode take `db_mode` (or `migrated_database`), which runs them in
+plain PostgreSQL mode and, where the server can load TimescaleDB, in TimescaleDB mode.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,8 +21,17 @@ from sqlalchemy.dialects import postgresql
 from service.db import migrate
 from service.db.connect import DatabaseUnavailable, connect, open_pool
 from service.db.models import RELATIONAL_MODELS
+from tests.fix_db import new_database, require_mode
 
 LATEST = migrate.latest_version()
+HYPERTABLES = {
+    "telemetry",
+    "agent_status_events",
+    "task_events",
+    "deployment_status_events",
+    "dead_letters",
+    "security_events",
+}
 
 
 @pytest.fixture
@@ -25,6 +39,24 @@ def database(empty_database: str) -> Iterator[str]:
     """A database with every migration applied."""
     migrate.upgrade(empty_database)
     yield empty_database
+
+
+@dataclass(frozen=True)
+class MigratedDatabase:
+    url: str
+    mode: migrate.Mode
+
+
+@pytest.fixture(scope="module", params=["postgresql", "timescaledb"])
+def migrated_database(
+    request: pytest.FixtureRequest, admin_database_url: str, timescaledb_version: str | None
+) -> Iterator[MigratedDatabase]:
+    """A database migrated in one mode, shared by the module's read-only tests."""
+    mode: migrate.Mode = request.param
+    require_mode(mode, timescaledb_version)
+    with new_database(admin_database_url) as url:
+        migrate.upgrade(url, mode=mode)
+        yield MigratedDatabase(url, mode)
 
 
 def test_migration_files_are_well_formed() -> None:
@@ -42,18 +74,29 @@ def test_migration_files_are_well_formed() -> None:
     ]
 
 
-def test_upgrade_twice_applies_once(empty_database: str) -> None:
-    first = migrate.upgrade(empty_database)
+def test_upgrade_twice_applies_once(
+    empty_database: str, db_mode: migrate.Mode, mode_label: str
+) -> None:
+    first = migrate.upgrade(empty_database, mode=db_mode)
     assert [m.version for m in first] == list(range(1, LATEST + 1))
-    assert {m.mode for m in first} == {"postgresql"}
+    assert {m.mode for m in first} == {db_mode}
     assert migrate.upgrade(empty_database) == []
     with connect(empty_database) as conn:
         assert migrate.current_version(conn) == LATEST
         assert migrate.pending(conn) == []
-        assert migrate.database_mode(conn) == "postgresql"
+        assert migrate.database_mode(conn) == mode_label
         rows = conn.execute("SELECT version, name, mode FROM schema_migrations").fetchall()
-        assert rows[0] == (1, "initial", "postgresql")
+        assert rows[0] == (1, "initial", db_mode)
         assert len(rows) == LATEST
+        if db_mode == "timescaledb":
+            hypertables = conn.execute(
+                "SELECT hypertable_name FROM timescaledb_information.hypertables"
+            ).fetchall()
+            assert {name for (name,) in hypertables} == HYPERTABLES
+        else:  # the extension may be on the server, but not in a plain-mode database
+            assert conn.execute(
+                "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"
+            ).fetchone() == (0,)
 
 
 def test_concurrent_upgrades_apply_the_schema_once(empty_database: str) -> None:
@@ -132,13 +175,16 @@ def test_failed_migration_is_rolled_back_and_retried(empty_database: str, tmp_pa
     assert [m.version for m in applied] == [2]
 
 
-def test_variants_follow_the_mode(empty_database: str, tmp_path: Path) -> None:
+def test_variants_follow_the_mode(
+    empty_database: str, db_mode: migrate.Mode, tmp_path: Path
+) -> None:
     (tmp_path / "0001_x.sql").write_text("CREATE TABLE t (v text);")
     (tmp_path / "0001_x.plain.sql").write_text("INSERT INTO t VALUES ('plain');")
     (tmp_path / "0001_x.timescale.sql").write_text("INSERT INTO t VALUES ('timescale');")
-    migrate.upgrade(empty_database, migrations=migrate.load_migrations(tmp_path))
+    migrate.upgrade(empty_database, mode=db_mode, migrations=migrate.load_migrations(tmp_path))
+    variant = "timescale" if db_mode == "timescaledb" else "plain"
     with connect(empty_database) as conn:
-        assert conn.execute("SELECT v FROM t").fetchall() == [("plain",)]
+        assert conn.execute("SELECT v FROM t").fetchall() == [(variant,)]
 
 
 def test_badly_named_migration_files_are_refused(tmp_path: Path) -> None:
@@ -148,12 +194,32 @@ def test_badly_named_migration_files_are_refused(tmp_path: Path) -> None:
 
 
 def test_timescaledb_mode_fails_clearly_without_the_extension(empty_database: str) -> None:
+    """Only where the server cannot load TimescaleDB; the next test covers the others."""
     with connect(empty_database) as conn:
-        assert migrate.timescaledb_status(conn).available is False
-    with pytest.raises(migrate.MigrationError, match="not available"):
+        ts = migrate.timescaledb_status(conn)
+    if ts.available and ts.preloaded:
+        pytest.skip("TimescaleDB is installed and preloaded on this server: it cannot lack it")
+    reason = "not available" if not ts.available else "not preloaded"
+    with pytest.raises(migrate.MigrationError, match=reason):
         migrate.upgrade(empty_database, mode="timescaledb")
     with connect(empty_database) as conn:
         assert migrate.current_version(conn) == 0
+        assert migrate.database_mode(conn) == "postgresql"
+
+
+def test_plain_mode_is_refused_where_timescaledb_is_in_the_database(
+    empty_database: str, timescaledb_version: str | None
+) -> None:
+    """The plain schema's time_bucket() would clash with the extension's."""
+    require_mode("timescaledb", timescaledb_version)
+    with connect(empty_database, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION timescaledb")
+    with pytest.raises(migrate.MigrationError, match="TimescaleDB is installed in this database"):
+        migrate.upgrade(empty_database, mode="postgresql")
+    with connect(empty_database) as conn:
+        assert migrate.current_version(conn) == 0
+    applied = migrate.upgrade(empty_database)
+    assert {m.mode for m in applied} == {"timescaledb"}
 
 
 def test_require_current(empty_database: str) -> None:
@@ -217,8 +283,12 @@ def _timescale_bucket(width: timedelta, ts: datetime) -> datetime:
         ("5 minutes", "2000-01-02 23:58:00+00", "2000-01-02 23:55:00+00"),
     ],
 )
-def test_time_bucket_matches_timescaledb(database: str, width: str, ts: str, expected: str) -> None:
-    with connect(database) as conn:
+def test_time_bucket_matches_timescaledb(
+    migrated_database: MigratedDatabase, width: str, ts: str, expected: str
+) -> None:
+    """In plain mode the fallback; in TimescaleDB mode the extension itself, which
+    checks the expected values this test holds the fallback to."""
+    with connect(migrated_database.url) as conn:
         row = conn.execute(
             "SELECT time_bucket(%s::interval, %s::timestamptz),"
             " %s::interval, %s::timestamptz, %s::timestamptz",
@@ -230,8 +300,8 @@ def test_time_bucket_matches_timescaledb(database: str, width: str, ts: str, exp
     assert bucket == _timescale_bucket(width_td, ts_dt)
 
 
-def test_time_bucket_overloads(database: str) -> None:
-    with connect(database) as conn:
+def test_time_bucket_overloads(migrated_database: MigratedDatabase) -> None:
+    with connect(migrated_database.url) as conn:
         row = conn.execute(
             "SELECT time_bucket('1 week', TIMESTAMP '2024-05-15 10:00'),"
             " time_bucket('1 day', TIMESTAMPTZ '2024-05-15 10:00+00',"
@@ -243,9 +313,13 @@ def test_time_bucket_overloads(database: str) -> None:
             datetime(2024, 5, 15, 6, tzinfo=UTC),
             datetime(2024, 5, 14, 22, tzinfo=UTC),  # Paris midnight, CEST
         )
-        # The documented limit of the fallback: no calendar months.
-        with pytest.raises(psycopg.errors.FeatureNotSupported):
-            conn.execute("SELECT time_bucket('1 month', now())")
+        month = "SELECT time_bucket('1 month', TIMESTAMPTZ '2024-05-15 10:00+00')"
+        if migrated_database.mode == "timescaledb":
+            assert conn.execute(month).fetchone() == (datetime(2024, 5, 1, tzinfo=UTC),)
+        else:
+            # The documented limit of the fallback: no calendar months.
+            with pytest.raises(psycopg.errors.FeatureNotSupported):
+                conn.execute(month)
 
 
 def test_telemetry_1m_aggregates_per_agent_and_minute(database: str) -> None:
