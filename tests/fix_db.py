@@ -86,35 +86,45 @@ def empty_database(admin_database_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def timescaledb_version(admin_database_url: str) -> str | None:
-    """The TimescaleDB version a new database gets here; None when the server cannot
-    load the extension (not installed, or installed but not preloaded)."""
+def timescaledb_missing(admin_database_url: str) -> str | None:
+    """Why a new database on this server cannot get TimescaleDB; None when it can."""
     with connect(admin_database_url) as conn:
         ts = migrate.timescaledb_status(conn)
+    if not ts.available:
+        return "the TimescaleDB extension is not installed on this PostgreSQL server"
+    if not ts.preloaded:
+        return "TimescaleDB is installed but not in the server's shared_preload_libraries"
+    return None
+
+
+@pytest.fixture(scope="session")
+def timescaledb_version(admin_database_url: str, timescaledb_missing: str | None) -> str | None:
+    """The TimescaleDB version a new database gets here; None when it gets none."""
+    if timescaledb_missing:
+        return None
+    with connect(admin_database_url) as conn:
         row = conn.execute(
             "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
         ).fetchone()
-    return row[0] if row and ts.available and ts.preloaded else None
+    assert row is not None
+    return str(row[0])
 
 
-def require_mode(mode: migrate.Mode, timescaledb_version: str | None) -> None:
+def require_mode(mode: migrate.Mode, timescaledb_missing: str | None) -> None:
     """Skip (or, with EUCORA_REQUIRE_TIMESCALEDB=1, fail) a TimescaleDB-mode test on a
     server that cannot load the extension."""
-    if mode == "timescaledb" and timescaledb_version is None:
-        reason = (
-            "TimescaleDB mode: the extension is not installed on this PostgreSQL server "
-            "(or not in shared_preload_libraries)"
-        )
+    if mode == "timescaledb" and timescaledb_missing:
+        reason = f"TimescaleDB mode: {timescaledb_missing}"
         if REQUIRE_TIMESCALEDB:
-            pytest.fail(f"{reason}, and EUCORA_REQUIRE_TIMESCALEDB is set")
+            pytest.fail(f"{reason} (EUCORA_REQUIRE_TIMESCALEDB is set)")
         pytest.skip(reason)
 
 
 @pytest.fixture(params=["postgresql", "timescaledb"])
-def db_mode(request: pytest.FixtureRequest, timescaledb_version: str | None) -> migrate.Mode:
+def db_mode(request: pytest.FixtureRequest, timescaledb_missing: str | None) -> migrate.Mode:
     """The schema mode a test runs in: each such test runs once per mode."""
     mode: migrate.Mode = request.param
-    require_mode(mode, timescaledb_version)
+    require_mode(mode, timescaledb_missing)
     return mode
 
 

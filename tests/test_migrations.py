@@ -49,11 +49,11 @@ class MigratedDatabase:
 
 @pytest.fixture(scope="module", params=["postgresql", "timescaledb"])
 def migrated_database(
-    request: pytest.FixtureRequest, admin_database_url: str, timescaledb_version: str | None
+    request: pytest.FixtureRequest, admin_database_url: str, timescaledb_missing: str | None
 ) -> Iterator[MigratedDatabase]:
     """A database migrated in one mode, shared by the module's read-only tests."""
     mode: migrate.Mode = request.param
-    require_mode(mode, timescaledb_version)
+    require_mode(mode, timescaledb_missing)
     with new_database(admin_database_url) as url:
         migrate.upgrade(url, mode=mode)
         yield MigratedDatabase(url, mode)
@@ -208,10 +208,10 @@ def test_timescaledb_mode_fails_clearly_without_the_extension(empty_database: st
 
 
 def test_plain_mode_is_refused_where_timescaledb_is_in_the_database(
-    empty_database: str, timescaledb_version: str | None
+    empty_database: str, timescaledb_missing: str | None
 ) -> None:
     """The plain schema's time_bucket() would clash with the extension's."""
-    require_mode("timescaledb", timescaledb_version)
+    require_mode("timescaledb", timescaledb_missing)
     with connect(empty_database, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION timescaledb")
     with pytest.raises(migrate.MigrationError, match="TimescaleDB is installed in this database"):
