@@ -130,7 +130,11 @@ class Cluster:
             "-c max_connections=200",
         ]
         if timescaledb_installed(bindir):
-            opts.append("-c shared_preload_libraries=timescaledb")
+            # No usage reports: the extension would schedule a job that phones home.
+            opts += [
+                "-c shared_preload_libraries=timescaledb",
+                "-c timescaledb.telemetry_level=off",
+            ]
         if not self.durable:
             opts += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
         done = self._run(
