@@ -64,13 +64,13 @@ def in_transaction(
     import psycopg
 
     from cli.db import require_url
-    from service.db.connect import describe_connection_error
+    from service.db.connect import connect_async, describe_connection_error
 
     url = require_url(database_url)
 
     async def run() -> T:
         try:
-            conn = await psycopg.AsyncConnection.connect(url, connect_timeout=5)
+            conn = await connect_async(url, application_name="eucora")
         except psycopg.OperationalError as exc:
             fail(describe_connection_error(url, exc))
         async with conn, conn.transaction():

@@ -27,6 +27,8 @@ class Kind(StrEnum):
     DEPLOYMENT_STATUS = "deployment-status"
 
 
+_KIND_BY_NAME: dict[str, Kind] = {k.value: k for k in Kind}  # faster than Kind(name)
+
 # Kinds an agent publishes (and the bridge consumes); TASKS flows the other way.
 AGENT_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k is not Kind.TASKS)
 
@@ -70,7 +72,7 @@ class TopicTree:
         agent_id, kind = rest
         if not is_agent_id(agent_id):
             raise TopicError(f"invalid agent id in topic: {topic!r}")
-        try:
-            return AgentTopic(agent_id, Kind(kind))
-        except ValueError:
-            raise TopicError(f"unknown message kind {kind!r}") from None
+        found = _KIND_BY_NAME.get(kind)
+        if found is None:
+            raise TopicError(f"unknown message kind {kind!r}")
+        return AgentTopic(agent_id, found)

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy.dialects import postgresql
 
 from service.db import migrate
-from service.db.connect import DatabaseUnavailable, connect, open_pool
+from service.db.connect import DatabaseUnavailable, OwnConnection, connect, connect_async
 from service.db.models import RELATIONAL_MODELS
 from tests.fix_db import new_database, require_mode
 
@@ -400,29 +400,26 @@ def test_models_match_the_migrated_schema(database: str) -> None:
             assert sorted(db_pk) == sorted(c.name for c in table.primary_key.columns)
 
 
-def test_pool_opens_in_the_loop_and_checks_the_schema(database: str) -> None:
-    async def main() -> int:
-        pool = await open_pool(database, min_size=1, max_size=2)
+def test_own_connection_checks_the_schema_and_survives_a_lost_backend(database: str) -> None:
+    """The bridge's workers each hold one connection (OwnConnection): after the server
+    drops it, the next get() is a new, working connection."""
+
+    async def main() -> tuple[int, int]:
+        own = OwnConnection(database)
         try:
-            async with pool.connection() as conn:
-                return await migrate.require_current_async(conn)
+            conn = await own.get()
+            first = await migrate.require_current_async(conn)
+            async with await connect_async(database, autocommit=True) as admin:
+                await admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+            with pytest.raises(psycopg.OperationalError):
+                await conn.execute("SELECT 1")
+            again = await own.get()
+            assert again is not conn
+            return first, await migrate.require_current_async(again)
         finally:
-            await pool.close()
+            await own.close()
 
-    assert asyncio.run(main()) == LATEST
-
-
-def test_pool_reports_an_unreachable_database_in_one_line() -> None:
-    url = "postgresql://nobody:s3cret@127.0.0.1:1/x"
-
-    async def main() -> None:
-        await open_pool(url, open_timeout=0.2)
-
-    with pytest.raises(DatabaseUnavailable) as err:
-        asyncio.run(main())
-    assert str(err.value) == (
-        "cannot connect to database postgresql://nobody:***@127.0.0.1:1/x: connection refused"
-    )
+    assert asyncio.run(main()) == (LATEST, LATEST)
 
 
 def test_unknown_database_is_named_in_the_error(empty_database: str) -> None:

@@ -5,8 +5,8 @@ reconnects). It offers what the rest of the bridge needs and no more:
 
 - `subscribe(filters)` before `start()`: the subscriptions are made again on every
   connect (a broker restarted without its store has forgotten them);
-- an `on_message` callback, called on paho's network thread with every message;
-- `ack(mid, qos, generation)`: the manual QoS 1 acknowledgement, sent only if the
+- `consume(on_message, index)`: paho's on_message, on its network thread;
+- `ack(messages)`: the manual QoS 1 acknowledgements, each sent only if the
   message came on the current connection (`generation`), since packet ids of an
   earlier connection mean nothing on this one and the broker redelivers those;
 - `publish(...)`: a QoS 1 publish whose broker PUBACK is awaited as a future.
@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
@@ -32,7 +33,16 @@ from service import metrics, mqtt
 
 log = logging.getLogger("eucora.bridge.link")
 
-OnMessage = Callable[[paho.MQTTMessage, int], None]  # (message, generation), paho's thread
+# paho's own on_message signature: (client, userdata, message), on paho's thread. The
+# userdata is the index the link was given, so one consumer serves several links
+# without a wrapper call per message.
+OnMessage = Callable[[paho.Client, Any, paho.MQTTMessage], None]
+
+
+class Ackable(Protocol):
+    mid: int
+    qos: int
+    generation: int
 
 
 class BrokerLink:
@@ -47,7 +57,6 @@ class BrokerLink:
         self.url = url
         self.client_id = client_id
         self.receive_maximum = min(receive_maximum, 65535)
-        self.on_message: OnMessage | None = None
         self.connected = False
         self.generation = 0  # +1 per connection; written on paho's thread only
         self._filters: list[tuple[str, int]] = []
@@ -64,7 +73,6 @@ class BrokerLink:
         self._client = mqtt.make_client(url, client_id, manual_ack=True, ca_file=ca_file)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
 
     def __str__(self) -> str:
@@ -73,15 +81,25 @@ class BrokerLink:
     def subscribe(self, filters: list[tuple[str, int]]) -> None:
         self._filters.extend(filters)
 
+    def consume(self, on_message: OnMessage, index: int) -> None:
+        """Deliver every message to `on_message` (on paho's thread), with `index` as
+        its userdata argument. Read `generation` there for the message's connection."""
+        self._client.user_data_set(index)
+        self._client.on_message = on_message
+
     async def start(self) -> None:
         """Connect (raises service.mqtt.MqttConnectError); messages start flowing."""
         self._loop = asyncio.get_running_loop()
         props = mqtt.connect_properties(receive_maximum=self.receive_maximum)
         await mqtt.connect(self._client, self.url, clean_start=False, properties=props)
 
-    def ack(self, mid: int, qos: int, generation: int) -> None:
-        if qos > 0 and generation == self.generation:
-            self._client.ack(mid, qos)
+    def ack(self, messages: Iterable[Ackable]) -> None:
+        """Acknowledge QoS 1 messages that came on the current connection."""
+        generation = self.generation
+        ack = self._client.ack
+        for m in messages:
+            if m.qos and m.generation == generation:
+                ack(m.mid, m.qos)
 
     async def publish(
         self,
@@ -169,10 +187,6 @@ class BrokerLink:
             log.warning(
                 "disconnected from broker", extra={"broker": str(self.url), "reason": str(reason)}
             )
-
-    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
-        if self.on_message is not None:
-            self.on_message(msg, self.generation)
 
     def _on_publish(
         self,

@@ -32,6 +32,7 @@ from schemas.validate import telemetry_samples
 from service import metrics
 from service.bridge.message import Inbound
 from service.bridge.routes import Rejected, Routes
+from service.db.connect import connect_async
 from service.domains import agents, dead_letters, telemetry
 from service.domains.dead_letters import DeadLetter
 
@@ -87,9 +88,7 @@ class Store:
             await self._idle.pop().close()
 
     async def _connect(self) -> Conn:
-        conn = await psycopg.AsyncConnection.connect(
-            self.url, connect_timeout=5, application_name="eucora-bridge-ingest"
-        )
+        conn = await connect_async(self.url, application_name="eucora-bridge-ingest")
         await telemetry.prepare(conn)
         await conn.commit()
         return conn

@@ -9,11 +9,9 @@ because libpq's messages are multi-line and quote the connection target.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from schemas.config import redact_url
 from service.logs import scrub
@@ -62,51 +60,6 @@ def connect(
         )
     except psycopg.Error as exc:
         raise DatabaseUnavailable(describe_connection_error(url, exc)) from None
-
-
-async def open_pool(
-    url: str,
-    *,
-    min_size: int = 1,
-    max_size: int = 10,
-    name: str = "eucora",
-    open_timeout: float = 30.0,
-    application_name: str = "eucora-bridge",
-    **kwargs: Any,
-) -> AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]:
-    """An opened async pool; call from inside the running event loop.
-
-    The pool is created with open=False and opened here, as psycopg documents: opening
-    in the constructor needs a loop and is deprecated. It waits for min_size
-    connections so a wrong URL fails now, with the server's reason, rather than on
-    first use. Connections are checked on checkout so a restarted server is survived.
-    """
-    pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
-        url,
-        min_size=min_size,
-        max_size=max_size,
-        name=name,
-        open=False,
-        check=AsyncConnectionPool.check_connection,
-        kwargs={"application_name": application_name, **kwargs},
-    )
-    try:
-        await pool.open(wait=True, timeout=open_timeout)
-    except PoolTimeout:
-        await pool.close()
-        # The pool only says it timed out; one direct attempt tells why.
-        try:
-            conn = await psycopg.AsyncConnection.connect(
-                url, connect_timeout=DEFAULT_CONNECT_TIMEOUT_S
-            )
-        except psycopg.Error as exc:
-            raise DatabaseUnavailable(describe_connection_error(url, exc)) from None
-        await conn.close()
-        raise DatabaseUnavailable(
-            f"cannot connect to database {redact_url(url)}: "
-            f"no connection ready within {open_timeout:g} s"
-        ) from None
-    return pool
 
 
 async def connect_async(

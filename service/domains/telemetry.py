@@ -9,6 +9,7 @@ is stored once (the key is (agent_id, time)). The column list is the contract's
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any, Final
 
 import psycopg
@@ -19,18 +20,19 @@ from schemas.payloads import TelemetrySample
 Conn = psycopg.AsyncConnection[Any]
 Row = tuple[Any, ...]
 
-COLUMNS: Final = ("time", "agent_id", *TELEMETRY_METRICS, "correlation_id")
+COLUMNS: Final = ("agent_id", "time", *TELEMETRY_METRICS, "correlation_id")
 _TYPES: Final = {
     "time": "timestamptz", "agent_id": "text", "correlation_id": "text",
     "net_rx_bytes": "int8", "net_tx_bytes": "int8",
 }  # fmt: skip
 _COPY_TYPES: Final = [_TYPES.get(c, "float8") for c in COLUMNS]
 _COLS: Final = ", ".join(COLUMNS)
-_METRIC_GETTERS: Final = tuple(TELEMETRY_METRICS)
+# One C call per sample for every field after agent_id (ts, the metrics, correlation_id).
+_FIELDS: Final = attrgetter("ts", *TELEMETRY_METRICS, "correlation_id")
 
 
 def row(agent_id: str, s: TelemetrySample) -> Row:
-    return (s.ts, agent_id, *(getattr(s, m) for m in _METRIC_GETTERS), s.correlation_id)
+    return (agent_id, *_FIELDS(s))
 
 
 async def prepare(conn: Conn) -> None:
