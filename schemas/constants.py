@@ -36,8 +36,14 @@ TASK_DEFAULT_EXPIRES_IN_S: Final = 7 * 86400
 # An agent that says it is online but sent nothing for this long is marked stale.
 OFFLINE_AFTER_S: Final = 300.0
 
-# PostgreSQL NOTIFY channel: "a task message is owed, the outbox should look now".
+# PostgreSQL NOTIFY channels: "a task message is owed, the outbox should look now";
+# "a deployment changed, the rollout engine should look now".
 OUTBOX_CHANNEL: Final = "eucora_outbox"
+DEPLOYMENTS_CHANNEL: Final = "eucora_deployments"
+
+# Deployments: a failure percentage aborts a rollout only once this many targets
+# finished (a first failure out of one is not 100% of a fleet).
+DEPLOYMENT_ABORT_MIN_FINISHED: Final = 20
 
 # The metrics of one telemetry sample, in storage order (payload fields, telemetry
 # columns, the CLI's output). The payload model is checked against this list.

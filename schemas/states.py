@@ -161,6 +161,50 @@ class DeploymentState(StrEnum):
 DEPLOYMENT_TERMINAL: frozenset[DeploymentState] = frozenset(
     {DeploymentState.COMPLETED, DeploymentState.ABORTED, DeploymentState.ROLLED_BACK}
 )
+_D = DeploymentState
+_DEPLOYMENT_NEXT: dict[DeploymentState, frozenset[DeploymentState]] = {
+    _D.PENDING: frozenset({_D.RUNNING, _D.ABORTED}),
+    _D.RUNNING: frozenset({_D.COMPLETED, _D.ABORTED}),
+    _D.COMPLETED: frozenset({_D.ROLLING_BACK}),
+    _D.ABORTED: frozenset({_D.ROLLING_BACK}),
+    _D.ROLLING_BACK: frozenset({_D.ROLLED_BACK}),
+}
+
+
+def deployment_transition_allowed(current: DeploymentState, new: DeploymentState) -> bool:
+    """PENDING -> RUNNING -> COMPLETED | ABORTED (also straight from PENDING);
+    COMPLETED or ABORTED -> ROLLING_BACK -> ROLLED_BACK. Nothing else."""
+    return new in _DEPLOYMENT_NEXT.get(current, frozenset())
+
+
+_A = DeploymentAgentStatus
+# A target is finished in these states (SUCCESS may still be rolled back).
+DEPLOYMENT_AGENT_FINISHED: frozenset[DeploymentAgentStatus] = frozenset(
+    {_A.SUCCESS, _A.FAILED, _A.ROLLBACK, _A.SKIPPED}
+)
+_AGENT_NEXT: dict[DeploymentAgentStatus, frozenset[DeploymentAgentStatus]] = {
+    _A.PENDING: frozenset({_A.IN_PROGRESS, _A.SUCCESS, _A.FAILED, _A.ROLLBACK, _A.SKIPPED}),
+    _A.IN_PROGRESS: frozenset({_A.SUCCESS, _A.FAILED, _A.ROLLBACK}),
+    _A.SUCCESS: frozenset({_A.ROLLBACK, _A.FAILED}),
+    _A.FAILED: frozenset({_A.ROLLBACK}),
+}
+
+
+def deployment_agent_transition_allowed(
+    current: DeploymentAgentStatus, new: DeploymentAgentStatus
+) -> bool:
+    """One target of a deployment (SPEC "Deployments", docs/deployments.md):
+
+    - PENDING (sent, or not yet) -> IN_PROGRESS -> SUCCESS | FAILED; earlier reports may
+      be lost, so SUCCESS, FAILED or ROLLBACK are accepted straight from PENDING.
+    - ROLLBACK: the previous version is back, after a rollback task (from SUCCESS) or
+      on the agent's own initiative (from PENDING, IN_PROGRESS or FAILED).
+    - SUCCESS -> FAILED: only a failed rollback task (the server sets it).
+    - SKIPPED (server): never started; only from PENDING.
+    - ROLLBACK and SKIPPED are final; the same state again is not a transition (an
+      IN_PROGRESS progress update changes the progress, not the state).
+    """
+    return new in _AGENT_NEXT.get(current, frozenset())
 
 
 class AgentRecordState(StrEnum):
@@ -207,6 +251,8 @@ class DeadLetterReason(StrEnum):
     IDENTITY = "identity"
     UNKNOWN_KIND = "unknown_kind"
     UNKNOWN_TASK = "unknown_task"  # a task-status report on a task that does not exist
+    UNKNOWN_DEPLOYMENT = "unknown_deployment"  # a deployment-status report that matches
+    # no (deployment, agent) target
     UNSUPPORTED = "unsupported"  # a valid kind this bridge version does not store yet
     STORAGE = "storage"  # the database refused the message's values
     INTERNAL_ERROR = "internal_error"  # a bug in the bridge while storing this message

@@ -55,6 +55,9 @@ class Settings:
     # runs this often.
     task_redelivery_s: float = 60.0
     task_sweep_interval_s: float = 5.0
+    # Deployments (docs/deployments.md): how often the rollout engine steps every
+    # active deployment besides its wake-ups (also the rate's resolution).
+    rollout_interval_s: float = 0.5
     # MQTT 5 shared subscription group, for several bridges splitting the load; None =
     # plain subscriptions. Off by default: Mosquitto 2.0.11 forgets an offline member's
     # shared subscription over a restart, dropping what agents send until it returns
@@ -92,6 +95,7 @@ class Settings:
             max_pending = int(pick("ingest_max_pending", "EUCORA_INGEST_MAX_PENDING", "20000") or 0)
             offline_after = float(pick("offline_after_s", "EUCORA_OFFLINE_AFTER", "300") or 0)
             redelivery = float(pick("task_redelivery_s", "EUCORA_TASK_REDELIVERY", "60") or 0)
+            rollout = float(pick("rollout_interval_s", "EUCORA_ROLLOUT_INTERVAL", "0.5") or 0)
             task_sweep = float(
                 pick("task_sweep_interval_s", "EUCORA_TASK_SWEEP_INTERVAL", "5") or 0
             )
@@ -114,6 +118,7 @@ class Settings:
             offline_after_s=_positive_float("EUCORA_OFFLINE_AFTER", offline_after),
             task_redelivery_s=_positive_float("EUCORA_TASK_REDELIVERY", redelivery),
             task_sweep_interval_s=_positive_float("EUCORA_TASK_SWEEP_INTERVAL", task_sweep),
+            rollout_interval_s=_positive_float("EUCORA_ROLLOUT_INTERVAL", rollout),
             share_group=_share_group(pick("share_group", "EUCORA_SHARE_GROUP")),
         )
 

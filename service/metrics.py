@@ -56,3 +56,15 @@ MARKED_STALE = Counter("eucora_agents_marked_stale", "Online agents marked stale
 INVENTORY_CHANGES = Counter(
     "eucora_inventory_changes", "Software added, removed or changed", ["change"]
 )
+
+# Deployments (docs/deployments.md)
+DEPLOYMENTS = Counter(
+    "eucora_deployment_transitions", "Deployment state changes, by new state", ["state"]
+)
+DEPLOYMENT_STARTS = Counter("eucora_deployment_starts", "Targets sent their DEPLOY task")
+DEPLOYMENT_AGENTS = Counter(
+    "eucora_deployment_agent_transitions", "Per-target state changes, by new state", ["state"]
+)
+DEPLOYMENT_REPORTS = Counter(
+    "eucora_deployment_reports", "deployment-status reports from agents, by outcome", ["outcome"]
+)  # accepted, progress, repeat, duplicate, illegal, after_final, not_started, unknown

@@ -34,6 +34,7 @@ from service.bridge import health as health_http
 from service.bridge.ingest import Ingest, IngestLimits
 from service.bridge.link import BrokerLink
 from service.bridge.outbox import Outbox
+from service.bridge.rollouts import RolloutEngine
 from service.bridge.routes import Routes, default_routes
 from service.bridge.store import Store
 from service.bridge.sweeps import stale_sweeper, task_sweeper
@@ -136,12 +137,14 @@ class Bridge:
     store: Store
     ingest: Ingest
     outbox: Outbox
+    rollouts: RolloutEngine
 
     def workers(self) -> list[Coroutine[Any, Any, None]]:
         """The background work beside ingest, started once the bridge is ready."""
         s = self.settings
         return [
             self.outbox.run(connected=lambda: all(link.connected for link in self.links)),
+            self.rollouts.run(),
             task_sweeper(s.database_url, s.task_sweep_interval_s),
             stale_sweeper(s.database_url, s.offline_after_s),
         ]
@@ -176,7 +179,8 @@ def build(settings: Settings, *, routes: Routes | None = None) -> Bridge:
         tree,
         redelivery_s=settings.task_redelivery_s,
     )
-    return Bridge(settings, health, links, store, ingest, outbox)
+    rollouts = RolloutEngine(settings.database_url, settings.rollout_interval_s)
+    return Bridge(settings, health, links, store, ingest, outbox, rollouts)
 
 
 class BridgeApp:

@@ -54,7 +54,7 @@ from schemas.topics import Kind, TopicTree
 from schemas.validate import PayloadError, dump
 from service import metrics
 from service.bridge.link import BrokerLink
-from service.db.connect import OwnConnection, connect_async
+from service.db.connect import OwnConnection, listen
 from service.domains import tasks
 
 log = logging.getLogger("eucora.bridge.outbox")
@@ -213,7 +213,7 @@ class Outbox:
         return len(rows)
 
     async def run(self, connected: Callable[[], bool]) -> None:
-        listener = asyncio.create_task(listen(self.database_url, self.wake))
+        listener = asyncio.create_task(listen(self.database_url, OUTBOX_CHANNEL, self.wake))
         try:
             while True:
                 self.wake.clear()
@@ -240,21 +240,3 @@ class Outbox:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
             await self.db.close()
-
-
-async def listen(database_url: str, wake: asyncio.Event) -> None:
-    """Set `wake` on every NOTIFY; reconnect when the database goes away (the poll
-    keeps the outbox going meanwhile)."""
-    delay = 0.5
-    while True:
-        try:
-            async with await connect_async(database_url, autocommit=True) as conn:
-                await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
-                delay = 0.5
-                wake.set()  # anything written while we were not listening
-                async for _ in conn.notifies():
-                    wake.set()
-        except (psycopg.Error, OSError) as exc:
-            log.info("outbox listener reconnecting", extra={"error": str(exc)[:200]})
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 10.0)

@@ -20,11 +20,17 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from schemas.payloads import Inventory, Register, Status, TaskStatusReport
-from schemas.states import AgentState, DeadLetterReason
+from schemas.payloads import (
+    DeploymentStatusReport,
+    Inventory,
+    Register,
+    Status,
+    TaskStatusReport,
+)
+from schemas.states import TERMINAL, AgentState, DeadLetterReason
 from schemas.topics import AGENT_KINDS, Kind
 from service.bridge.message import Inbound
-from service.domains import agents, inventory, tasks
+from service.domains import agents, deployments, inventory, tasks
 
 log = logging.getLogger("eucora.bridge.routes")
 
@@ -91,16 +97,19 @@ async def on_inventory(conn: Conn, item: Inbound) -> None:
 async def on_task_status(conn: Conn, item: Inbound) -> None:
     agent_id, report = _model(item, TaskStatusReport)
     try:
-        await tasks.apply_report(conn, agent_id, report)
+        outcome = await tasks.apply_report(conn, agent_id, report)
     except tasks.UnknownTask as exc:
         raise Rejected(DeadLetterReason.UNKNOWN_TASK, str(exc)) from None
+    if outcome.deployment_id is not None and outcome.status in TERMINAL:
+        await deployments.notify(conn)  # its deployment may start the next agent now
 
 
-async def unsupported(conn: Conn, item: Inbound) -> None:
-    """A kind of the contract this bridge version does not store yet: kept as a dead
-    letter (nothing is lost, an operator can see it) rather than acked and dropped."""
-    kind = item.kind.value if item.kind else "?"
-    raise Rejected(DeadLetterReason.UNSUPPORTED, f"{kind} is not stored by this bridge version")
+async def on_deployment_status(conn: Conn, item: Inbound) -> None:
+    agent_id, report = _model(item, DeploymentStatusReport)
+    try:
+        await deployments.apply_report(conn, agent_id, report)
+    except deployments.UnknownDeployment as exc:
+        raise Rejected(DeadLetterReason.UNKNOWN_DEPLOYMENT, str(exc)) from None
 
 
 def default_routes() -> Routes:
@@ -110,6 +119,6 @@ def default_routes() -> Routes:
             Kind.REGISTER: on_register,
             Kind.INVENTORY: on_inventory,
             Kind.TASK_STATUS: on_task_status,
-            Kind.DEPLOYMENT_STATUS: unsupported,
+            Kind.DEPLOYMENT_STATUS: on_deployment_status,
         }
     )

@@ -8,6 +8,8 @@ because libpq's messages are multi-line and quote the connection target.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 
 import psycopg
@@ -15,6 +17,8 @@ from psycopg.rows import TupleRow
 
 from schemas.config import redact_url
 from service.logs import scrub
+
+log = logging.getLogger("eucora.db")
 
 # How long a CLI command waits for a server that does not answer (libpq connect_timeout).
 DEFAULT_CONNECT_TIMEOUT_S = 5
@@ -99,3 +103,22 @@ class OwnConnection:
     async def close(self) -> None:
         if self._conn is not None:
             await self._conn.close()
+
+
+async def listen(database_url: str, channel: str, wake: asyncio.Event) -> None:
+    """Set `wake` on every NOTIFY on `channel`, and once after each (re)connect (what
+    was written while nobody listened). Reconnects while the database is away: the
+    worker that waits on `wake` polls besides, so nothing depends on a notification."""
+    delay = 0.5
+    while True:
+        try:
+            async with await connect_async(database_url, autocommit=True) as conn:
+                await conn.execute(f"LISTEN {channel}")
+                delay = 0.5
+                wake.set()
+                async for _ in conn.notifies():
+                    wake.set()
+        except (psycopg.Error, OSError) as exc:
+            log.info("listener reconnecting", extra={"channel": channel, "error": str(exc)[:200]})
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)

@@ -239,6 +239,48 @@ async def cancel_task(
     return Cancelled(task_id, agent_id, status, tell)
 
 
+_CANCEL_UNSTARTED = """
+UPDATE tasks t SET status = %(new)s, finished_at = now(), updated_at = now(),
+       cancel_requested = t.attempts > 0,
+       next_publish_at = CASE WHEN t.attempts > 0 THEN now() END,
+       error = coalesce(t.error, %(reason)s)
+  FROM (SELECT task_id, status FROM tasks WHERE task_id = ANY(%(ids)s) AND status = ANY(%(from)s)
+         ORDER BY task_id FOR UPDATE) old
+ WHERE t.task_id = old.task_id
+RETURNING t.task_id, t.agent_id, t.correlation_id, old.status, t.attempts > 0
+"""
+
+
+async def cancel_unstarted(
+    conn: Conn, task_ids: Sequence[uuid.UUID], *, reason: str, source: Source = "server"
+) -> list[uuid.UUID]:
+    """CANCELLED for those of `task_ids` the agent has not started (PENDING, ASSIGNED);
+    an agent that may have one is sent its cancel. Returns the ids cancelled."""
+    if not task_ids:
+        return []
+    cur = await conn.execute(
+        _CANCEL_UNSTARTED,
+        {
+            "ids": list(task_ids),
+            "from": _states(*UNSTARTED),
+            "new": _S.CANCELLED.value,
+            "reason": reason,
+        },
+    )
+    rows = await cur.fetchall()
+    await record_events(
+        conn,
+        [
+            TaskEvent(tid, agent, _S.CANCELLED.value, previous, source, corr, reason,
+                      detail={"agent_told": told})
+            for tid, agent, corr, previous, told in rows
+        ],
+    )  # fmt: skip
+    if any(told for *_, told in rows):
+        await notify_outbox(conn)
+    return [r[0] for r in rows]
+
+
 # --- server transitions: sweeps and the outbox ---------------------------------------
 
 _TIMEOUT = """
