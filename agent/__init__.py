@@ -8,5 +8,5 @@ endpoint's command (`eucora-agent run`, `python -m agent run`).
 
 This package stands alone: it imports `schemas` and itself, never `service` or `cli`,
 so an endpoint installs it without the server's dependencies
-(tests/test_layering.py).
+(tests/test_architecture.py, tests/test_layering.py).
 """
