@@ -1,5 +1,6 @@
 # The EUCORA image: Debian's Mosquitto (with the dynamic security plugin) and the
-# project, as `scripts/setup.sh` installs them on a machine. compose.yaml runs it.
+# project with its `server` extra, as `scripts/setup.sh` installs them on a machine.
+# compose.yaml runs it. (Endpoints install only the agent: `pip install .`, README.)
 FROM python:3.11-slim-bookworm
 RUN apt-get update \
  && apt-get install -y --no-install-recommends mosquitto mosquitto-clients \
@@ -11,7 +12,7 @@ COPY service service
 COPY cli cli
 COPY agent agent
 COPY mosquitto mosquitto
-RUN pip install --no-cache-dir -e .
+RUN pip install --no-cache-dir -e ".[server]"
 ENV EUCORA_STACK_DIR=/data
 VOLUME /data
 EXPOSE 11883 18883 9108

@@ -1,5 +1,5 @@
-"""`python -m agent run ...`: the reference agent without the rest of the CLI."""
+"""`python -m agent run ...`: the reference agent (the same as `eucora-agent`)."""
 
-from cli.agent import app
+from agent.cli import main
 
-app(prog_name="python -m agent")
+raise SystemExit(main(prog="python -m agent"))

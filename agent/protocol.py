@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Final
 
+from schemas.constants import TELEMETRY_METRICS, WILL_REASON
 from schemas.payloads import (
     MAX_BATCH,
     Hardware,
@@ -29,9 +30,8 @@ from schemas.states import AgentState, Platform
 from schemas.topics import Kind, TopicTree
 from schemas.validate import PayloadError, dump
 
-# Put in the last will's `reason`; the bridge records such an offline as source
-# "last_will" (service/bridge/handlers/agents.py has the same constant).
-WILL_REASON: Final = "last will"
+# The last will's `reason` is schemas.constants.WILL_REASON: the bridge records such
+# an offline as source "last_will".
 STOP_REASON: Final = "graceful shutdown"
 REPUBLISH_REASON: Final = "republished after an older offline"
 
@@ -193,7 +193,8 @@ def heartbeat(seq: int, uptime_s: float | None) -> bytes:
 
 @dataclass(frozen=True)
 class Metrics:
-    """One reading of the host (or of a simulated host)."""
+    """One reading of the host (or of a simulated host): the fields are the contract's
+    TELEMETRY_METRICS, in that order (tests/test_agents_protocol.py checks it)."""
 
     cpu_percent: float
     memory_percent: float
@@ -201,22 +202,20 @@ class Metrics:
     net_rx_bytes: int
     net_tx_bytes: int
 
+    def as_fields(self) -> dict[str, float | int]:
+        """The telemetry fields, named as the contract names them."""
+        return {name: getattr(self, name) for name in TELEMETRY_METRICS}
+
 
 def sample(m: Metrics, ts: datetime | None = None) -> TelemetrySample:
-    def pct(v: float) -> float:
-        return round(min(max(v, 0.0), 100.0), 2)
-
-    return TelemetrySample.model_validate(
-        {
-            "ts": rfc3339(ts),
-            "cpu_percent": pct(m.cpu_percent),
-            "memory_percent": pct(m.memory_percent),
-            "disk_percent": pct(m.disk_percent),
-            "net_rx_bytes": max(int(m.net_rx_bytes), 0),
-            "net_tx_bytes": max(int(m.net_tx_bytes), 0),
-        },
-        strict=False,
-    )
+    """A sample with percentages clamped to 0..100 (2 decimals) and byte counts >= 0."""
+    fields: dict[str, object] = {"ts": rfc3339(ts)}
+    for name, value in m.as_fields().items():
+        if name.endswith("_percent"):
+            fields[name] = round(min(max(float(value), 0.0), 100.0), 2)
+        else:
+            fields[name] = max(int(value), 0)
+    return TelemetrySample.model_validate(fields, strict=False)
 
 
 def telemetry(s: TelemetrySample) -> bytes:

@@ -35,6 +35,7 @@ from agent.buffer import TelemetryBuffer
 from agent.loop import Loop, Timer
 from agent.protocol import AgentTopics, EpochClock, HostInfo, Metrics, OwnStatusAction
 from schemas.config import MqttUrl
+from schemas.constants import FATAL_CONNECT_REASONS, SESSION_EXPIRY_S
 from schemas.payloads import Software, Status
 from schemas.states import AgentState
 from schemas.topics import Kind, TopicTree
@@ -46,12 +47,6 @@ SESSION_TAKEN_OVER: Final = 142  # MQTT 5 DISCONNECT reason: another client took
 DISCONNECT_WITH_WILL: Final = 4  # MQTT 5 DISCONNECT reason: "publish my will anyway"
 # A connection that lasted this long ends a takeover fight: back-off starts afresh.
 STABLE_S: Final = 60.0
-_FATAL: Final = {
-    "Bad user name or password",
-    "Not authorized",
-    "Client identifier not valid",
-    "Banned",
-}
 
 
 class Host(Protocol):
@@ -77,7 +72,7 @@ class Timing:
     takeover_max: float = 120.0
     connack_timeout: float = 10.0
     stop_timeout: float = 5.0  # how long a graceful stop waits for its offline's PUBACK
-    session_expiry: int = 7 * 24 * 3600
+    session_expiry: int = SESSION_EXPIRY_S
     # Start periodic timers at a random phase (a fleet must not beat in step).
     random_phase: bool = False
 
@@ -338,7 +333,11 @@ class AgentSession:
                 "the broker refused the connection",
                 extra={"agent_id": self.agent_id, "reason": text},
             )
-            if text in _FATAL and not self.ever_connected and self.on_fatal is not None:
+            if (
+                text in FATAL_CONNECT_REASONS
+                and not self.ever_connected
+                and self.on_fatal is not None
+            ):
                 self.stopping = True
                 self._cancel_timers()
                 self.on_fatal(text)

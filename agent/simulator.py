@@ -8,6 +8,10 @@ filling, network bytes from a per-host rate. `churn` is the fraction of the flee
 that leaves per minute, half of it by crashing (the broker publishes the will) and
 half by a clean stop, each coming back after a pause; some come back with software
 installed, removed or upgraded.
+
+The simulator only connects: the agents' broker accounts are made on the server side
+(`eucora simulate` in cli/simulate.py, through service/broker_admin.py), which hands
+their passwords to `run`/`Fleet`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import math
 import random
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -28,13 +32,11 @@ from agent.loop import Loop
 from agent.protocol import HostInfo, Metrics
 from agent.session import AgentSession, Timing
 from agent.tasks import report_document
-from schemas.config import MqttUrl
+from schemas.config import DEFAULT_TOPIC_ROOT, MqttUrl
 from schemas.payloads import Software, TaskCommand
 from schemas.states import Platform, TaskStatus
 from schemas.topics import Kind, TopicTree
 from schemas.validate import PayloadError, parse
-from service import dynsec
-from service.broker_admin import BrokerAdmin
 
 log = logging.getLogger("eucora.simulate")
 
@@ -245,7 +247,7 @@ class FleetOptions:
     churn: float = 0.0  # fraction of the fleet leaving per minute
     connect_rate: float = 200.0  # new connections per second at start
     seed: int = 1
-    topic_root: str = "eucora/v1"
+    topic_root: str = DEFAULT_TOPIC_ROOT
     ca_file: str | None = None
     buffer_size: int = 1000
 
@@ -268,35 +270,12 @@ class FleetReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def provision(admin_url: MqttUrl, ids: Sequence[str], tree: TopicTree) -> dict[str, str]:
-    """Fresh passwords for the simulated agents: created, or reset if they exist."""
-    passwords = {a: dynsec.new_password() for a in ids}
-    with BrokerAdmin(admin_url, tree=tree, timeout=60) as admin:
-        try:
-            admin.provision_many(passwords)
-        except dynsec.DynsecError as exc:
-            if "already exists" not in exc.error:
-                raise
-            # A fleet simulated before: same ids, new passwords.
-            items = list(passwords.items())
-            for i in range(0, len(items), 100):
-                commands: list[dict[str, Any]] = []
-                for agent_id, password in items[i : i + 100]:
-                    commands += dynsec.provision_commands(tree, agent_id, password)
-                    commands.append(
-                        {"command": "setClientPassword", "username": agent_id,
-                         "password": password}
-                    )  # fmt: skip
-                admin.execute(commands, ignore=("Role already exists", "Client already exists"))
-    return passwords
-
-
 class Fleet:
     def __init__(
         self,
         options: FleetOptions,
         broker: MqttUrl,
-        passwords: dict[str, str],
+        passwords: Mapping[str, str],
         *,
         loop: Loop | None = None,
         on_progress: Callable[[str], None] | None = None,
@@ -317,6 +296,9 @@ class Fleet:
             random_phase=True,
             reconnect_max=30.0,
         )
+        missing = [a for a in options.agent_ids() if a not in passwords]
+        if missing:
+            raise ValueError(f"no password for {len(missing)} agents (first: {missing[0]})")
         tree = TopicTree(options.topic_root)
         self.hosts: list[SimulatedHost] = []
         self.sessions: list[AgentSession] = []
@@ -419,21 +401,21 @@ def max_rss_bytes() -> int:
 def run(
     options: FleetOptions,
     broker: MqttUrl,
-    admin: MqttUrl,
+    passwords: Mapping[str, str],
     *,
     duration: float | None = None,
     on_progress: Callable[[str], None] | None = None,
     stop_timeout: float = 20.0,
 ) -> FleetReport:
-    """Provision, connect the fleet and run it until `duration` s have passed or
-    SIGTERM/SIGINT; then stop every agent gracefully. Runs on the calling thread."""
+    """Connect the fleet and run it until `duration` s have passed or SIGTERM/SIGINT;
+    then stop every agent gracefully. Runs on the calling thread.
+
+    `passwords` (agent id -> password, one per `options.agent_ids()`) are accounts the
+    server side made (`eucora simulate` provisions them): the simulator only connects.
+    """
     import signal
 
     say = on_progress or (lambda _m: None)
-    tree = TopicTree(options.topic_root)
-    started = time.monotonic()
-    passwords = provision(admin, options.agent_ids(), tree)
-    say(f"provisioned {options.agents} agents in {time.monotonic() - started:.1f} s")
     fleet = Fleet(options, broker, passwords, on_progress=say)
     loop = fleet.loop
     stopping = False

@@ -57,6 +57,7 @@ from typing import Any, Final
 import orjson
 import psutil
 
+from agent.protocol import Metrics
 from schemas.payloads import TaskCancel, TaskCommand, TaskStatusReport
 from schemas.states import TaskStatus, TaskType
 from schemas.topics import Kind
@@ -630,13 +631,16 @@ def healthcheck(payload: Mapping[str, Any]) -> tuple[TaskStatus, Any, str | None
 
 def telemetry_snapshot() -> dict[str, Any]:
     net = psutil.net_io_counters()
+    reading = Metrics(
+        cpu_percent=psutil.cpu_percent(interval=None),
+        memory_percent=psutil.virtual_memory().percent,
+        disk_percent=psutil.disk_usage(disk_root()).percent,
+        net_rx_bytes=net.bytes_recv if net else 0,  # counters since boot, not rates
+        net_tx_bytes=net.bytes_sent if net else 0,
+    )
     return {
         "ts": now(),
-        "cpu_percent": psutil.cpu_percent(interval=None),
-        "memory_percent": psutil.virtual_memory().percent,
-        "disk_percent": psutil.disk_usage(disk_root()).percent,
-        "net_rx_bytes": net.bytes_recv if net else 0,
-        "net_tx_bytes": net.bytes_sent if net else 0,
+        **reading.as_fields(),
         "uptime_s": round(max(time.time() - psutil.boot_time(), 0.0), 1),
         "process_count": len(psutil.pids()),
     }

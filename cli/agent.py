@@ -1,4 +1,8 @@
-"""`eucora agent run`: the reference agent, reporting on this machine."""
+"""`eucora agent run`: the reference agent, reporting on this machine.
+
+The operator's spelling of the endpoint's own command (`eucora-agent run`,
+agent/cli.py): the same options, the same code.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.common import fail
-from schemas.config import ConfigError
 
 app = typer.Typer(help="The reference agent (real metrics of this host).", no_args_is_help=True)
 
@@ -73,31 +74,22 @@ def run(
     log_level: Annotated[str, typer.Option(envvar="EUCORA_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run the agent until SIGTERM/SIGINT (then it publishes `offline` itself)."""
-    from agent import config as agent_config
-    from agent import reference
-    from service import logs
+    from agent import cli as agent_cli  # the endpoint's own command: the same code
 
-    logs.setup(log_level)
-    try:
-        cfg = agent_config.load(
-            {
-                "agent_id": agent_id,
-                "mqtt_url": mqtt_url,
-                "telemetry_interval": telemetry_interval,
-                "heartbeat_interval": heartbeat_interval,
-                "keepalive": keepalive,
-                "inventory_interval": inventory_interval,
-                "inventory": inventory,
-                "tags": tag or None,
-                "buffer_size": buffer_size,
-                "state_dir": state_dir,
-                "allow_list": allow_list,
-                "reconnect_max": reconnect_max,
-            },
-            config_file=config,
-        )
-    except ConfigError as exc:
-        fail(str(exc))
-    code = reference.run(cfg)
+    flags = {
+        "agent_id": agent_id,
+        "mqtt_url": mqtt_url,
+        "telemetry_interval": telemetry_interval,
+        "heartbeat_interval": heartbeat_interval,
+        "keepalive": keepalive,
+        "inventory_interval": inventory_interval,
+        "inventory": inventory,
+        "tags": tag or None,
+        "buffer_size": buffer_size,
+        "state_dir": state_dir,
+        "allow_list": allow_list,
+        "reconnect_max": reconnect_max,
+    }
+    code = agent_cli.start(flags, config_file=config, log_level=log_level)
     if code:
         raise typer.Exit(code)

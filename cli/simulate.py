@@ -1,11 +1,16 @@
 """`eucora simulate --agents N`: a fleet of simulated agents, for demos and load.
 
+The server side of the simulation: the fleet's broker accounts are provisioned here
+(service/broker_admin.py) and their passwords handed to agent/simulator.py, which
+only connects.
+
 Registered by cli/main.py as a command: `app.command("simulate")(simulate)`.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Annotated
@@ -13,8 +18,8 @@ from typing import Annotated
 import typer
 
 from cli.common import emit_json, fail
-from schemas.config import DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl
-from schemas.topics import is_agent_id
+from schemas.config import DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl, check_topic_root
+from schemas.topics import TopicTree, is_agent_id
 from service.config import ADMIN_URL_ENV
 
 
@@ -62,6 +67,8 @@ def simulate(
 ) -> None:
     """Run N simulated agents (varied platforms, tags, metrics) until --duration or Ctrl-C."""
     from agent import simulator
+    from service import dynsec
+    from service.broker_admin import BrokerAdmin
     from service.stack.process import StackError
 
     admin = admin_url or admin_url_from_env()
@@ -74,6 +81,7 @@ def simulate(
     try:
         broker = MqttUrl.parse(mqtt_url)
         admin_mqtt = MqttUrl.parse(admin, var=ADMIN_URL_ENV)
+        tree = TopicTree(check_topic_root(topic_root))
     except ConfigError as exc:
         fail(str(exc))
     options = simulator.FleetOptions(
@@ -86,7 +94,13 @@ def simulate(
         typer.echo(message, err=True)
 
     try:
-        report = simulator.run(options, broker, admin_mqtt, duration=duration, on_progress=say)
+        # The accounts are made here, on the server side; the simulator only connects.
+        started = time.monotonic()
+        passwords = {a: dynsec.new_password() for a in options.agent_ids()}
+        with BrokerAdmin(admin_mqtt, tree=tree, timeout=60, ca_file=ca_file) as broker_admin:
+            broker_admin.provision_or_reset(passwords)
+        say(f"provisioned {agents} agents in {time.monotonic() - started:.1f} s")
+        report = simulator.run(options, broker, passwords, duration=duration, on_progress=say)
     except (ConnectionError, TimeoutError, StackError, OSError) as exc:
         fail(f"simulation failed: {exc}")
     except Exception as exc:  # DynsecError and the like: one line, not a traceback

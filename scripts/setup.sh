@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what EUCORA needs on a Debian/Ubuntu machine: Mosquitto and PostgreSQL from
-# the distribution (only when missing), and a virtualenv with the project in .venv.
+# the distribution (only when missing), and a virtualenv with the project in .venv:
+# the server and the test tools (an endpoint needs only `pip install .`, README).
 # Safe to run again; does nothing that is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ fi
 stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[server,test]"
   touch "$stamp"
 fi
 bash scripts/pglite.sh

@@ -1,8 +1,9 @@
 """Broker account administration at runtime, over the dynamic security $CONTROL topic.
 
-Used by `eucora agents provision/revoke`, the stack and the benchmark; no broker
-restart is needed. The plugin rewrites its whole JSON file after every control
-message, so bulk work goes in few, large messages (`provision_many`).
+Used by `eucora agents provision/revoke`, `eucora simulate` (the simulated fleet's
+accounts), the stack and the benchmark; no broker restart is needed. The plugin
+rewrites its whole JSON file after every control message, so bulk work goes in few,
+large messages (`provision_many`).
 """
 
 from __future__ import annotations
@@ -201,6 +202,26 @@ class BrokerAdmin:
             if max_stall is not None:  # aim at max_stall: shrink in proportion, grow by half
                 chunk = max(1, min(int(n * max_stall / max(elapsed, 1e-3)), n + n // 2 + 1))
         return sent
+
+    def provision_or_reset(self, agents: dict[str, str]) -> None:
+        """Provision many agents (`provision_many`); if some accounts exist already
+        (a fleet simulated before: same ids), every account gets its new password and
+        any missing role or account is made, 100 agents per control message."""
+        try:
+            self.provision_many(agents)
+        except dynsec.DynsecError as exc:
+            if "already exists" not in exc.error:
+                raise
+            items = list(agents.items())
+            for i in range(0, len(items), 100):
+                commands: list[dict[str, Any]] = []
+                for agent_id, password in items[i : i + 100]:
+                    commands += dynsec.provision_commands(self.tree, agent_id, password)
+                    commands.append(
+                        {"command": "setClientPassword", "username": agent_id,
+                         "password": password}
+                    )  # fmt: skip
+                self.execute(commands, ignore=("Role already exists", "Client already exists"))
 
     def rotate(self, agent_id: str, password: str) -> None:
         """A new password; the plugin disconnects a client connected with the old one."""

@@ -3,6 +3,7 @@ payloads (valid per the schemas), batches, buffer, configuration."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from agent.buffer import TelemetryBuffer
 from agent.config import load, parse_tags
 from agent.protocol import EpochClock, Metrics, OwnStatusAction, on_own_status
 from schemas.config import ConfigError
+from schemas.constants import TELEMETRY_METRICS, WILL_REASON
 from schemas.payloads import MAX_BATCH, TelemetryBatch
 from schemas.states import AgentState
 from schemas.topics import Kind
@@ -43,7 +45,7 @@ def test_own_status_rule() -> None:
 
 def test_payloads_are_valid_per_the_schemas() -> None:
     will = parse(Kind.STATUS, "a1", protocol.will(42))
-    assert (will.state, will.epoch, will.reason) == ("offline", 42, protocol.WILL_REASON)
+    assert (will.state, will.epoch, will.reason) == ("offline", 42, WILL_REASON)
     online = parse(Kind.STATUS, "a1", protocol.status(AgentState.ONLINE, 43, session_present=False))
     assert online.session_present is False
     hb = parse(Kind.HEARTBEAT, "a1", protocol.heartbeat(3, 12.5))
@@ -51,6 +53,14 @@ def test_payloads_are_valid_per_the_schemas() -> None:
     s = protocol.sample(Metrics(150.0, -1.0, 50.0, -5, 10))  # clamped into range
     assert (s.cpu_percent, s.memory_percent, s.net_rx_bytes) == (100.0, 0.0, 0)
     parse(Kind.TELEMETRY, "a1", protocol.telemetry(s))
+
+
+def test_metrics_are_the_contracts_telemetry_fields() -> None:
+    assert tuple(f.name for f in dataclasses.fields(Metrics)) == TELEMETRY_METRICS
+    s = protocol.sample(Metrics(1.234, 2.0, 3.0, 4, 5))
+    assert s.model_dump(include=set(TELEMETRY_METRICS)) == dict(
+        zip(TELEMETRY_METRICS, (1.23, 2.0, 3.0, 4, 5), strict=True)
+    )
 
 
 def test_batches_hold_at_most_max_batch_samples_oldest_first() -> None:

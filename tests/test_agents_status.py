@@ -20,6 +20,7 @@ from schemas.config import MqttUrl
 from schemas.constants import WILL_REASON
 from schemas.states import AgentState
 from schemas.topics import Kind, TopicTree
+from schemas.validate import parse
 from service import dynsec
 from service.broker_admin import BrokerAdmin
 from service.stack.broker import Broker
@@ -42,7 +43,8 @@ TREE = TopicTree()
 
 
 def test_will_reason_is_shared_by_agent_and_bridge() -> None:
-    assert protocol.WILL_REASON == WILL_REASON
+    will = parse(Kind.STATUS, "a1", protocol.will(1))
+    assert will.reason == WILL_REASON
 
 
 class Chaos:
