@@ -17,7 +17,7 @@ DASHBOARDS = sorted((Path(__file__).parents[1] / "grafana" / "dashboards").glob(
 def expand_macros(sql: str) -> str:
     """What Grafana's PostgreSQL data source does with the macros we use."""
     sql = re.sub(
-        r"\$__timeFilter\((\w+)\)", r"\1 BETWEEN now() - interval '6 hours' AND now()", sql
+        r"\$__timeFilter\(([\w.]+)\)", r"\1 BETWEEN now() - interval '6 hours' AND now()", sql
     )
     return sql.replace("$__interval", "1 minute").replace("$agent", "agent-1")
 
@@ -48,5 +48,19 @@ def test_dashboard_query_runs(database: str, where: str, sql: str) -> None:
             " net_rx_bytes, net_tx_bytes) VALUES (%s, 'agent-1', 50, 40, 30, 10, 20)",
             (now - timedelta(minutes=5),),
         )
+        conn.execute(
+            "INSERT INTO deployments (deployment_id, target, status, targets) VALUES"
+            " ('00000000-0000-0000-0000-000000000001', '{}', 'RUNNING', 1)"
+        )
+        conn.execute(
+            "INSERT INTO deployment_status (deployment_id, agent_id, status, started_at)"
+            " VALUES ('00000000-0000-0000-0000-000000000001', 'agent-1', 'IN_PROGRESS', now())"
+        )
+        conn.execute(
+            "INSERT INTO deployment_status_events (time, deployment_id, agent_id, status)"
+            " VALUES (now(), '00000000-0000-0000-0000-000000000001', 'agent-1', 'IN_PROGRESS')"
+        )
         rows = conn.execute(expand_macros(sql)).fetchall()  # type: ignore[arg-type]
     assert isinstance(rows, list), where
+    if "deployment" in sql:  # the fixture's deployment shows
+        assert rows, where

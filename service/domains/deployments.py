@@ -501,10 +501,12 @@ async def _abort(
     """ABORTED: nobody new starts; unstarted DEPLOY tasks are CANCELLED and their targets
     SKIPPED, like the targets never started; agents already at work finish."""
     await _set_state(conn, deployment_id, state, _D.ABORTED, why)
+    # Targets the agent has not said it started (PENDING): their task, if the agent has
+    # not started it either, is cancelled.
     cur = await conn.execute(
         "SELECT task_id FROM deployment_status WHERE deployment_id = %s"
-        " AND finished_at IS NULL AND task_id IS NOT NULL",
-        (deployment_id,),
+        " AND finished_at IS NULL AND task_id IS NOT NULL AND status = %s",
+        (deployment_id, _A.PENDING.value),
     )
     cancelled = await tasks.cancel_unstarted(
         conn,
@@ -514,8 +516,8 @@ async def _abort(
     )
     cur = await conn.execute(
         "SELECT agent_id, status FROM deployment_status WHERE deployment_id = %s"
-        " AND finished_at IS NULL AND (started_at IS NULL OR task_id = ANY(%s))",
-        (deployment_id, cancelled),
+        " AND finished_at IS NULL AND status = %s AND (started_at IS NULL OR task_id = ANY(%s))",
+        (deployment_id, _A.PENDING.value, cancelled),
     )
     await _settle(
         conn, deployment_id,
