@@ -86,10 +86,10 @@ def test_a_route_table_with_a_gap_is_refused() -> None:
         Routes({**default_routes().handlers, Kind.TELEMETRY: on_register})
 
 
-# --- a kind without a home is dead-lettered, never acked as stored --------------------
+# --- a valid report that cannot be applied is dead-lettered, never acked as stored ----
 
 
-def test_deployment_status_is_dead_lettered_not_counted_as_stored(
+def test_a_report_on_an_unknown_deployment_is_dead_lettered_not_counted_as_stored(
     broker: Broker, database: str, bridge: BridgeProcess
 ) -> None:
     password = provision(broker, "dep-1")["dep-1"]
@@ -100,10 +100,10 @@ def test_deployment_status_is_dead_lettered_not_counted_as_stored(
         client.close()
     wait_for(lambda: one(database, "SELECT count(*) FROM dead_letters") == 1, 20, "the dead letter")
     assert rows(database, "SELECT agent_id, kind, reason FROM dead_letters") == [
-        ("dep-1", "deployment-status", DeadLetterReason.UNSUPPORTED.value)
+        ("dep-1", "deployment-status", DeadLetterReason.UNKNOWN_DEPLOYMENT.value)
     ]
     text = bridge.metrics()
-    assert metric(text, "eucora_dead_letters_total", 'reason="unsupported"') == 1
+    assert metric(text, "eucora_dead_letters_total", 'reason="unknown_deployment"') == 1
     assert metric(text, "eucora_messages_stored_total", 'kind="deployment-status"') == 0
 
 

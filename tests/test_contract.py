@@ -16,6 +16,8 @@ import psycopg
 import pytest
 
 from schemas.constants import (
+    DEPLOYMENT_ABORT_MIN_FINISHED,
+    TASK_DEFAULT_EXPIRES_IN_S,
     OUTBOX_CHANNEL,
     TASK_DEFAULT_TIMEOUT_S,
     TELEMETRY_METRICS,
@@ -52,6 +54,7 @@ CHECKS: dict[tuple[str, str], type[StrEnum]] = {
     ("tasks", "tasks_type_valid"): TaskType,
     ("tasks", "tasks_status_valid"): TaskStatus,
     ("task_events", "task_events_source_valid"): EventSource,
+    ("deployment_status_events", "deployment_status_events_source_valid"): EventSource,
 }
 
 
@@ -89,6 +92,10 @@ def test_defaults_are_the_contract_defaults(database: str) -> None:
         assert column_default(conn, "tasks", "status") == f"'{TaskStatus.PENDING}'::text"
         assert column_default(conn, "agents", "status") == f"'{AgentRecordState.UNKNOWN}'::text"
         assert column_default(conn, "deployments", "status") == f"'{DeploymentState.PENDING}'::text"
+        assert column_default(conn, "deployments", "abort_min_finished") == str(
+            DEPLOYMENT_ABORT_MIN_FINISHED
+        )
+        assert column_default(conn, "deployments", "expires_in_s") == str(TASK_DEFAULT_EXPIRES_IN_S)
     assert models.Task().timeout_seconds == TASK_DEFAULT_TIMEOUT_S
     assert models.Task().status == TaskStatus.PENDING
     assert models.Agent(agent_id="a").status == AgentRecordState.UNKNOWN

@@ -18,7 +18,11 @@ from sqlalchemy import BigInteger, DateTime, Double, SmallInteger, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
-from schemas.constants import TASK_DEFAULT_TIMEOUT_S
+from schemas.constants import (
+    DEPLOYMENT_ABORT_MIN_FINISHED,
+    TASK_DEFAULT_EXPIRES_IN_S,
+    TASK_DEFAULT_TIMEOUT_S,
+)
 from schemas.states import AgentRecordState, DeploymentState, TaskStatus
 
 _TS = DateTime(timezone=True)
@@ -85,6 +89,13 @@ class Deployment(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=_now, sa_type=_TS)
     started_at: datetime | None = Field(default=None, sa_type=_TS)
     finished_at: datetime | None = Field(default=None, sa_type=_TS)
+    # 0004: the rollout engine's (docs/deployments.md).
+    intent_id: str | None = Field(default=None, sa_type=Text)
+    created_by: str | None = Field(default=None, sa_type=Text)
+    abort_min_finished: int = DEPLOYMENT_ABORT_MIN_FINISHED
+    next_start_at: datetime | None = Field(default=None, sa_type=_TS)
+    expires_in_s: int = TASK_DEFAULT_EXPIRES_IN_S
+    targets: int = 0
 
 
 class DeploymentStatus(SQLModel, table=True):
@@ -100,6 +111,12 @@ class DeploymentStatus(SQLModel, table=True):
     task_id: uuid.UUID | None = None
     reported_at: datetime | None = Field(default=None, sa_type=_TS)
     updated_at: datetime = Field(default_factory=_now, sa_type=_TS)
+    # 0004
+    started_at: datetime | None = Field(default=None, sa_type=_TS)
+    finished_at: datetime | None = Field(default=None, sa_type=_TS)
+    failed: bool = False
+    rollback_task_id: uuid.UUID | None = None
+    reason: str | None = Field(default=None, sa_type=Text)
 
 
 class Task(SQLModel, table=True):
