@@ -48,14 +48,19 @@ class DeployAgent(SimAgent):
     deployment-status IN_PROGRESS with progress, then SUCCESS (or FAILED when told to
     fail), then the task's outcome; a rollback task ends in ROLLBACK."""
 
-    def __init__(self, *a: Any, fail: bool = False, duration: float = 0.2, **kw: Any) -> None:
+    def __init__(
+        self, *a: Any, fail: bool = False, duration: float = 0.2, reports: bool = True, **kw: Any
+    ) -> None:
         super().__init__(*a, **kw)
         self.fail = fail
+        self.reports = reports  # False: an agent that reports the task only
         self.duration = duration
         self.deploys: Counter[tuple[str, bool]] = Counter()  # (deployment, rollback) -> runs
         self.timers: list[threading.Timer] = []
 
     def _deployment(self, doc: dict[str, Any]) -> None:
+        if not self.reports:
+            return
         self.client.publish(self.topic(Kind.DEPLOYMENT_STATUS), orjson.dumps(doc), qos=1)
 
     def _on_message(self, c: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
@@ -466,3 +471,30 @@ def test_cli_errors_are_one_line(database: str, db: Db) -> None:
     assert again.exit_code == 1 and "nothing to abort" in again.output
     listed = orjson.loads(cli(database, "list", "--json").stdout)
     assert [d["deployment_id"] for d in listed] == [did]
+
+
+def test_agents_at_work_when_aborted_finish_and_are_recorded(
+    broker: Broker, database: str, db: Db, bridge_factory: Any, deploy_fleet: Any
+) -> None:
+    """They are told nothing new; an agent that reports only its task still ends SUCCESS."""
+    bridge_factory(broker, database, **FAST)
+    agents = deploy_fleet(broker, 4, duration=3.0, reports=False)
+    wait_online(db, 4)
+    did = create(database, "--platform", "linux", "--max-in-flight", "2")
+    db.wait(
+        "SELECT count(*) FROM tasks WHERE deployment_id = %s AND status = 'IN_PROGRESS'",
+        2, 20, did,
+    )  # fmt: skip
+    result = cli(database, "abort", did)
+    assert result.exit_code == 0, result.output
+    waited = cli(database, "show", "--json", did)
+    assert orjson.loads(waited.stdout)["in_flight"] == 2
+    db.wait(
+        "SELECT count(*) FROM deployment_status WHERE deployment_id = %s AND status = 'SUCCESS'",
+        2, 30, did,
+    )  # fmt: skip
+    doc = show(database, did)
+    assert doc["status"] == "ABORTED" and doc["in_flight"] == 0
+    assert doc["counts"]["SUCCESS"] == 2 and doc["counts"]["SKIPPED"] == 2
+    assert sum(a.deploys[did, False] for a in agents) == 2
+    assert not any(a.cancels for a in agents)  # nobody at work was told anything

@@ -440,10 +440,13 @@ async def claim_active(conn: Conn, skip: Sequence[uuid.UUID]) -> dict[str, Any] 
     """One active deployment, locked for this transaction (another bridge skips it)."""
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
-        "SELECT *, clock_timestamp() AS db_now FROM deployments"
-        " WHERE status = ANY(%s) AND deployment_id <> ALL(%s)"
+        # An ABORTED one too while agents are still at work: their outcome is settled.
+        "SELECT *, clock_timestamp() AS db_now FROM deployments d"
+        " WHERE (status = ANY(%s) OR (status = %s AND EXISTS (SELECT 1 FROM deployment_status s"
+        "        WHERE s.deployment_id = d.deployment_id AND s.finished_at IS NULL)))"
+        " AND deployment_id <> ALL(%s)"
         " ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED",
-        (_values(*ACTIVE), list(skip)),
+        (_values(*ACTIVE), _D.ABORTED.value, list(skip)),
     )
     return await cur.fetchone()
 
@@ -458,6 +461,8 @@ async def step(conn: Conn, d: dict[str, Any], now: datetime) -> Counts:
         d = d | {"next_start_at": None}
     await _reconcile(conn, deployment_id)
     c = await counts(conn, deployment_id)
+    if state is _D.ABORTED:
+        return c  # nothing starts; the agents still at work are settled above
     if state is _D.ROLLING_BACK:
         if c.rolling_back == 0:
             await _set_state(conn, deployment_id, state, _D.ROLLED_BACK, "rollback finished")
