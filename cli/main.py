@@ -8,6 +8,7 @@ from cli import access, agent, agents, bridge, deployments, stack, tasks, teleme
 from cli.db import app as db_app
 from cli.simulate import simulate
 from cli.status import status
+from schemas.version import product_version
 
 app = typer.Typer(
     name="eucora",
@@ -15,6 +16,23 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"eucora {product_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """EUCORA Agent Plane: operate a fleet of endpoint agents over MQTT."""
+
+
 agents.app.command("provision")(access.provision)
 agents.app.command("revoke")(access.revoke)
 

@@ -1,13 +1,13 @@
 """`eucora status`: what the control plane's parts look like from here.
 
-The report is a list of sections; each is a function that never raises and returns
-what it found. Broker and bridge sections are added by appending to SECTIONS:
+The report has three sections, database, broker and bridge; each is a function that
+never raises and returns what it found, with `reachable` true or false. The bridge is
+found through the database: every running bridge writes a heartbeat there
+(`bridges`), so status needs no address for it.
 
-    def broker_section(ctx: StatusContext) -> SectionReport: ...
-    SECTIONS.append(("broker", broker_section))
-
-Exit code: 0 when every section is healthy, 1 otherwise (the report is printed
-either way, so scripts can read the details from --json).
+Exit code: 0 when every section is healthy (each reachable; the schema up to date; a
+bridge ready), 1 otherwise (the report is printed either way, so scripts can read the
+details from --json).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import psycopg
 import typer
 
 from cli.db import DATABASE_URL_OPTION
-from schemas.config import ConfigError, redact_url
+from schemas.config import ConfigError, MqttUrl, redact_url
 from service.config import check_database_url
 from service.db import migrate
 from service.db.connect import DatabaseUnavailable, connect
@@ -36,6 +36,7 @@ class StatusContext:
     """What sections may use: resolved options and the environment for the rest."""
 
     database_url: str | None
+    mqtt_url: str | None = None
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     timeout_s: int = STATUS_TIMEOUT_S
 
@@ -95,7 +96,120 @@ def database_section(ctx: StatusContext) -> SectionReport:
     return SectionReport(data=data, healthy=bool(healthy), lines=lines)
 
 
-SECTIONS: list[tuple[str, SectionFn]] = [("database", database_section)]
+def broker_section(ctx: StatusContext) -> SectionReport:
+    """Connect with EUCORA_MQTT_URL's account (the operator's), CONNACK, disconnect."""
+    raw = ctx.mqtt_url if ctx.mqtt_url is not None else ctx.env.get("EUCORA_MQTT_URL")
+    data: dict[str, Any] = {"url": None, "reachable": False, "accepted": False, "error": None}
+    try:
+        if not raw:
+            raise ConfigError("EUCORA_MQTT_URL is not set")
+        url = MqttUrl.parse(raw)
+        data["url"] = str(url)
+        data["reachable"], data["accepted"], data["error"] = _probe_broker(
+            url, ctx.env.get("EUCORA_CA_FILE"), ctx.timeout_s
+        )
+    except ConfigError as exc:
+        data["error"] = str(exc)
+    lines = [
+        ("url", data["url"] or "-"),
+        ("reachable", "yes" if data["reachable"] else "no"),
+    ]
+    if data["reachable"]:
+        lines.append(("credentials", "accepted" if data["accepted"] else "refused"))
+    if data["error"]:
+        lines.append(("error", data["error"]))
+    return SectionReport(data=data, healthy=bool(data["accepted"]), lines=lines)
+
+
+def _probe_broker(
+    url: MqttUrl, ca_file: str | None, timeout: float
+) -> tuple[bool, bool, str | None]:
+    """(reachable, credentials accepted, error) for one broker."""
+    import ssl
+    import threading
+    import uuid
+
+    import paho.mqtt.client as paho
+
+    from service.mqtt import make_client
+
+    answered = threading.Event()
+    result: dict[str, Any] = {}
+
+    def on_connect(c: paho.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+        result["reason"] = reason
+        answered.set()
+
+    client = make_client(url, f"eucora-status-{uuid.uuid4().hex[:8]}", ca_file=ca_file)
+    client.on_connect = on_connect
+    try:
+        client.connect(url.host, url.port, keepalive=10)
+    except (OSError, ssl.SSLError) as exc:
+        return False, False, f"cannot reach broker {url}: {exc}"
+    client.loop_start()
+    try:
+        if not answered.wait(timeout):
+            return False, False, f"no answer from broker {url} within {timeout:g} s"
+        reason = result["reason"]
+        if reason.is_failure:
+            return True, False, f"broker {url} refused the connection: {reason}"
+        return True, True, None
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def bridge_section(ctx: StatusContext) -> SectionReport:
+    """The bridges' heartbeats: reachable when one was seen recently and is ready."""
+    from service.bridge.sweeps import HEARTBEAT_FRESH_S
+
+    data: dict[str, Any] = {"reachable": False, "last_seen": None, "instances": [], "error": None}
+    try:
+        if not ctx.database_url:
+            raise ConfigError("EUCORA_DATABASE_URL is not set")
+        with connect(ctx.database_url, connect_timeout=ctx.timeout_s) as conn:
+            rows = conn.execute(
+                "SELECT client_id, hostname, pid, version, started_at, last_seen, ready, brokers,"
+                " last_seen > now() - make_interval(secs => %s) AS fresh"
+                " FROM bridges ORDER BY last_seen DESC",
+                (HEARTBEAT_FRESH_S,),
+            ).fetchall()
+    except (ConfigError, DatabaseUnavailable) as exc:
+        data["error"] = f"cannot read the bridges' heartbeats: {exc}"
+        rows = []
+    except psycopg.Error as exc:  # e.g. a database without the migrations
+        data["error"] = f"cannot read the bridges' heartbeats: {exc.diag.message_primary or exc}"
+        rows = []
+    for client_id, host, pid, version, started, seen, ready, brokers, fresh in rows:
+        data["instances"].append(
+            {"client_id": client_id, "hostname": host, "pid": pid, "version": version,
+             "started_at": started.isoformat(), "last_seen": seen.isoformat(),
+             "running": bool(fresh), "ready": bool(fresh and ready), "brokers": brokers}
+        )  # fmt: skip
+    if rows:
+        data["last_seen"] = rows[0][5].isoformat()
+    data["reachable"] = any(i["ready"] for i in data["instances"])
+    if not rows and data["error"] is None:
+        data["error"] = "no bridge has ever run against this database"
+    elif rows and not data["reachable"] and data["error"] is None:
+        data["error"] = "no bridge is running and ready (see last_seen)"
+    lines = [
+        ("reachable", "yes" if data["reachable"] else "no"),
+        ("last seen", data["last_seen"] or "-"),
+    ]
+    for i in data["instances"]:
+        state = "ready" if i["ready"] else "running, not ready" if i["running"] else "gone"
+        lines.append((i["client_id"], f"{state} on {i['hostname']} pid {i['pid']}, {i['version']}"))
+    if data["error"]:
+        lines.append(("error", data["error"]))
+    return SectionReport(data=data, healthy=bool(data["reachable"]), lines=lines)
+
+
+SECTIONS: list[tuple[str, SectionFn]] = [
+    ("database", database_section),
+    ("broker", broker_section),
+    ("bridge", bridge_section),
+]
 
 
 def collect(ctx: StatusContext) -> dict[str, SectionReport]:
@@ -113,10 +227,13 @@ def render(reports: Mapping[str, SectionReport]) -> str:
 
 def status(
     database_url: str | None = DATABASE_URL_OPTION,
+    mqtt_url: str | None = typer.Option(
+        None, envvar="EUCORA_MQTT_URL", help="the broker, with the operator's account"
+    ),
     json_output: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
-    """Show whether the database is reachable, its mode and schema version."""
-    reports = collect(StatusContext(database_url=database_url))
+    """Database, broker and bridge: each reachable or not (exit 0 only when all are)."""
+    reports = collect(StatusContext(database_url=database_url, mqtt_url=mqtt_url))
     if json_output:
         typer.echo(orjson.dumps({name: r.data for name, r in reports.items()}).decode())
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import psycopg
 
 from service import dynsec
 from service.stack.broker import Broker
-from service.stack.process import free_port
+from service.stack.process import free_port, wait_for
 from tests.fix_services import BridgeProcess
 
 
@@ -111,3 +112,41 @@ def test_bridge_waits_for_a_broker_that_starts_late(
 
     wait_for(bridge.ready, 30, "bridge ready after the broker came up")
     assert bridge.stop() == 0
+
+
+def test_status_reports_database_broker_and_bridge(
+    broker: Broker, database: str, bridge: BridgeProcess
+) -> None:
+    """`eucora status`: each part reachable or not, exit 0 only when all three are."""
+    from typer.testing import CliRunner
+
+    from cli.status import app as status_app
+
+    env = {"EUCORA_DATABASE_URL": database, "EUCORA_MQTT_URL": broker.url(dynsec.OPERATOR_USER)}
+    runner = CliRunner()
+
+    def status(**extra: str) -> tuple[int, dict[str, Any]]:
+        result = runner.invoke(status_app, ["--json"], env=env | extra)
+        return result.exit_code, json.loads(result.stdout)
+
+    wait_for(lambda: status()[0] == 0, 20, "a bridge heartbeat")
+    code, doc = status()
+    assert {k: doc[k]["reachable"] for k in ("database", "broker", "bridge")} == {
+        "database": True, "broker": True, "bridge": True,
+    }  # fmt: skip
+    assert doc["bridge"]["instances"][0]["client_id"] == "eucora-bridge-test"
+    assert doc["bridge"]["last_seen"] and doc["broker"]["accepted"] is True
+    # A wrong password: reachable, refused, not ok; the password never printed.
+    wrong = broker.url(dynsec.OPERATOR_USER).replace("@", "-wrong@", 1)
+    code, doc = status(EUCORA_MQTT_URL=wrong)
+    assert code == 1 and doc["broker"]["reachable"] and not doc["broker"]["accepted"]
+    assert "-wrong" not in json.dumps(doc) and "not authorized" in doc["broker"]["error"].lower()
+    # The bridge stopped: not reachable at once (its last heartbeat says so).
+    assert bridge.stop() == 0
+    code, doc = status()
+    assert code == 1 and doc["bridge"]["reachable"] is False
+    assert doc["database"]["reachable"] and doc["broker"]["reachable"]
+    # The broker gone too.
+    broker.kill()
+    code, doc = status()
+    assert code == 1 and doc["broker"]["reachable"] is False and doc["broker"]["error"]

@@ -112,8 +112,10 @@ def test_status_json_reports_mode_and_version(
         db_app, ["upgrade", "--database-url", empty_database, "--mode", db_mode]
     )
     assert upgraded.exit_code == 0, upgraded.output
-    after = runner.invoke(status_app, ["--json"], env={"EUCORA_DATABASE_URL": empty_database})
-    assert after.exit_code == 0, after.output
+    after = runner.invoke(
+        status_app, ["--json"], env={"EUCORA_DATABASE_URL": empty_database, "EUCORA_MQTT_URL": ""}
+    )
+    assert after.exit_code == 1, after.output  # no broker, no bridge here: not all reachable
     db = json.loads(after.stdout)["database"]
     assert db["url"] == redact_url(empty_database)  # the password never printed
     assert db["mode"] == mode_label
@@ -121,9 +123,11 @@ def test_status_json_reports_mode_and_version(
     assert db["pending"] == 0
     assert db["error"] is None
 
-    text = runner.invoke(status_app, ["--database-url", empty_database])
-    assert text.exit_code == 0
-    assert "database: ok" in text.stdout
+    text = runner.invoke(
+        status_app, ["--database-url", empty_database], env={"EUCORA_MQTT_URL": ""}
+    )
+    assert text.exit_code == 1
+    assert "database: ok" in text.stdout and "broker: NOT OK" in text.stdout
     assert f"{LATEST} (up to date)" in text.stdout
     assert re.search(rf"^ +mode +{re.escape(mode_label)}$", text.stdout, re.MULTILINE)
 
@@ -136,3 +140,13 @@ def test_status_unreachable_database() -> None:
     assert db["url"] == "postgresql://nobody:***@127.0.0.1:1/x"
     assert db["error"].endswith(": connection refused")
     assert "s3cret" not in result.stdout
+
+
+def test_version_is_the_installed_one() -> None:
+    from importlib.metadata import version
+
+    from cli.main import app as main_app
+
+    result = runner.invoke(main_app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"eucora {version('eucora-agent-plane')}"

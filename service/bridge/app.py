@@ -37,7 +37,7 @@ from service.bridge.outbox import Outbox
 from service.bridge.rollouts import RolloutEngine
 from service.bridge.routes import Routes, default_routes
 from service.bridge.store import Store
-from service.bridge.sweeps import stale_sweeper, task_sweeper
+from service.bridge.sweeps import heartbeat, last_heartbeat, stale_sweeper, task_sweeper
 from service.config import Settings
 from service.db import migrate
 from service.db.connect import connect_async
@@ -147,7 +147,12 @@ class Bridge:
             self.rollouts.run(),
             task_sweeper(s.database_url, s.task_sweep_interval_s),
             stale_sweeper(s.database_url, s.offline_after_s),
+            heartbeat(s.database_url, s.client_id, self.heartbeat_state),
         ]
+
+    def heartbeat_state(self) -> tuple[bool, list[dict[str, Any]]]:
+        brokers = [{"mqtt_url": str(link), "connected": link.connected} for link in self.links]
+        return self.health.ready, brokers
 
     @property
     def connected(self) -> bool:
@@ -257,6 +262,9 @@ class BridgeApp:
             for link in bridge.links:
                 await link.close()
             await bridge.store.close()
+            with contextlib.suppress(Exception):  # best effort: status sees it gone at once
+                async with asyncio.timeout(2):
+                    await last_heartbeat(self.settings.database_url, self.settings.client_id)
             if server is not None:
                 server.close()
                 await server.wait_closed()

@@ -1,4 +1,4 @@
-"""The bridge's periodic sweeps: stale agents, and task TIMEOUT/EXPIRED.
+"""The bridge's periodic work: stale agents, task TIMEOUT/EXPIRED, its own heartbeat.
 
 Each runs from the database's state alone (so it survives restarts of the bridge), on
 a connection of its own, and is safe with several bridges sweeping at once (the
@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
-from service.db.connect import OwnConnection
+from schemas.version import product_version
+from service.db.connect import OwnConnection, connect_async
 from service.domains import agents, tasks
 
 log = logging.getLogger("eucora.bridge.sweeps")
@@ -68,3 +73,47 @@ async def task_sweeper(database_url: str, interval_s: float) -> None:
         return {k: v for k, v in counts.items() if v}
 
     await periodically("tasks", database_url, interval_s, work)
+
+
+HEARTBEAT_S = 5.0
+# `eucora status` calls a bridge reachable when its heartbeat is younger than this.
+HEARTBEAT_FRESH_S = 3 * HEARTBEAT_S
+
+_BEAT = """
+INSERT INTO bridges AS b (client_id, hostname, pid, version, started_at, last_seen, ready, brokers)
+VALUES (%(id)s, %(host)s, %(pid)s, %(version)s, %(started)s, now(), %(ready)s, %(brokers)s)
+ON CONFLICT (client_id) DO UPDATE SET
+    hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, version = EXCLUDED.version,
+    started_at = EXCLUDED.started_at, last_seen = now(), ready = EXCLUDED.ready,
+    brokers = EXCLUDED.brokers
+"""
+
+
+async def heartbeat(
+    database_url: str, client_id: str, state: Callable[[], tuple[bool, list[dict[str, Any]]]]
+) -> None:
+    """Say in the database, every HEARTBEAT_S, that this bridge runs and whether it is
+    ready (`state()`: ready, and each broker link's url and connected flag)."""
+    started = datetime.now(UTC)
+    host = socket.gethostname()
+
+    async def work(conn: Conn) -> None:
+        ready, brokers = state()
+        await conn.execute(
+            _BEAT,
+            {
+                "id": client_id, "host": host, "pid": os.getpid(),
+                "version": product_version(), "started": started, "ready": ready,
+                "brokers": Jsonb(brokers),
+            },
+        )  # fmt: skip
+
+    await periodically("heartbeat", database_url, HEARTBEAT_S, work)
+
+
+async def last_heartbeat(database_url: str, client_id: str) -> None:
+    """On a clean stop: not ready any more (status need not wait for the heartbeat to age)."""
+    async with await connect_async(database_url, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE bridges SET ready = false, last_seen = now() WHERE client_id = %s", (client_id,)
+        )

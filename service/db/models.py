@@ -149,7 +149,23 @@ class Task(SQLModel, table=True):
     created_by: str | None = Field(default=None, sa_type=Text)
 
 
+class Bridge(SQLModel, table=True):
+    """A running bridge's heartbeat (0005); `eucora status` reads it."""
+
+    __tablename__ = "bridges"
+
+    client_id: str = Field(primary_key=True, sa_type=Text)
+    hostname: str = Field(sa_type=Text)
+    pid: int
+    version: str = Field(sa_type=Text)
+    started_at: datetime = Field(sa_type=_TS)
+    last_seen: datetime = Field(sa_type=_TS)
+    ready: bool
+    brokers: list[Any] = Field(default_factory=list, sa_type=JSONB)
+
+
 RELATIONAL_MODELS: tuple[type[SQLModel], ...] = (
+    Bridge,
     Agent,
     Inventory,
     Deployment,
