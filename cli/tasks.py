@@ -186,7 +186,11 @@ def create(
         emit_json(made)
         return
     typer.echo(f"created {len(made)} task(s), correlation id {correlation_id}")
-    typer.echo(_table(["TASK", "AGENT", "STATUS"], [list(m.values()) for m in made]))
+    typer.echo(
+        _table(
+            ["TASK", "AGENT", "STATUS"], [[m["task_id"], m["agent_id"], m["status"]] for m in made]
+        )
+    )
 
 
 def _summary(counts: Counter[str], total: int) -> str:
@@ -437,19 +441,55 @@ def show(
     )
 
 
+def _cancelled_doc(c: tasks.Cancelled) -> dict[str, Any]:
+    return {
+        "task_id": str(c.task_id),
+        "agent_id": c.agent_id,
+        "status": TaskStatus.CANCELLED.value,
+        "previous_status": c.previous,
+        "agent_told": c.agent_told,
+    }
+
+
 @app.command()
 def cancel(
-    task_id: Annotated[str, typer.Argument(help="the task's id")],
+    task_id: Annotated[str | None, typer.Argument(help="the task's id")] = None,
+    correlation_id: Annotated[
+        str | None,
+        typer.Option(help="instead of one task: every unfinished task of one create command"),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="also cancel a task the agent already started")
     ] = False,
     database_url: str | None = DATABASE_URL_OPTION,
     json_output: JsonFlag = False,
 ) -> None:
-    """Cancel a task: PENDING or ASSIGNED at once, IN_PROGRESS only with --force.
+    """Cancel a task (or a whole command with --correlation-id): PENDING or ASSIGNED at
+    once, IN_PROGRESS only with --force.
 
     An agent that may have the task (it was published) is sent {"cancel": task_id}
     through the outbox: it never starts it, or stops it."""
+    if (task_id is None) == (correlation_id is None):
+        fail("give a task id or --correlation-id X (one of them)")
+    if correlation_id is not None:
+        cid = correlation_id
+
+        async def do_all(
+            conn: psycopg.AsyncConnection[Any],
+        ) -> tuple[list[tasks.Cancelled], list[str]]:
+            return await tasks.cancel_command(conn, cid, force=force, by=_user())
+
+        done_all, refused = in_transaction(database_url, do_all)
+        for why in refused:
+            typer.echo(f"not cancelled: {why}", err=True)
+        if json_output:
+            emit_json([_cancelled_doc(c) for c in done_all])
+        else:
+            typer.echo(f"cancelled {len(done_all)} task(s) of command {cid}")
+        if not done_all:
+            fail(f"no unfinished task of command {cid} was cancelled", EXIT_NOT_DONE)
+        return
+    assert task_id is not None
     tid = _task_id(task_id)
 
     async def do(conn: psycopg.AsyncConnection[Any]) -> tasks.Cancelled:
@@ -459,16 +499,9 @@ def cancel(
         done = in_transaction(database_url, do)
     except tasks.TaskError as exc:
         fail(str(exc), EXIT_NOT_DONE)
-    agent_id, status, tell = done.agent_id, done.previous, done.agent_told
-    doc = {
-        "task_id": str(tid),
-        "agent_id": agent_id,
-        "status": TaskStatus.CANCELLED.value,
-        "previous_status": status,
-        "agent_told": tell,
-    }
     if json_output:
-        emit_json(doc)
+        emit_json(_cancelled_doc(done))
         return
+    tell, status = done.agent_told, done.previous
     told = "; the agent is told to stop" if tell else " (it was never sent to the agent)"
     typer.echo(f"task {tid} cancelled (was {status}){told}")

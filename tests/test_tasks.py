@@ -648,3 +648,31 @@ def test_owe_again_sets_open_tasks_due(database: str, db: Db) -> None:
     assert asyncio.run(run()) == 3
     due = db.all("SELECT created_by FROM tasks WHERE next_publish_at <= now() ORDER BY created_by")
     assert due == [("assigned",), ("cancelled",), ("pending",)]
+
+
+def test_cancel_a_whole_command_by_its_correlation_id(database: str, db: Db) -> None:
+    db.conn.execute(
+        "INSERT INTO agents (agent_id, platform) VALUES ('c-1', 'linux'), ('c-2', 'linux'),"
+        " ('c-3', 'linux')"
+    )
+    made = create(database, "--platform", "linux", "--type", "COLLECT")
+    assert len({m["correlation_id"] for m in made}) == 1  # one command, one id
+    cid = made[0]["correlation_id"]
+    other = create(database, "--agent", "c-1", "--type", "COLLECT")[0]
+    # One of the command's tasks is already running: without --force it stays.
+    running = made[1]["task_id"]
+    db.conn.execute("UPDATE tasks SET status = 'IN_PROGRESS' WHERE task_id = %s", (running,))
+    result = cli(database, "cancel", "--correlation-id", cid, "--json")
+    assert result.exit_code == 0, result.output
+    cancelled = orjson.loads(result.stdout)
+    assert sorted(c["task_id"] for c in cancelled) == sorted(
+        [made[0]["task_id"], made[2]["task_id"]]
+    )
+    assert "IN_PROGRESS" in result.stderr
+    assert db.one("SELECT status FROM tasks WHERE task_id = %s", other["task_id"]) == "PENDING"
+    forced = cli(database, "cancel", "--correlation-id", cid, "--force", "--json")
+    assert [c["task_id"] for c in orjson.loads(forced.stdout)] == [made[1]["task_id"]]
+    none_left = cli(database, "cancel", "--correlation-id", cid)
+    assert none_left.exit_code == 1 and "no unfinished task" in none_left.stderr
+    both = cli(database, "cancel", other["task_id"], "--correlation-id", cid)
+    assert both.exit_code == 2

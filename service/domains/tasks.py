@@ -181,7 +181,12 @@ async def create_tasks(
     if rows:
         await notify_outbox(conn)
     return [
-        {"task_id": str(r["task_id"]), "agent_id": r["agent_id"], "status": r["status"]}
+        {
+            "task_id": str(r["task_id"]),
+            "agent_id": r["agent_id"],
+            "status": r["status"],
+            "correlation_id": r["correlation_id"],
+        }
         for r in rows
     ]
 
@@ -279,6 +284,26 @@ async def cancel_unstarted(
     if any(told for *_, told in rows):
         await notify_outbox(conn)
     return [r[0] for r in rows]
+
+
+async def cancel_command(
+    conn: Conn, correlation_id: str, *, force: bool = False, by: str | None = None
+) -> tuple[list[Cancelled], list[str]]:
+    """Cancel every unfinished task of one command (its correlation id): the tasks
+    cancelled, and why the others were not (IN_PROGRESS without `force`)."""
+    cur = await conn.execute(
+        "SELECT task_id FROM tasks WHERE correlation_id = %s AND status <> ALL(%s)"
+        " ORDER BY agent_id, task_id",
+        (correlation_id, _states(*TERMINAL)),
+    )
+    done: list[Cancelled] = []
+    refused: list[str] = []
+    for (task_id,) in await cur.fetchall():
+        try:
+            done.append(await cancel_task(conn, task_id, force=force, by=by))
+        except TaskError as exc:
+            refused.append(str(exc))
+    return done, refused
 
 
 # --- server transitions: sweeps and the outbox ---------------------------------------
