@@ -10,16 +10,19 @@ Connected and healthy are shown apart (docs/agents.md):
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import psycopg
 import typer
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from cli.common import emit_json, fail, iso, open_database, parse_tag
 from cli.db import DATABASE_URL_OPTION
 from schemas.states import Platform
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from service.db.models import AgentDetailPublic
 
 app = typer.Typer(help="The agents: status, health, hardware, history.", no_args_is_help=True)
 
@@ -35,11 +38,14 @@ HealthyWithin = Annotated[
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
 
+# The columns of AgentHealth (service/db/models.py), judged with the database's clock
+# (IS TRUE: never null, without a heartbeat or a sample yet).
 _STATE = """
+    a.status_epoch AS epoch,
     (a.status = 'online' AND NOT a.stale) AS connected,
     (a.status = 'online' AND NOT a.stale
      AND a.last_heartbeat_at > now() - make_interval(secs => %(within)s)
-     AND a.last_telemetry_at > now() - make_interval(secs => %(within)s)) AS healthy
+     AND a.last_telemetry_at > now() - make_interval(secs => %(within)s)) IS TRUE AS healthy
 """
 
 
@@ -82,41 +88,30 @@ def list_agents(
         connected = "(a.status = 'online' AND NOT a.stale)"
         where.append(connected if online else f"NOT {connected}")
     sql = (
-        "SELECT a.agent_id, a.hostname, a.platform, a.tags, a.last_seen, a.status_epoch,"
-        f" a.agent_version, a.status, a.stale, {_STATE} FROM agents a"
-        f" WHERE {' AND '.join(where)} ORDER BY a.agent_id"
+        "SELECT a.agent_id, a.hostname, a.platform, a.tags, a.last_seen, a.agent_version,"
+        f" a.status, {_STATE} FROM agents a WHERE {' AND '.join(where)} ORDER BY a.agent_id"
     )
     params = {
         "tags": Jsonb(tags),
         "platform": platform.value if platform else None,
         "within": healthy_within,
     }
+    from service.db.models import AgentPublic, AgentRow, model_row
+
     with open_database(database_url, autocommit=True) as conn:
-        rows = conn.cursor(row_factory=dict_row).execute(sql, params).fetchall()
+        rows = conn.cursor(row_factory=model_row(AgentRow)).execute(sql, params).fetchall()
     if json_output:
-        emit_json([
-            {
-                "agent_id": r["agent_id"],
-                "hostname": r["hostname"],
-                "platform": r["platform"],
-                "tags": r["tags"],
-                "connected": bool(r["connected"]),
-                "healthy": bool(r["healthy"]),
-                "last_seen": iso(r["last_seen"]),
-                "epoch": r["status_epoch"],
-            }
-            for r in rows
-        ])  # fmt: skip
+        emit_json([AgentPublic.model_validate(r).model_dump(mode="json") for r in rows])
         return
     if not rows:
         typer.echo("no agents match")
         return
     now = datetime.now(UTC)
 
-    def connected_text(r: dict[str, Any]) -> str:
-        if r["connected"]:
+    def connected_text(r: AgentRow) -> str:
+        if r.connected:
             return "yes"
-        return "stale" if r["status"] == "online" else "no"
+        return "stale" if r.status == "online" else "no"
 
     typer.echo(
         table(
@@ -132,95 +127,107 @@ def list_agents(
             ],
             [
                 [
-                    r["agent_id"],
-                    r["hostname"] or "-",
-                    r["platform"] or "-",
-                    r["agent_version"] or "-",
+                    r.agent_id,
+                    r.hostname or "-",
+                    r.platform or "-",
+                    r.agent_version or "-",
                     connected_text(r),
-                    "yes" if r["healthy"] else "no",
-                    ago(r["last_seen"], now),
-                    ",".join(f"{k}={v}" for k, v in sorted(r["tags"].items())),
+                    "yes" if r.healthy else "no",
+                    ago(r.last_seen, now),
+                    ",".join(f"{k}={v}" for k, v in sorted(r.tags.items())),
                 ]
                 for r in rows
             ],
         )
     )
-    n_connected = sum(1 for r in rows if r["connected"])
-    n_healthy = sum(1 for r in rows if r["healthy"])
+    n_connected = sum(1 for r in rows if r.connected)
+    n_healthy = sum(1 for r in rows if r.healthy)
     typer.echo(f"{len(rows)} agents, {n_connected} connected, {n_healthy} healthy")
 
 
 def agent_document(
     conn: psycopg.Connection[Any], agent_id: str, healthy_within: float, history: int
-) -> dict[str, Any] | None:
-    cur = conn.cursor(row_factory=dict_row)
-    row = cur.execute(
-        f"SELECT a.*, {_STATE} FROM agents a WHERE a.agent_id = %(id)s",
-        {"id": agent_id, "within": healthy_within},
-    ).fetchone()
+) -> AgentDetailPublic | None:
+    from service.db.models import (
+        AgentChangePublic,
+        AgentDetailPublic,
+        AgentDetailRow,
+        AgentStatusEventPublic,
+        InventoryChangePublic,
+        InventoryPublic,
+        InventorySummaryRow,
+        TelemetrySample,
+        model_row,
+    )
+
+    row = (
+        conn.cursor(row_factory=model_row(AgentDetailRow))
+        .execute(
+            "SELECT a.agent_id, a.hostname, a.platform, a.tags, a.last_seen, a.os_version,"
+            " a.agent_version, a.hardware, a.ip_address, a.mac_address, a.first_seen,"
+            " a.registered_at, a.status, a.status_changed_at, a.status_reason,"
+            " a.session_present, a.last_heartbeat_at, a.last_telemetry_at, a.stale,"
+            f" {_STATE} FROM agents a WHERE a.agent_id = %(id)s",
+            {"id": agent_id, "within": healthy_within},
+        )
+        .fetchone()
+    )
     if row is None:
         return None
-    status_history = cur.execute(
-        "SELECT time, state, epoch, source, reason, accepted, session_present"
-        " FROM agent_status_events WHERE agent_id = %s ORDER BY time DESC LIMIT %s",
-        (agent_id, history),
-    ).fetchall()
-    changes = cur.execute(
-        "SELECT time, field, old_value, new_value FROM agent_changes"
-        " WHERE agent_id = %s ORDER BY time DESC LIMIT %s",
-        (agent_id, history),
-    ).fetchall()
-    telemetry = cur.execute(
-        "SELECT time, cpu_percent, memory_percent, disk_percent, net_rx_bytes, net_tx_bytes"
-        " FROM telemetry WHERE agent_id = %s ORDER BY time DESC LIMIT 1",
-        (agent_id,),
-    ).fetchone()
-    inventory = cur.execute(
-        "SELECT count(*) AS count, max(updated_at) AS updated_at FROM inventory"
-        " WHERE agent_id = %s",
-        (agent_id,),
-    ).fetchone()
-    inventory_changes = cur.execute(
-        "SELECT time, name, change, old_version, new_version FROM inventory_changes"
-        " WHERE agent_id = %s ORDER BY time DESC, name LIMIT %s",
-        (agent_id, history),
-    ).fetchall()
-
-    def times(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: iso(v) if isinstance(v, datetime) else v for k, v in d.items()}
-
-    return {
-        "agent_id": row["agent_id"],
-        "hostname": row["hostname"],
-        "platform": row["platform"],
-        "os_version": row["os_version"],
-        "agent_version": row["agent_version"],
-        "hardware": row["hardware"],
-        "ip_address": row["ip_address"],
-        "mac_address": row["mac_address"],
-        "tags": row["tags"],
-        "connected": bool(row["connected"]),
-        "healthy": bool(row["healthy"]),
-        "status": row["status"],
-        "epoch": row["status_epoch"],
-        "stale": row["stale"],
-        "session_present": row["session_present"],
-        "status_changed_at": iso(row["status_changed_at"]),
-        "status_reason": row["status_reason"],
-        "first_seen": iso(row["first_seen"]),
-        "registered_at": iso(row["registered_at"]),
-        "last_seen": iso(row["last_seen"]),
-        "last_heartbeat_at": iso(row["last_heartbeat_at"]),
-        "last_telemetry_at": iso(row["last_telemetry_at"]),
-        "status_history": [times(e) for e in status_history],
-        "changes": [times(c) for c in changes],
-        "telemetry": times(telemetry) if telemetry else None,
-        "inventory": {
-            "count": inventory["count"] if inventory else 0,
-            "updated_at": iso(row["inventory_updated_at"]),
-            "recent_changes": [times(c) for c in inventory_changes],
-        },
-    }
+    status_history = (
+        conn.cursor(row_factory=model_row(AgentStatusEventPublic))
+        .execute(
+            "SELECT time, state, epoch, source, reason, accepted, session_present"
+            " FROM agent_status_events WHERE agent_id = %s ORDER BY time DESC LIMIT %s",
+            (agent_id, history),
+        )
+        .fetchall()
+    )
+    changes = (
+        conn.cursor(row_factory=model_row(AgentChangePublic))
+        .execute(
+            "SELECT time, field, old_value, new_value FROM agent_changes"
+            " WHERE agent_id = %s ORDER BY time DESC LIMIT %s",
+            (agent_id, history),
+        )
+        .fetchall()
+    )
+    telemetry = (
+        conn.cursor(row_factory=model_row(TelemetrySample))
+        .execute(
+            "SELECT time, cpu_percent, memory_percent, disk_percent, net_rx_bytes,"
+            " net_tx_bytes FROM telemetry WHERE agent_id = %s ORDER BY time DESC LIMIT 1",
+            (agent_id,),
+        )
+        .fetchone()
+    )
+    inventory = (
+        conn.cursor(row_factory=model_row(InventorySummaryRow))
+        .execute(
+            "SELECT (SELECT count(*) FROM inventory i WHERE i.agent_id = a.agent_id) AS count,"
+            " a.inventory_updated_at AS updated_at FROM agents a WHERE a.agent_id = %s",
+            (agent_id,),
+        )
+        .fetchone()
+    )
+    if inventory is None:  # deleted meanwhile
+        return None
+    inventory_changes = (
+        conn.cursor(row_factory=model_row(InventoryChangePublic))
+        .execute(
+            "SELECT time, name, change, old_version, new_version FROM inventory_changes"
+            " WHERE agent_id = %s ORDER BY time DESC, name LIMIT %s",
+            (agent_id, history),
+        )
+        .fetchall()
+    )
+    return AgentDetailPublic(
+        **dict(row),
+        status_history=status_history,
+        changes=changes,
+        telemetry=telemetry,
+        inventory=InventoryPublic(**dict(inventory), recent_changes=inventory_changes),
+    )
 
 
 def _fmt_bytes(n: Any) -> str:
@@ -232,48 +239,46 @@ def _fmt_bytes(n: Any) -> str:
     return f"{value:.1f} TiB"
 
 
-def render(doc: dict[str, Any]) -> str:
-    hw = doc["hardware"] or {}
-    state = "connected" if doc["connected"] else ("stale" if doc["stale"] else doc["status"])
+def render(doc: AgentDetailPublic) -> str:
+    hw = doc.hardware
+    state = "connected" if doc.connected else ("stale" if doc.stale else doc.status)
     out = [
-        f"{doc['agent_id']}  {state}, {'healthy' if doc['healthy'] else 'not healthy'}"
-        f"  (epoch {doc['epoch']}, last seen {doc['last_seen'] or 'never'})",
-        f"  host      {doc['hostname'] or '-'}  {doc['platform'] or '-'}"
-        f"  {doc['os_version'] or ''}",
-        f"  agent     {doc['agent_version'] or '-'}  registered {doc['registered_at'] or '-'}",
-        f"  network   {doc['ip_address'] or '-'}  {doc['mac_address'] or '-'}",
+        f"{doc.agent_id}  {state}, {'healthy' if doc.healthy else 'not healthy'}"
+        f"  (epoch {doc.epoch}, last seen {iso(doc.last_seen) or 'never'})",
+        f"  host      {doc.hostname or '-'}  {doc.platform or '-'}  {doc.os_version or ''}",
+        f"  agent     {doc.agent_version or '-'}  registered {iso(doc.registered_at) or '-'}",
+        f"  network   {doc.ip_address or '-'}  {doc.mac_address or '-'}",
         f"  hardware  {hw.get('cpu_count', '-')} CPUs, {_fmt_bytes(hw.get('memory_bytes'))} memory,"
         f" {_fmt_bytes(hw.get('disk_bytes'))} disk",
-        "  tags      " + (", ".join(f"{k}={v}" for k, v in sorted(doc["tags"].items())) or "-"),
-        f"  heartbeat {doc['last_heartbeat_at'] or 'never'}",
+        "  tags      " + (", ".join(f"{k}={v}" for k, v in sorted(doc.tags.items())) or "-"),
+        f"  heartbeat {iso(doc.last_heartbeat_at) or 'never'}",
     ]
-    t = doc["telemetry"]
+    t = doc.telemetry
     if t:
         out.append(
-            f"  telemetry {t['time']}: cpu {t['cpu_percent']:.1f}%  memory"
-            f" {t['memory_percent']:.1f}%  disk {t['disk_percent']:.1f}%  rx"
-            f" {_fmt_bytes(t['net_rx_bytes'])}  tx {_fmt_bytes(t['net_tx_bytes'])}"
+            f"  telemetry {iso(t.time)}: cpu {t.cpu_percent:.1f}%  memory"
+            f" {t.memory_percent:.1f}%  disk {t.disk_percent:.1f}%  rx"
+            f" {_fmt_bytes(t.net_rx_bytes)}  tx {_fmt_bytes(t.net_tx_bytes)}"
         )
     else:
         out.append("  telemetry none")
-    inv = doc["inventory"]
-    out.append(f"  software  {inv['count']} packages (list changed {inv['updated_at'] or 'never'})")
-    for c in inv["recent_changes"][:10]:
-        versions = " -> ".join(v for v in (c["old_version"], c["new_version"]) if v)
-        out.append(f"    {c['time']}  {c['change']:<8} {c['name']} {versions}")
-    if doc["status_history"]:
+    inv = doc.inventory
+    out.append(f"  software  {inv.count} packages (list changed {iso(inv.updated_at) or 'never'})")
+    for c in inv.recent_changes[:10]:
+        versions = " -> ".join(v for v in (c.old_version, c.new_version) if v)
+        out.append(f"    {iso(c.time)}  {c.change:<8} {c.name} {versions}")
+    if doc.status_history:
         out.append("  status history (newest first)")
-        for e in doc["status_history"]:
-            note = "" if e["accepted"] else "  [ignored]"
-            reason = f"  {e['reason']}" if e["reason"] else ""
+        for e in doc.status_history:
+            note = "" if e.accepted else "  [ignored]"
+            reason = f"  {e.reason}" if e.reason else ""
             out.append(
-                f"    {e['time']}  {e['state']:<7} epoch {e['epoch']}  by {e['source']}"
-                f"{reason}{note}"
+                f"    {iso(e.time)}  {e.state:<7} epoch {e.epoch}  by {e.source}{reason}{note}"
             )
-    if doc["changes"]:
+    if doc.changes:
         out.append("  registration changes (newest first)")
-        for c in doc["changes"]:
-            out.append(f"    {c['time']}  {c['field']}: {c['old_value']} -> {c['new_value']}")
+        for ch in doc.changes:
+            out.append(f"    {iso(ch.time)}  {ch.field}: {ch.old_value} -> {ch.new_value}")
     return "\n".join(out)
 
 
@@ -293,6 +298,6 @@ def show(
     if doc is None:
         fail(f"agent {agent_id!r} not found", 1)
     if json_output:
-        emit_json(doc)
+        emit_json(doc.model_dump(mode="json"))
     else:
         typer.echo(render(doc))

@@ -18,12 +18,11 @@ import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import psycopg
 import typer
-from psycopg.rows import dict_row
 
 from cli.common import emit_json, fail, in_transaction, iso, open_database, parse_tag
 from cli.db import DATABASE_URL_OPTION
@@ -33,6 +32,9 @@ from schemas.states import TERMINAL, Platform, TaskStatus, TaskType
 from schemas.topics import is_agent_id
 from schemas.validate import PayloadError, dump
 from service.domains import tasks
+
+if TYPE_CHECKING:
+    from service.db.models import TaskDetailPublic
 
 app = typer.Typer(
     help="Tasks: commands for agents, their lifecycle and history.", no_args_is_help=True
@@ -207,11 +209,13 @@ def _wait(
 ) -> None:
     """Follow until every task is terminal; the progress line goes to stderr so that
     --json keeps stdout to one document."""
+    from service.db.models import TaskProgressPublic, model_row
+
     ids = [uuid.UUID(m["task_id"]) for m in made]
     deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
     tty = sys.stderr.isatty()
     last = ""
-    cur = conn.cursor(row_factory=dict_row)
+    cur = conn.cursor(row_factory=model_row(TaskProgressPublic))
     while True:
         rows = cur.execute(
             "SELECT task_id, agent_id, status, progress, error FROM tasks"
@@ -219,45 +223,32 @@ def _wait(
             (ids,),
         ).fetchall()
         conn.commit()  # a fresh snapshot each round
-        counts = Counter(r["status"] for r in rows)
+        counts = Counter(r.status for r in rows)
         line = _summary(counts, len(ids))
         if line != last:
             sys.stderr.write(("\r\033[K" if tty else "") + line + ("" if tty else "\n"))
             sys.stderr.flush()
             last = line
-        finished = all(r["status"] in TERMINAL for r in rows)
+        finished = all(r.status in TERMINAL for r in rows)
         timed_out = deadline is not None and time.monotonic() >= deadline
         if finished or timed_out:
             break
         time.sleep(WAIT_POLL_S)
     if tty:
         sys.stderr.write("\n")
-    result = [
-        {
-            "task_id": str(r["task_id"]),
-            "agent_id": r["agent_id"],
-            "status": r["status"],
-            "progress": r["progress"],
-            "error": r["error"],
-        }
-        for r in rows
-    ]
     if json_output:
-        emit_json(result)
+        emit_json([r.model_dump(mode="json") for r in rows])
     else:
         typer.echo(
             _table(
                 ["TASK", "AGENT", "STATUS", "ERROR"],
-                [
-                    [r["task_id"], r["agent_id"], r["status"], (r["error"] or "")[:60]]
-                    for r in result
-                ],
+                [[str(r.task_id), r.agent_id, r.status, (r.error or "")[:60]] for r in rows],
             )
         )
     if not finished:
         typer.echo(f"error: not finished after {wait_timeout:g} s", err=True)
         raise typer.Exit(EXIT_WAIT_TIMEOUT)
-    if any(r["status"] != TaskStatus.COMPLETED for r in rows):
+    if any(r.status != TaskStatus.COMPLETED for r in rows):
         raise typer.Exit(EXIT_NOT_DONE)
 
 
@@ -295,9 +286,11 @@ def list_tasks(
         "correlation_id": correlation_id,
         "limit": limit,
     }
+    from service.db.models import TaskPublic, model_row
+
     with open_database(database_url) as conn:
         rows = (
-            conn.cursor(row_factory=dict_row)
+            conn.cursor(row_factory=model_row(TaskPublic))
             .execute(
                 "SELECT task_id, agent_id, type, status, progress, attempts, correlation_id,"
                 " created_at, updated_at, finished_at FROM tasks"
@@ -306,25 +299,10 @@ def list_tasks(
             )
             .fetchall()
         )
-    docs = [
-        {
-            "task_id": str(r["task_id"]),
-            "agent_id": r["agent_id"],
-            "type": r["type"],
-            "status": r["status"],
-            "progress": r["progress"],
-            "attempts": r["attempts"],
-            "correlation_id": r["correlation_id"],
-            "created_at": iso(r["created_at"]),
-            "updated_at": iso(r["updated_at"]),
-            "finished_at": iso(r["finished_at"]),
-        }
-        for r in rows
-    ]
     if json_output:
-        emit_json(docs)
+        emit_json([r.model_dump(mode="json") for r in rows])
         return
-    if not docs:
+    if not rows:
         typer.echo("no tasks match")
         return
     typer.echo(
@@ -332,68 +310,47 @@ def list_tasks(
             ["TASK", "AGENT", "TYPE", "STATUS", "PROGRESS", "ATTEMPTS", "CREATED"],
             [
                 [
-                    d["task_id"],
-                    d["agent_id"],
-                    d["type"],
-                    d["status"],
-                    "-" if d["progress"] is None else f"{d['progress']}%",
-                    str(d["attempts"]),
-                    (d["created_at"] or "")[:19],
+                    str(r.task_id),
+                    r.agent_id,
+                    r.type,
+                    r.status,
+                    "-" if r.progress is None else f"{r.progress}%",
+                    str(r.attempts),
+                    (iso(r.created_at) or "")[:19],
                 ]
-                for d in docs
+                for r in rows
             ],
         )
     )
 
 
-def task_document(conn: psycopg.Connection[Any], task_id: uuid.UUID) -> dict[str, Any] | None:
-    cur = conn.cursor(row_factory=dict_row)
-    t = cur.execute("SELECT * FROM tasks WHERE task_id = %s", (task_id,)).fetchone()
-    if t is None:
+def task_document(conn: psycopg.Connection[Any], task_id: uuid.UUID) -> TaskDetailPublic | None:
+    from service.db.models import TaskDetailPublic, TaskDetailRow, TaskEventPublic, model_row
+
+    task = (
+        conn.cursor(row_factory=model_row(TaskDetailRow))
+        .execute(
+            "SELECT task_id, agent_id, type, status, progress, attempts, correlation_id,"
+            " created_at, finished_at, payload, result, error, timeout_seconds, expires_at,"
+            " created_by, published_at, assigned_at, started_at, cancel_requested,"
+            " deployment_id, next_publish_at IS NOT NULL AS owed FROM tasks WHERE task_id = %s",
+            (task_id,),
+        )
+        .fetchone()
+    )
+    if task is None:
         return None
-    events = cur.execute(
-        "SELECT time, status, previous_status, source, correlation_id, progress, accepted,"
-        " reason, detail FROM task_events WHERE task_id = %s ORDER BY time, status",
-        (task_id,),
-    ).fetchall()
-    return {
-        "task_id": str(t["task_id"]),
-        "agent_id": t["agent_id"],
-        "type": t["type"],
-        "status": t["status"],
-        "attempts": t["attempts"],
-        "correlation_id": t["correlation_id"],
-        "payload": t["payload"],
-        "progress": t["progress"],
-        "result": t["result"],
-        "error": t["error"],
-        "timeout_seconds": t["timeout_seconds"],
-        "expires_at": iso(t["expires_at"]),
-        "created_at": iso(t["created_at"]),
-        "created_by": t["created_by"],
-        "published_at": iso(t["published_at"]),
-        "assigned_at": iso(t["assigned_at"]),
-        "started_at": iso(t["started_at"]),
-        "finished_at": iso(t["finished_at"]),
-        "cancel_requested": t["cancel_requested"],
-        "owed": t["next_publish_at"] is not None,
-        "deployment_id": str(t["deployment_id"]) if t["deployment_id"] else None,
-        # Every event, including reports that changed nothing (accepted false + reason).
-        "events": [
-            {
-                "ts": iso(e["time"]),
-                "status": e["status"],
-                "previous_status": e["previous_status"],
-                "source": e["source"],
-                "correlation_id": e["correlation_id"],
-                "progress": e["progress"],
-                "accepted": e["accepted"],
-                "reason": e["reason"],
-                "detail": e["detail"],
-            }
-            for e in events
-        ],
-    }
+    # Every event, including reports that changed nothing (accepted false + reason).
+    events = (
+        conn.cursor(row_factory=model_row(TaskEventPublic))
+        .execute(
+            "SELECT time AS ts, status, previous_status, source, correlation_id, progress,"
+            " accepted, reason, detail FROM task_events WHERE task_id = %s ORDER BY time, status",
+            (task_id,),
+        )
+        .fetchall()
+    )
+    return TaskDetailPublic(**dict(task), events=events)
 
 
 @app.command()
@@ -408,8 +365,9 @@ def show(
         doc = task_document(conn, tid)
     if doc is None:
         fail(f"no task {task_id}", EXIT_NOT_DONE)
+    shown = doc.model_dump(mode="json")
     if json_output:
-        emit_json(doc)
+        emit_json(shown)
         return
     fields = [
         "task_id", "agent_id", "type", "status", "progress", "attempts", "correlation_id",
@@ -417,25 +375,25 @@ def show(
         "assigned_at", "started_at", "finished_at", "error",
     ]  # fmt: skip
     for f in fields:
-        value = doc[f]
+        value = shown[f]
         typer.echo(f"{f + ':':17} {'-' if value is None else value}")
-    typer.echo(f"{'payload:':17} {orjson.dumps(doc['payload']).decode()}")
-    if doc["result"] is not None:
-        typer.echo(f"{'result:':17} {orjson.dumps(doc['result']).decode()[:2000]}")
+    typer.echo(f"{'payload:':17} {orjson.dumps(doc.payload).decode()}")
+    if doc.result is not None:
+        typer.echo(f"{'result:':17} {orjson.dumps(doc.result).decode()[:2000]}")
     typer.echo("")
     typer.echo(
         _table(
             ["TIME", "STATUS", "FROM", "SOURCE", "ACCEPTED", "REASON"],
             [
                 [
-                    (e["ts"] or "")[:23],
-                    e["status"],
-                    e["previous_status"] or "-",
-                    e["source"],
-                    "yes" if e["accepted"] else "no",
-                    e["reason"] or "",
+                    (iso(e.ts) or "")[:23],
+                    e.status,
+                    e.previous_status or "-",
+                    e.source,
+                    "yes" if e.accepted else "no",
+                    e.reason or "",
                 ]
-                for e in doc["events"]
+                for e in doc.events
             ],
         )
     )

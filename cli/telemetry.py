@@ -11,12 +11,15 @@ import re
 import shutil
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cli.common import emit_json, fail, iso, open_database
 from cli.db import DATABASE_URL_OPTION
+
+if TYPE_CHECKING:
+    from service.db.models import TelemetryPublic
 
 app = typer.Typer(help="Agent metrics over time.", no_args_is_help=True)
 
@@ -50,7 +53,9 @@ def parse_duration(text: str, option: str) -> timedelta:
 
 def fetch(
     conn: Any, agent_id: str, since: timedelta, bucket: timedelta | None
-) -> list[dict[str, Any]]:
+) -> list[TelemetryPublic]:
+    from service.db.models import TelemetryPublic, model_row
+
     if bucket is None:
         sql = (
             "SELECT time, cpu_percent, memory_percent, disk_percent, net_rx_bytes, net_tx_bytes"
@@ -58,25 +63,17 @@ def fetch(
         )
     else:
         sql = (
-            "SELECT time_bucket(%(bucket)s, time) AS time, avg(cpu_percent), avg(memory_percent),"
-            " avg(disk_percent), avg(net_rx_bytes), avg(net_tx_bytes) FROM telemetry"
-            " WHERE agent_id = %(id)s AND time >= now() - %(since)s"
+            "SELECT time_bucket(%(bucket)s, time) AS time, avg(cpu_percent) AS cpu_percent,"
+            " avg(memory_percent) AS memory_percent, avg(disk_percent) AS disk_percent,"
+            " avg(net_rx_bytes) AS net_rx_bytes, avg(net_tx_bytes) AS net_tx_bytes"
+            " FROM telemetry WHERE agent_id = %(id)s AND time >= now() - %(since)s"
             " GROUP BY 1 ORDER BY 1"
         )
-    rows = conn.execute(sql, {"id": agent_id, "since": since, "bucket": bucket}).fetchall()
-    out = []
-    for t, cpu, mem, disk, rx, tx in rows:
-        out.append(
-            {
-                "time": iso(t),
-                "cpu_percent": None if cpu is None else round(float(cpu), 2),
-                "memory_percent": None if mem is None else round(float(mem), 2),
-                "disk_percent": None if disk is None else round(float(disk), 2),
-                "net_rx_bytes": None if rx is None else round(float(rx)),
-                "net_tx_bytes": None if tx is None else round(float(tx)),
-            }
-        )
-    return out
+    params = {"id": agent_id, "since": since, "bucket": bucket}
+    rows: list[TelemetryPublic] = (
+        conn.cursor(row_factory=model_row(TelemetryPublic)).execute(sql, params).fetchall()
+    )
+    return rows
 
 
 def sparkline(values: Sequence[float | None], width: int, top: float) -> str:
@@ -106,13 +103,13 @@ def _human(metric: str, value: float) -> str:
     return f"{value:.1f}T"
 
 
-def chart(rows: list[dict[str, Any]], width: int) -> list[str]:
+def chart(rows: list[TelemetryPublic], width: int) -> list[str]:
     label_w = max(len(v) for v in _LABELS.values())
     stats_w = 40
     spark_w = max(width - label_w - stats_w - 4, 10)
     lines = []
     for metric in METRICS:
-        series = [r[metric] for r in rows]
+        series: list[float | None] = [getattr(r, metric) for r in rows]
         present = [float(v) for v in series if v is not None]
         if not present:
             continue
@@ -148,13 +145,13 @@ def show(
             fail(f"agent {agent_id!r} not found", 1)
         rows = fetch(conn, agent_id, window, width)
     if json_output:
-        emit_json(rows)
+        emit_json([r.model_dump(mode="json") for r in rows])
         return
     if not rows:
         typer.echo(f"no telemetry from {agent_id} in the last {since}")
         return
     what = f"{len(rows)} buckets of {bucket}" if bucket else f"{len(rows)} samples"
-    typer.echo(f"{agent_id}: {what}, {rows[0]['time']} .. {rows[-1]['time']}")
+    typer.echo(f"{agent_id}: {what}, {iso(rows[0].time)} .. {iso(rows[-1].time)}")
     columns = shutil.get_terminal_size((100, 24)).columns
     for line in chart(rows, columns):
         typer.echo(line)

@@ -610,8 +610,8 @@ def test_cli_telemetry_show(ts: Timescale) -> None:
         )
         samples = telemetry_cli.fetch(conn, "cli-1", timedelta(hours=1), None)
         minutes = telemetry_cli.fetch(conn, "cli-1", timedelta(hours=1), timedelta(minutes=1))
-    assert [s["cpu_percent"] for s in samples] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
-    assert minutes == [
+    assert [s.cpu_percent for s in samples] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert [m.model_dump(mode="json") for m in minutes] == [
         {
             "time": iso(t0 + timedelta(minutes=m)),
             "cpu_percent": 1.0 + 3 * m,
