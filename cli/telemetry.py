@@ -17,6 +17,7 @@ import typer
 
 from cli.common import emit_json, fail, iso, open_database
 from cli.db import DATABASE_URL_OPTION
+from schemas.constants import TELEMETRY_METRICS
 
 if TYPE_CHECKING:
     from service.db.models import TelemetryPublic
@@ -32,7 +33,7 @@ def _group() -> None:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)?\s*$", re.IGNORECASE)
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
-METRICS = ("cpu_percent", "memory_percent", "disk_percent", "net_rx_bytes", "net_tx_bytes")
+METRICS = TELEMETRY_METRICS
 _LABELS = {
     "cpu_percent": "cpu %",
     "memory_percent": "memory %",

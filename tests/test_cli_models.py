@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from cli import tasks as tasks_cli
 from cli.agents import app as agents_app
 from cli.telemetry import app as telemetry_app
+from schemas.constants import TELEMETRY_METRICS
 from service.db import models
 from service.db.models import CLI_MODELS, ColumnMismatch, model_row
 
@@ -187,6 +188,11 @@ def test_model_row_refuses_a_query_unlike_the_model(database: str, sql: str, pro
         assert cur.fetchone() == models.AgentChangePublic(
             field="a", time=NOW, old_value=1, new_value=2
         )
+
+
+def test_telemetry_rows_are_the_contract_metrics() -> None:
+    assert tuple(models.TelemetrySample.model_fields) == ("time", *TELEMETRY_METRICS)
+    assert tuple(models.TelemetryPublic.model_fields) == ("time", *TELEMETRY_METRICS)
 
 
 def test_public_fields_are_typed_as_their_columns() -> None:
