@@ -143,7 +143,9 @@ class AgentHealth(SQLModel):
 
 
 class AgentPublic(AgentHealth, AgentBase):
-    """`agents list --json`: one agent."""
+    """`agents list --json`: one agent, the fields it has always printed. SPEC also
+    names `agent_version`, `stale` (columns: AgentBase could hold them), `state` and
+    `labels` (no column yet); tests/test_simulate.py asserts today's set."""
 
 
 class AgentRow(AgentPublic):
