@@ -383,28 +383,6 @@ class TaskDetailPublic(TaskDetailRow):
     events: list[TaskEventPublic]
 
 
-CLI_MODELS: dict[type[SQLModel], type[SQLModel] | None] = {
-    AgentPublic: Agent,
-    AgentRow: Agent,
-    AgentDetailRow: Agent,
-    AgentDetailPublic: Agent,
-    AgentStatusEventPublic: None,
-    AgentChangePublic: None,
-    InventoryChangePublic: None,
-    InventorySummaryRow: None,
-    InventoryPublic: None,
-    TelemetrySample: None,
-    TelemetryPublic: None,
-    TaskPublic: Task,
-    TaskProgressPublic: Task,
-    TaskEventPublic: None,
-    TaskDetailRow: Task,
-    TaskDetailPublic: Task,
-}
-"""What the CLI reads and prints, each with the table model it shows (None: a
-time-series table, which has none); a field named like a column has its type."""
-
-
 class Bridge(SQLModel, table=True):
     """A running bridge's heartbeat (0005); `eucora status` reads it."""
 
@@ -428,3 +406,25 @@ RELATIONAL_MODELS: tuple[type[SQLModel], ...] = (
     DeploymentStatus,
     Task,
 )
+
+
+CLI_MODELS: dict[type[SQLModel], type[SQLModel] | None] = {
+    AgentPublic: Agent,
+    AgentRow: Agent,
+    AgentDetailRow: Agent,
+    AgentDetailPublic: Agent,
+    AgentStatusEventPublic: None,
+    AgentChangePublic: None,
+    InventoryChangePublic: None,
+    InventorySummaryRow: None,
+    InventoryPublic: None,
+    TelemetrySample: None,
+    TelemetryPublic: None,
+    TaskPublic: Task,
+    TaskProgressPublic: Task,
+    TaskEventPublic: None,
+    TaskDetailRow: Task,
+    TaskDetailPublic: Task,
+}
+"""What the CLI reads and prints, each with the table model it shows (None: a
+time-series table, which has none); a field named like a column has its type."""
