@@ -58,6 +58,7 @@ class AgentTopics:
     inventory: str
     tasks: str
     task_status: str
+    deployment_status: str
 
     @classmethod
     def of(cls, tree: TopicTree, agent_id: str) -> AgentTopics:
@@ -69,6 +70,7 @@ class AgentTopics:
             inventory=tree.agent(agent_id, Kind.INVENTORY),
             tasks=tree.agent(agent_id, Kind.TASKS),
             task_status=tree.agent(agent_id, Kind.TASK_STATUS),
+            deployment_status=tree.agent(agent_id, Kind.DEPLOYMENT_STATUS),
         )
 
 

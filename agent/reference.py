@@ -106,6 +106,7 @@ def run(config: AgentConfig) -> int:
         return 2
     executor = TaskExecutor(
         session.report_task,
+        report_deployment=session.report_deployment,
         agent_id=config.agent_id,
         allow=allow,
         # Task ids already handled survive a restart: a redelivered task never runs twice.

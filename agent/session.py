@@ -525,6 +525,13 @@ class AgentSession:
         payload = orjson.dumps(doc)
         self.loop.call_soon_threadsafe(lambda: self._publish(self.topics.task_status, payload, 1))
 
+    def report_deployment(self, doc: dict[str, Any]) -> None:
+        """Publish a deployment-status report; callable from any thread. Through the
+        same queue as task reports, so the two keep the order they were made in."""
+        payload = orjson.dumps(doc)
+        topic = self.topics.deployment_status
+        self.loop.call_soon_threadsafe(lambda: self._publish(topic, payload, 1))
+
     def _publish(self, topic: str, payload: bytes, qos: int) -> None:
         info = self.client.publish(topic, payload, qos=qos)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):

@@ -7,7 +7,9 @@ CPU as a mean-reverting walk with bursts, memory slowly drifting, disk slowly
 filling, network bytes from a per-host rate. `churn` is the fraction of the fleet
 that leaves per minute, half of it by crashing (the broker publishes the will) and
 half by a clean stop, each coming back after a pause; some come back with software
-installed, removed or upgraded.
+installed, removed or upgraded. Tasks are played as the reference agent reports
+them (SimulatedTasks); DEPLOY tasks take `deploy_duration` seconds and fail at
+`deploy_fail_rate`, and a deployment's also report on deployment-status.
 
 The simulator only connects: the agents' broker accounts are made on the server side
 (`eucora simulate` in cli/simulate.py, through service/broker_admin.py), which hands
@@ -28,17 +30,24 @@ from typing import Any
 
 import psutil
 
-from agent.loop import Loop
+from agent.loop import Loop, Timer
 from agent.protocol import HostInfo, Metrics
 from agent.session import AgentSession, Timing
-from agent.tasks import report_document
+from agent.tasks import (
+    DeploymentRef,
+    Reject,
+    deployment_document,
+    deployment_of,
+    report_document,
+)
 from schemas.config import DEFAULT_TOPIC_ROOT, MqttUrl
-from schemas.payloads import Software, TaskCommand
-from schemas.states import Platform, TaskStatus
+from schemas.payloads import Software, TaskCancel, TaskCommand
+from schemas.states import DeploymentAgentStatus, Platform, TaskStatus, TaskType
 from schemas.topics import Kind, TopicTree
 from schemas.validate import PayloadError, parse
 
 log = logging.getLogger("eucora.simulate")
+_A = DeploymentAgentStatus
 
 AGENT_VERSION = "0.1.0-sim"
 
@@ -108,9 +117,10 @@ def _pick_platform(rng: random.Random) -> Platform:
 class SimulatedHost:
     """One imaginary machine with a stable profile and wandering metrics."""
 
-    def __init__(self, index: int, rng: random.Random) -> None:
+    def __init__(self, index: int, rng: random.Random, platform: Platform | None = None) -> None:
         self.rng = rng
-        self.platform = _pick_platform(rng)
+        picked = _pick_platform(rng)  # drawn anyway: the rest of the profile stays seeded
+        self.platform = platform or picked
         role = rng.choice(_ROLES[self.platform])
         site = rng.choice(_SITES)
         prefix = {"windows": "WS", "macos": "MAC", "linux": role}[self.platform.value]
@@ -192,33 +202,77 @@ class SimulatedHost:
             self.packages[name] = old.model_copy(update={"version": f"{old.version}.1"})
 
 
-class SimulatedTasks:
-    """A simulated agent's side of tasks: acknowledge at once, run for a moment, succeed
-    (or reject what has expired). Deduplicated by task id, as a real agent does."""
+@dataclass
+class TaskCounters:
+    deploys_succeeded: int = 0
+    deploys_failed: int = 0
+    rollbacks: int = 0
 
-    def __init__(self, loop: Loop, agent_id: str, rng: random.Random) -> None:
+
+class SimulatedTasks:
+    """A simulated agent's side of tasks, reported as the reference agent reports them
+    (agent/tasks.py). Deduplicated by task id; an expired task is REJECTED.
+
+    - DEPLOY: "runs" for `deploy_duration` s (+-30 % jitter) and fails with the
+      probability `deploy_fail_rate`; both drawn from (fleet seed, agent id, how many
+      DEPLOY tasks the agent played before), so a fleet started again with the same
+      seed fails the same agents, whatever the timing. A deployment's DEPLOY (payload
+      with "deployment_id") also reports on deployment-status: PENDING on receipt,
+      IN_PROGRESS (progress 0) at the start, SUCCESS or FAILED before the task's
+      COMPLETED or FAILED. Its rollback task ("rollback": true) takes as long, never
+      fails, and reports ROLLBACK; without a "rollback_command" it is REJECTED
+      (deployment-status FAILED), as the reference agent does. A cancel stops a
+      running DEPLOY (FAILED "cancelled").
+    - Any other task: COMPLETED after 0.2 to 1.2 s.
+    """
+
+    def __init__(
+        self,
+        loop: Loop,
+        agent_id: str,
+        rng: random.Random,
+        *,
+        seed: int = 1,
+        deploy_duration: float = 3.0,
+        deploy_fail_rate: float = 0.0,
+    ) -> None:
         self.loop = loop
         self.agent_id = agent_id
         self.rng = rng
+        self.seed = seed
+        self.deploy_duration = deploy_duration
+        self.deploy_fail_rate = deploy_fail_rate
         self.report: Callable[[dict[str, Any]], None] = lambda doc: None
-        self._done: dict[str, dict[str, Any]] = {}  # task id -> last report
+        self.report_deployment: Callable[[dict[str, Any]], None] = lambda doc: None
+        self.counters = TaskCounters()
+        self._plays = 0  # DEPLOY tasks played: with the seed, what the next one draws
+        # task id -> its last task report and last deployment report (sent again on a
+        # redelivery, unchanged: the server takes them for repeats)
+        self._done: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {}
+        self._running: dict[str, tuple[Timer, DeploymentRef | None, str | None]] = {}
 
     def handle(self, payload: bytes | bytearray) -> None:
         try:
             msg = parse(Kind.TASKS, self.agent_id, payload)
         except PayloadError:
             return
-        if not isinstance(msg, TaskCommand):
-            return  # a cancel: the simulated work is too short to interrupt
+        if isinstance(msg, TaskCancel):
+            self._cancel(str(msg.cancel))
+            return
         task_id, corr = str(msg.task_id), msg.correlation_id
         if task_id in self._done:
-            self.report(self._done[task_id])  # a redelivery: say again where it stands
+            last, deployment = self._done[task_id]
+            if deployment is not None:
+                self.report_deployment(deployment)
+            self.report(last)  # a redelivery: say again where it stands
             return
         if msg.expires_at <= datetime.now(UTC):
-            rejected = report_document(
-                task_id, TaskStatus.REJECTED, error="expired", correlation_id=corr
-            )
-            self._finish(task_id, rejected)
+            why = f"expired before start (expires_at {msg.expires_at.isoformat()})"
+            self._finish(task_id, report_document(task_id, TaskStatus.REJECTED, error=why,
+                                                  correlation_id=corr))  # fmt: skip
+            return
+        if msg.type is TaskType.DEPLOY:
+            self._deploy(msg)
             return
         self._finish(task_id, report_document(task_id, TaskStatus.ASSIGNED, correlation_id=corr))
         self.report(
@@ -230,11 +284,103 @@ class SimulatedTasks:
         )  # fmt: skip
         self.loop.call_later(0.2 + self.rng.random(), lambda: self._finish(task_id, done))
 
-    def _finish(self, task_id: str, doc: dict[str, Any]) -> None:
+    def _deploy(self, msg: TaskCommand) -> None:
+        task_id, corr = str(msg.task_id), msg.correlation_id
+        ref: DeploymentRef | None = None
+        try:
+            ref = deployment_of(msg)
+            argv = msg.payload.get("rollback_command" if ref and ref.rollback else "command")
+            if ref is not None and ref.rollback and argv is None:
+                raise Reject(
+                    'cannot roll back: the deployment\'s payload declares no "rollback_command"'
+                )
+        except Reject as exc:
+            failed = self._deployment(ref, _A.FAILED, message=str(exc))
+            rejected = report_document(task_id, TaskStatus.REJECTED, error=str(exc),
+                                       correlation_id=corr)  # fmt: skip
+            self._finish(task_id, rejected, failed)
+            return
+        draw = random.Random(f"{self.seed}/{self.agent_id}/{self._plays}")  # noqa: S311
+        self._plays += 1
+        duration = self.deploy_duration * draw.uniform(0.7, 1.3)
+        fails = draw.random() < self.deploy_fail_rate and not (ref and ref.rollback)
+        rollback = ref is not None and ref.rollback
+        assigned = report_document(task_id, TaskStatus.ASSIGNED, correlation_id=corr)
+        pending = None if rollback else self._deployment(ref, _A.PENDING)
+        self._finish(task_id, assigned, pending, task_first=True)
+        started = report_document(task_id, TaskStatus.IN_PROGRESS, progress=0,
+                                  correlation_id=corr)  # fmt: skip
+        in_progress = None if rollback else self._deployment(ref, _A.IN_PROGRESS)
+        self._finish(task_id, started, in_progress, task_first=True)
+
+        def finish() -> None:
+            self._running.pop(task_id, None)
+            result = {"simulated": True, "type": "DEPLOY", "exit_code": 1 if fails else 0}
+            if fails:
+                error = "exit status 1 (simulated failure)"
+                self.counters.deploys_failed += 1
+                outcome = self._deployment(ref, _A.FAILED, message=error)
+                end = report_document(task_id, TaskStatus.FAILED, result=result, error=error,
+                                      correlation_id=corr)  # fmt: skip
+            else:
+                if rollback:
+                    self.counters.rollbacks += 1
+                else:
+                    self.counters.deploys_succeeded += 1
+                outcome = self._deployment(
+                    ref, _A.ROLLBACK if rollback else _A.SUCCESS, progress=100
+                )
+                end = report_document(task_id, TaskStatus.COMPLETED, progress=100,
+                                      result=result, correlation_id=corr)  # fmt: skip
+            self._finish(task_id, end, outcome)
+
+        self._running[task_id] = (self.loop.call_later(duration, finish), ref, corr)
+
+    def _cancel(self, task_id: str) -> None:
+        running = self._running.pop(task_id, None)
+        if running is None:
+            return  # not seen (the server has cancelled it anyway), or finished
+        timer, ref, corr = running
+        timer.cancel()
+        failed = self._deployment(ref, _A.FAILED, message="cancelled")
+        self._finish(
+            task_id,
+            report_document(task_id, TaskStatus.FAILED, error="cancelled", correlation_id=corr),
+            failed,
+        )
+
+    def _deployment(
+        self,
+        ref: DeploymentRef | None,
+        status: DeploymentAgentStatus,
+        *,
+        progress: float = 0,
+        message: str | None = None,
+    ) -> dict[str, Any] | None:
+        if ref is None:
+            return None
+        return deployment_document(ref.deployment_id, status, progress=progress, message=message)
+
+    def _finish(
+        self,
+        task_id: str,
+        doc: dict[str, Any],
+        deployment: dict[str, Any] | None = None,
+        *,
+        task_first: bool = False,
+    ) -> None:
+        """Send a task report and a deployment report (if any; an outcome before the
+        task's, progress after it), and remember them."""
         if len(self._done) > 10_000:  # bounded memory: forget the oldest
             self._done.pop(next(iter(self._done)))
-        self._done[task_id] = doc
-        self.report(doc)
+        previous = self._done.get(task_id, (doc, None))[1]
+        self._done[task_id] = (doc, deployment or previous)
+        if task_first:
+            self.report(doc)
+        if deployment is not None:
+            self.report_deployment(deployment)
+        if not task_first:
+            self.report(doc)
 
 
 @dataclass
@@ -250,6 +396,9 @@ class FleetOptions:
     topic_root: str = DEFAULT_TOPIC_ROOT
     ca_file: str | None = None
     buffer_size: int = 1000
+    platform: Platform | None = None  # every agent on this platform (default: a mix)
+    deploy_duration: float = 3.0  # seconds a simulated DEPLOY runs (+-30 %)
+    deploy_fail_rate: float = 0.0  # the fraction of DEPLOY tasks that fail
 
     def agent_ids(self) -> list[str]:
         width = max(5, len(str(self.agents - 1)))
@@ -301,12 +450,19 @@ class Fleet:
             raise ValueError(f"no password for {len(missing)} agents (first: {missing[0]})")
         tree = TopicTree(options.topic_root)
         self.hosts: list[SimulatedHost] = []
+        self.tasks: list[SimulatedTasks] = []
         self.sessions: list[AgentSession] = []
         for i, agent_id in enumerate(options.agent_ids()):
-            host = SimulatedHost(i, random.Random(options.seed * 1_000_003 + i))  # noqa: S311
+            rng = random.Random(options.seed * 1_000_003 + i)  # noqa: S311
+            host = SimulatedHost(i, rng, options.platform)
             self.hosts.append(host)
             url = replace(broker, username=agent_id, password=passwords[agent_id])
-            tasks = SimulatedTasks(self.loop, agent_id, host.rng)
+            tasks = SimulatedTasks(
+                self.loop, agent_id, host.rng, seed=options.seed,
+                deploy_duration=options.deploy_duration,
+                deploy_fail_rate=options.deploy_fail_rate,
+            )  # fmt: skip
+            self.tasks.append(tasks)
             session = AgentSession(
                 self.loop,
                 agent_id=agent_id,
@@ -322,6 +478,7 @@ class Fleet:
                 on_task=tasks.handle,
             )
             tasks.report = session.report_task
+            tasks.report_deployment = session.report_deployment
             self.sessions.append(session)
 
     def connected(self) -> int:
@@ -387,6 +544,10 @@ class Fleet:
             cpu_seconds=time.process_time() - self._cpu0,
             cpu_percent=self.cpu_percent(),
             max_rss_bytes=max_rss_bytes(),
+            extra={
+                name: sum(getattr(t.counters, name) for t in self.tasks)
+                for name in ("deploys_succeeded", "deploys_failed", "rollbacks")
+            },
         )
 
 

@@ -22,6 +22,15 @@ rules (SPEC "Tasks"; docs/tasks.md):
   a shell) that the local allow-list permits; anything else is REJECTED. It runs with
   the task's timeout_seconds (then it is killed and FAILED); exit status 0 is
   COMPLETED, any other FAILED; the tail of its output is in the result.
+- DEPLOY of a deployment (its payload carries "deployment_id", the rollout engine's):
+  the same command, and the agent's own reports on the deployment-status topic
+  through `report_deployment` besides the task's: PENDING when accepted, IN_PROGRESS
+  (progress 0: a command does not say how far it got) when it starts, SUCCESS or
+  FAILED (with the error as message) before the task's COMPLETED or FAILED. With
+  "rollback": true it runs the payload's "rollback_command" instead (allow-listed too;
+  REJECTED when absent or not allowed) and reports ROLLBACK, or FAILED. A refused
+  deployment task is FAILED on deployment-status too; an expired or cancelled one is
+  not reported there (it never started).
 - `{"cancel": task_id}`: a queued task is never started (REJECTED "cancelled before
   start"), a running command is stopped (FAILED "cancelled"). The server has already
   marked the task CANCELLED, so it keeps these reports as history only.
@@ -58,8 +67,8 @@ import orjson
 import psutil
 
 from agent.protocol import Metrics
-from schemas.payloads import TaskCancel, TaskCommand, TaskStatusReport
-from schemas.states import TaskStatus, TaskType
+from schemas.payloads import DeploymentStatusReport, TaskCancel, TaskCommand, TaskStatusReport
+from schemas.states import DeploymentAgentStatus, TaskStatus, TaskType
 from schemas.topics import Kind
 from schemas.validate import PayloadError, dump, parse
 
@@ -67,11 +76,13 @@ log = logging.getLogger("eucora.agent.tasks")
 
 Report = Callable[[dict[str, Any]], None]
 Collector = Callable[[], Any]
+_A = DeploymentAgentStatus
 
 COMMAND_TYPES: Final = frozenset({TaskType.DEPLOY, TaskType.REMEDIATE, TaskType.UPDATE})
 ANY_ARGS: Final = "..."  # last element of an allow-list entry: any further arguments
 OUTPUT_TAIL: Final = 4096  # bytes of stdout/stderr kept in a command's result
 ERROR_MAX: Final = 4000
+MESSAGE_MAX: Final = 4096  # a deployment-status message (the schema's limit)
 STOP_GRACE_S: Final = 5.0  # SIGTERM, then SIGKILL after this long
 SMALL_RESULT: Final = 4096  # results up to this size are remembered for re-reports
 HEALTH_DEFAULTS: Final = {"disk_max_percent": 90.0, "memory_max_percent": 90.0,
@@ -138,6 +149,55 @@ def _matches(entry: Sequence[str], argv: Sequence[str]) -> bool:
     return all(fnmatch.fnmatchcase(a, p) for a, p in zip(argv, fixed, strict=False))
 
 
+# --- deployments ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeploymentRef:
+    """The deployment a DEPLOY task belongs to, and whether it is the rollback task."""
+
+    deployment_id: str
+    rollback: bool = False
+
+
+def deployment_of(task: TaskCommand) -> DeploymentRef | None:
+    """The deployment of a DEPLOY task whose payload names one (None: a plain task).
+    Raises Reject for a deployment_id that is not a UUID or a "rollback" not a boolean."""
+    if task.type is not TaskType.DEPLOY or "deployment_id" not in task.payload:
+        return None
+    raw = task.payload["deployment_id"]
+    try:
+        deployment_id = str(uuid.UUID(raw)) if isinstance(raw, str) else None
+    except ValueError:
+        deployment_id = None
+    if deployment_id is None:
+        raise Reject("deployment_id must be a UUID")
+    rollback = task.payload.get("rollback", False)
+    if not isinstance(rollback, bool):
+        raise Reject('"rollback" must be true or false')
+    return DeploymentRef(deployment_id, rollback)
+
+
+def deployment_document(
+    deployment_id: str,
+    status: DeploymentAgentStatus,
+    *,
+    progress: float = 0,
+    message: str | None = None,
+) -> dict[str, Any]:
+    """A deployment-status payload, checked against the schema."""
+    doc: dict[str, Any] = {
+        "deployment_id": deployment_id,
+        "status": status.value,
+        "progress": progress,
+        "ts": now(),
+    }
+    if message is not None:
+        doc["message"] = message[:MESSAGE_MAX]
+    dump(DeploymentStatusReport.model_validate(doc, strict=False))
+    return doc
+
+
 # --- what the executor remembers ----------------------------------------------------
 
 
@@ -153,18 +213,43 @@ class Record:
     message: str | None = None  # the task message, kept while queued (for recover())
     live: bool = True  # False: loaded from the state file, not run by this process
     cancelled: bool = False
+    deployment_id: str | None = None  # a deployment's DEPLOY task
+    rollback: bool = False  # ... its rollback task
+    deployment: dict[str, Any] | None = None  # the last deployment-status report sent
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"state": self.state, "status": self.status}
-        for name in ("correlation_id", "error", "progress", "message"):
+        for name in ("correlation_id", "error", "progress", "message", "deployment_id"):
             if getattr(self, name) is not None:
                 doc[name] = getattr(self, name)
         if self.result is not None:
             doc["result"] = self.result
         if self.cancelled:
             doc["cancelled"] = True
+        if self.rollback:
+            doc["rollback"] = True
+        if self.deployment is not None:
+            doc["deployment"] = self.deployment
         return doc
+
+    def deployment_report(
+        self,
+        status: DeploymentAgentStatus,
+        *,
+        progress: float | None = None,
+        message: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Make (and keep as the last) the deployment-status report of this task;
+        None for a plain task. Progress: the last one reported unless given."""
+        if self.deployment_id is None:
+            return None
+        if progress is None:
+            progress = self.deployment["progress"] if self.deployment is not None else 0
+        self.deployment = deployment_document(
+            self.deployment_id, status, progress=progress, message=message
+        )
+        return self.deployment
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Record:
@@ -178,6 +263,9 @@ class Record:
             message=doc.get("message"),
             live=False,
             cancelled=bool(doc.get("cancelled", False)),
+            deployment_id=doc.get("deployment_id"),
+            rollback=bool(doc.get("rollback", False)),
+            deployment=doc.get("deployment"),
         )
 
 
@@ -193,8 +281,11 @@ class TaskExecutor:
         max_running: int = 4,
         collectors: Mapping[str, Collector] | None = None,
         clock: Callable[[], float] = time.time,
+        report_deployment: Report | None = None,
     ) -> None:
         self.report = report
+        # Deployment-status payloads (dicts) of a deployment's DEPLOY tasks go here.
+        self.report_deployment = report_deployment
         self.agent_id = agent_id
         self.allow = allow or AllowList()
         self.state_file = Path(state_file) if state_file is not None else None
@@ -244,35 +335,43 @@ class TaskExecutor:
     def _accept(self, task: TaskCommand) -> None:
         task_id = str(task.task_id)
         rejection: str | None = None
+        deployment: dict[str, Any] | None = None
         with self._lock:
             known = self._records.get(task_id)
             # A task queued by a previous process (not started) is run now; anything
             # else seen before is a duplicate.
             duplicate = known is not None and not (known.state == "queued" and not known.live)
             if not duplicate:
-                rejection = self._precheck(task)
-                if rejection is not None:
-                    self._remember(
-                        task_id,
-                        Record("done", "REJECTED", task.correlation_id, error=rejection),
-                    )
+                ref: DeploymentRef | None = None
+                try:
+                    ref = deployment_of(task)
+                except Reject as exc:
+                    rejection = str(exc)
                 else:
-                    self._remember(
-                        task_id,
-                        Record(
-                            "queued",
-                            "ASSIGNED",
-                            task.correlation_id,
-                            message=task.model_dump_json(),
-                        ),
-                    )
+                    rejection = self._precheck(task)
+                record = Record("queued", "ASSIGNED", task.correlation_id,
+                                message=task.model_dump_json())  # fmt: skip
+                if ref is not None:
+                    record.deployment_id, record.rollback = ref.deployment_id, ref.rollback
+                if rejection is not None:
+                    record.state, record.status, record.message = "done", "REJECTED", None
+                    record.error = rejection
+                    # Refused: the deployment failed here. Expired: it never started
+                    # (nothing to say on deployment-status).
+                    if not self._expired(task):
+                        deployment = record.deployment_report(_A.FAILED, message=rejection)
+                elif not record.rollback:
+                    deployment = record.deployment_report(_A.PENDING)
+                self._remember(task_id, record)
         if duplicate:
             self._resend(task_id)
             return
         if rejection is not None:
+            self._send_deployment(task_id, deployment)
             self._send(task_id, TaskStatus.REJECTED, error=rejection, corr=task.correlation_id)
             return
         self._send(task_id, TaskStatus.ASSIGNED, corr=task.correlation_id)
+        self._send_deployment(task_id, deployment)
         self._pool.submit(self._run, task)
 
     def _precheck(self, task: TaskCommand) -> str | None:
@@ -329,8 +428,11 @@ class TaskExecutor:
                 why = f"expired before start (expires_at {task.expires_at.isoformat()})"
             elif self._closing:
                 return  # stays queued: recover() starts it after a restart
+            started: dict[str, Any] | None = None
             if why is None:
                 record.state, record.status, record.message = "running", "IN_PROGRESS", None
+                if not record.rollback:
+                    started = record.deployment_report(_A.IN_PROGRESS)
             else:
                 record.state, record.status, record.error = "done", "REJECTED", why
             self._save()
@@ -338,6 +440,7 @@ class TaskExecutor:
             self._send(task_id, TaskStatus.REJECTED, error=why, corr=corr)
             return
         self._send(task_id, TaskStatus.IN_PROGRESS, progress=0, corr=corr)
+        self._send_deployment(task_id, started)
         try:
             status, result, error = self._execute(task, record)
         except Reject as exc:  # only from the pre-checks, which passed: kept for safety
@@ -352,7 +455,15 @@ class TaskExecutor:
             record.state, record.status, record.error = "done", status.value, error
             record.result = result if _small(result) else None
             record.progress = 100 if status is TaskStatus.COMPLETED else record.progress
+            if status is TaskStatus.COMPLETED:
+                done = _A.ROLLBACK if record.rollback else _A.SUCCESS
+                outcome = record.deployment_report(done, progress=100)
+            else:
+                outcome = record.deployment_report(_A.FAILED, message=error)
             self._save()
+        # The deployment's outcome first, then the task's (what the server derives
+        # from the task then agrees with what the agent said).
+        self._send_deployment(task_id, outcome)
         self._send(task_id, status, result=result, error=error, corr=corr,
                    progress=100 if status is TaskStatus.COMPLETED else None)  # fmt: skip
 
@@ -365,17 +476,25 @@ class TaskExecutor:
         return self._run_command(self._command(task), task.timeout_seconds, record)
 
     def _command(self, task: TaskCommand) -> list[str]:
-        argv = task.payload.get("command")
+        """The argv to run: the payload's "command", or "rollback_command" for a
+        deployment's rollback task; it must be on the allow-list."""
+        ref = deployment_of(task)
+        key = "rollback_command" if ref is not None and ref.rollback else "command"
+        argv = task.payload.get(key)
         if argv is None:
+            if key == "rollback_command":
+                raise Reject(
+                    'cannot roll back: the deployment\'s payload declares no "rollback_command"'
+                )
             raise Reject(f'{task.type.value} needs a declared command: {{"command": [...]}}')
         if (
             not isinstance(argv, list)
             or not argv
             or not all(isinstance(a, str) and "\x00" not in a for a in argv)
         ):
-            raise Reject("command must be a non-empty list of strings (argv, no shell)")
+            raise Reject(f"{key} must be a non-empty list of strings (argv, no shell)")
         if not self.allow.allows(argv):
-            raise Reject(f"command not on this agent's allow-list: {argv!r}"[:ERROR_MAX])
+            raise Reject(f"{key} not on this agent's allow-list: {argv!r}"[:ERROR_MAX])
         return argv
 
     def _what(self, payload: Mapping[str, Any]) -> list[str]:
@@ -441,6 +560,15 @@ class TaskExecutor:
             # The next delivery of this task (a duplicate) sends the report again.
             log.exception("reporting a task status failed", extra={"task_id": task_id})
 
+    def _send_deployment(self, task_id: str, doc: dict[str, Any] | None) -> None:
+        if doc is None or self.report_deployment is None:
+            return
+        try:
+            self.report_deployment(doc)
+        except Exception:
+            ids = {"task_id": task_id, "deployment_id": doc["deployment_id"]}
+            log.exception("reporting a deployment status failed", extra=ids)
+
     def _resend(self, task_id: str) -> None:
         """A task seen before: say again where it stands (the report may have been lost);
         a task a previous process had started is FAILED, as recover() would say."""
@@ -452,11 +580,15 @@ class TaskExecutor:
                 self._interrupted(record)
             status, error, result = TaskStatus(record.status), record.error, record.result
             progress, corr = record.progress, record.correlation_id
+            # Sent again as it was (same ts): the server takes it for the repeat it is.
+            deployment = record.deployment
+        self._send_deployment(task_id, deployment)
         self._send(task_id, status, progress=progress, result=result, error=error, corr=corr)
 
     def _interrupted(self, record: Record) -> None:
         record.state, record.status = "done", "FAILED"
         record.error = "interrupted: the agent restarted while the task ran"
+        record.deployment_report(_A.FAILED, message=record.error)
         self._save()
 
     def recover(self) -> int:
@@ -477,11 +609,13 @@ class TaskExecutor:
                     except ValueError:
                         record.state, record.status = "done", "FAILED"
                         record.error = "interrupted: the agent restarted before it started"
+                        record.deployment_report(_A.FAILED, message=record.error)
                         failed.append((task_id, record))
                     else:
                         record.live = True
             self._save()
         for task_id, record in failed:
+            self._send_deployment(task_id, record.deployment)
             self._send(task_id, TaskStatus.FAILED, error=record.error, corr=record.correlation_id)
         for task in again:
             self._pool.submit(self._run, task)

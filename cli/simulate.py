@@ -19,6 +19,7 @@ import typer
 
 from cli.common import emit_json, fail
 from schemas.config import DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl, check_topic_root
+from schemas.states import Platform
 from schemas.topics import TopicTree, is_agent_id
 from service.config import ADMIN_URL_ENV
 
@@ -51,6 +52,15 @@ def simulate(
         200.0
     ),
     seed: Annotated[int, typer.Option(help="same seed, same fleet")] = 1,
+    platform: Annotated[
+        Platform | None, typer.Option(help="every agent on this platform (default: a mix)")
+    ] = None,
+    deploy_duration: Annotated[
+        float, typer.Option(min=0, help="seconds a DEPLOY task runs, +-30 % per agent")
+    ] = 3.0,
+    deploy_fail_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="fraction of DEPLOY tasks that fail (seeded)")
+    ] = 0.0,
     mqtt_url: Annotated[
         str | None,
         typer.Option(envvar="EUCORA_MQTT_URL", help="the broker (its credentials are not used)"),
@@ -88,6 +98,7 @@ def simulate(
         agents=agents, prefix=prefix, telemetry_interval=telemetry_interval,
         heartbeat_interval=heartbeat_interval, keepalive=keepalive, churn=churn,
         connect_rate=connect_rate, seed=seed, topic_root=topic_root, ca_file=ca_file,
+        platform=platform, deploy_duration=deploy_duration, deploy_fail_rate=deploy_fail_rate,
     )  # fmt: skip
 
     def say(message: str) -> None:
@@ -110,7 +121,9 @@ def simulate(
     else:
         say(
             f"stopped {report.agents} agents: {report.telemetry_sent} samples, "
-            f"{report.churn_events} churn events, cpu {report.cpu_percent:.1f}% of a core, "
+            f"{report.churn_events} churn events, {report.extra['deploys_succeeded']} deploys"
+            f" succeeded, {report.extra['deploys_failed']} failed, {report.extra['rollbacks']}"
+            f" rollbacks, cpu {report.cpu_percent:.1f}% of a core, "
             f"max rss {report.max_rss_bytes / 2**20:.0f} MiB"
         )
 

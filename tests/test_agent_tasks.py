@@ -124,3 +124,53 @@ def duplicate(broker: Broker, agent_id: str, payload: bytes) -> None:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_reference_agent_plays_a_deployment_and_its_rollback(
+    broker: Broker, bridge: BridgeProcess, database: str,
+    agent_factory: Callable[..., AgentProcess], tmp_path: Path,
+) -> None:  # fmt: skip
+    versions = tmp_path / "versions.txt"
+    install = ["sh", "-c", f"echo v2 >> {versions}"]
+    undo = ["sh", "-c", f"echo v1 >> {versions}"]
+    allow = tmp_path / "allow.json"
+    allow.write_text(json.dumps({"commands": [install, undo]}))
+    pw = provision(broker, "web-1")["web-1"]
+    agent = agent_factory(broker, "web-1", pw, "--state-dir", str(tmp_path / "state"),
+                          "--allow-list", str(allow))  # fmt: skip
+    wait(lambda: query(database, "SELECT 1 FROM agents WHERE agent_id = 'web-1'"
+                                 " AND status = 'online'"), 20, "the agent online")  # fmt: skip
+
+    payload = {"command": install, "rollback_command": undo, "package": "demo", "version": "2"}
+    done = eucora(database, "deployments", "create", "--agent", "web-1", "--payload",
+                  json.dumps(payload), "--wait", "--wait-timeout", "60", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    did = doc["deployment_id"]
+    assert doc["status"] == "COMPLETED" and doc["counts"]["SUCCESS"] == 1
+    assert versions.read_text().splitlines() == ["v2"]
+    # The target's state came from the agent's own deployment-status reports.
+    applied = "SELECT status FROM deployment_status_events WHERE deployment_id = %s" \
+              " AND source = 'agent' AND accepted ORDER BY time"  # fmt: skip
+    assert [s for (s,) in query(database, applied, (did,))] == ["IN_PROGRESS", "SUCCESS"]
+    reported = "SELECT status FROM deployment_status_events WHERE deployment_id = %s" \
+               " AND source = 'agent' ORDER BY time"  # fmt: skip
+    assert [s for (s,) in query(database, reported, (did,))] == [
+        "PENDING", "IN_PROGRESS", "SUCCESS",
+    ]  # fmt: skip
+
+    back = eucora(database, "deployments", "rollback", did, "--json")
+    assert back.returncode == 0, back.stderr
+    assert json.loads(back.stdout)["agents"] == 1
+    state = "SELECT status FROM deployments WHERE deployment_id = %s"
+    wait(lambda: query(database, state, (did,))[0][0] == "ROLLED_BACK", 60, "ROLLED_BACK")
+    shown = eucora(database, "deployments", "show", did, "--json")
+    (target,) = json.loads(shown.stdout)["agents"]
+    assert target["status"] == "ROLLBACK" and target["progress"] == 100
+    assert [s for (s,) in query(database, applied, (did,))] == ["IN_PROGRESS", "SUCCESS",
+                                                                 "ROLLBACK"]  # fmt: skip
+    assert versions.read_text().splitlines() == ["v2", "v1"]
+    tasks = "SELECT status, payload ? 'rollback' FROM tasks WHERE deployment_id = %s" \
+            " ORDER BY created_at"  # fmt: skip
+    assert query(database, tasks, (did,)) == [("COMPLETED", False), ("COMPLETED", True)]
+    assert agent.stop() == 0

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +20,16 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
+from agent.simulator import SimulatedTasks
 from cli.agents import app as agents_app
+from cli.deployments import app as deployments_app
 from cli.tasks import app as tasks_app
 from service import dynsec
 from service.stack.broker import Broker
 from tests.fix_services import BridgeProcess
-from tests.test_agents_support import query, wait
+from tests.test_agents_support import LoopThread, loop_thread, query, wait
+
+__all__ = ["loop_thread"]  # fixture
 
 SIMULATE = [sys.executable, "-c", "from cli.simulate import app; app()"]
 
@@ -124,3 +132,172 @@ def test_simulate_1000_agents(
     took, listed = run_fleet(broker, database, tmp_path, 1000, 120)
     assert len(listed) == 1000
     print(f"1000 simulated agents online in {took:.1f} s")
+
+
+# --- simulated DEPLOY tasks ---------------------------------------------------------
+
+
+def deploy_message(payload: dict[str, Any]) -> tuple[str, bytes]:
+    tid, now = str(uuid.uuid4()), datetime.now(UTC)
+    doc = {
+        "task_id": tid, "type": "DEPLOY", "payload": payload, "timeout_seconds": 60,
+        "expires_at": (now + timedelta(hours=1)).isoformat(), "correlation_id": "c",
+        "created_at": now.isoformat(), "attempt": 1,
+    }  # fmt: skip
+    return tid, orjson.dumps(doc)
+
+
+class Played:
+    """What simulated agents report: (agent, "task STATUS" | "deployment STATUS")."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, str]] = []
+        self.cond = threading.Condition()
+
+    def attach(self, tasks: SimulatedTasks) -> SimulatedTasks:
+        tasks.report = lambda d: self._add(tasks.agent_id, f"task {d['status']}")
+        tasks.report_deployment = lambda d: self._add(tasks.agent_id, f"deployment {d['status']}")
+        return tasks
+
+    def _add(self, agent: str, step: str) -> None:
+        with self.cond:
+            self.steps.append((agent, step))
+            self.cond.notify_all()
+
+    def of(self, agent: str) -> list[str]:
+        with self.cond:
+            return [s for a, s in self.steps if a == agent]
+
+    def wait(self, count: int, step: str, timeout: float = 10) -> None:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: [s for _, s in self.steps].count(step) >= count,
+                                    timeout)  # fmt: skip
+        assert ok, self.steps
+
+
+def test_simulated_deploys_report_like_the_reference_agent_and_are_seeded(
+    loop_thread: LoopThread,
+) -> None:
+    def play(seed: int) -> dict[str, list[str]]:
+        played = Played()
+        fleet = [
+            played.attach(SimulatedTasks(loop_thread.loop, f"a-{i}", random.Random(i), seed=seed,
+                                         deploy_duration=0.05, deploy_fail_rate=0.5))
+            for i in range(20)
+        ]  # fmt: skip
+        did = str(uuid.uuid4())
+        msgs = [deploy_message({"command": ["x"], "deployment_id": did})[1] for _ in fleet]
+        for tasks, msg in zip(fleet, msgs, strict=True):
+            loop_thread.call(lambda t=tasks, m=msg: t.handle(m))  # type: ignore[misc]
+        wait(lambda: sum(len(played.of(t.agent_id)) == 6 for t in fleet) == 20, 10, "all done")
+        # A redelivery is answered with the last reports, not played again.
+        loop_thread.call(lambda: fleet[0].handle(msgs[0]))
+        wait(lambda: len(played.of("a-0")) == 8, 10, "the re-reports")
+        assert played.of("a-0")[6:] == played.of("a-0")[4:6]
+        return {t.agent_id: played.of(t.agent_id)[:6] for t in fleet}
+
+    first = play(seed=7)
+    ok = ["task ASSIGNED", "deployment PENDING", "task IN_PROGRESS", "deployment IN_PROGRESS",
+          "deployment SUCCESS", "task COMPLETED"]  # fmt: skip
+    bad = [*ok[:4], "deployment FAILED", "task FAILED"]
+    assert set(map(tuple, first.values())) == {tuple(ok), tuple(bad)}  # both happen at 50 %
+    assert play(seed=7) == first  # the same seed fails the same agents
+    assert play(seed=8) != first
+
+    played = Played()
+    tasks = played.attach(SimulatedTasks(loop_thread.loop, "r-1", random.Random(1),
+                                         deploy_duration=0.05, deploy_fail_rate=1))  # fmt: skip
+    did = str(uuid.uuid4())
+    back = {"command": ["x"], "rollback_command": ["y"], "deployment_id": did, "rollback": True}
+    loop_thread.call(lambda: tasks.handle(deploy_message(back)[1]))
+    played.wait(1, "task COMPLETED")
+    assert played.of("r-1") == ["task ASSIGNED", "task IN_PROGRESS", "deployment ROLLBACK",
+                                "task COMPLETED"]  # fmt: skip
+    no_undo = {"command": ["x"], "deployment_id": did, "rollback": True}
+    loop_thread.call(lambda: tasks.handle(deploy_message(no_undo)[1]))
+    played.wait(1, "task REJECTED")
+    assert played.of("r-1")[4:] == ["deployment FAILED", "task REJECTED"]
+
+
+def deployments(database: str, *args: str) -> Any:
+    result = CliRunner().invoke(deployments_app, [*args, "--json", "--database-url", database])
+    assert result.exit_code in (0, 1), result.output
+    return orjson.loads(result.stdout)
+
+
+@pytest.fixture
+def linux_fleet(
+    broker: Broker, bridge: BridgeProcess, database: str, tmp_path: Path
+) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """start(n, *simulate options) -> a simulated linux fleet, every agent online."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(n: int, *args: str) -> subprocess.Popen[bytes]:
+        log = tmp_path / "simulate.log"
+        options = ["--agents", str(n), "--platform", "linux", "--telemetry-interval", "30"]
+        proc = start_simulator(broker, log, *options, "--connect-rate", "500", *args)
+        procs.append(proc)
+        wait(lambda: online(database) == n or proc.poll() is not None, 60, "all online")
+        assert proc.poll() is None, log.read_text()
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_a_simulated_fleet_failing_30_percent_aborts_a_deployment_on_its_own(
+    database: str, linux_fleet: Callable[..., Any]
+) -> None:
+    linux_fleet(40, "--deploy-fail-rate", "0.3", "--deploy-duration", "0.5")
+    doc = deployments(
+        database, "create", "--platform", "linux", "--payload", '{"command": ["true"]}',
+        "--max-in-flight", "4", "--abort-after", "10%", "--abort-min-finished", "5",
+        "--wait", "--wait-timeout", "120",
+    )  # fmt: skip
+    assert doc["status"] == "ABORTED" and doc["targets"] == 40, doc
+    assert "failed" in doc["status_reason"]
+    c = doc["counts"]
+    assert c["SKIPPED"] > 0 and c["FAILED"] > 0 and c["PENDING"] == c["IN_PROGRESS"] == 0
+    assert sum(c.values()) == 40
+    # The failures are the agents' own reports, with their message.
+    failed = query(
+        database,
+        "SELECT count(*) FROM deployment_status_events WHERE deployment_id = %s"
+        " AND source = 'agent' AND accepted AND status = 'FAILED'"
+        " AND message LIKE '%%simulated failure%%'",
+        (doc["deployment_id"],),
+    )[0][0]
+    assert failed == c["FAILED"]
+
+
+def test_a_simulated_fleet_completes_a_rate_limited_deployment(
+    database: str, linux_fleet: Callable[..., Any]
+) -> None:
+    linux_fleet(100, "--deploy-duration", "0.5")
+    started = time.monotonic()
+    doc = deployments(
+        database, "create", "--platform", "linux", "--payload", '{"command": ["true"]}',
+        "--rate", "600", "--max-in-flight", "10", "--wait", "--wait-timeout", "120",
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert doc["status"] == "COMPLETED" and doc["targets"] == 100, doc
+    assert doc["counts"]["SUCCESS"] == 100
+    assert {a["status"] for a in doc["agents"]} == {"SUCCESS"}
+    did = doc["deployment_id"]
+    tasks = query(database, "SELECT status, count(*) FROM tasks WHERE deployment_id = %s"
+                            " GROUP BY status", (did,))  # fmt: skip
+    assert tasks == [("COMPLETED", 100)]
+    by_agent = query(
+        database,
+        "SELECT count(DISTINCT agent_id) FROM deployment_status_events WHERE deployment_id = %s"
+        " AND source = 'agent' AND accepted AND status = 'SUCCESS'",
+        (did,),
+    )[0][0]
+    assert by_agent == 100  # every SUCCESS is the agent's own report
+    assert took >= (100 - 10) / 10 * 0.9  # 600/min is 10 a second (1 s of credit)

@@ -371,3 +371,235 @@ def test_an_oversized_result_is_replaced_by_a_note() -> None:
     doc = report_document(str(uuid.uuid4()), TaskStatus.COMPLETED, result="x" * 300_000)
     assert doc["result"]["truncated"] is True
     dump(parse(Kind.TASK_STATUS, AGENT, orjson.dumps(doc)))
+
+
+# --- DEPLOY tasks of a deployment ---------------------------------------------------
+
+
+class Timeline:
+    """Task-status and deployment-status reports in the order the executor made them,
+    each validated as the bridge would."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, Any]]] = []
+        self.cond = threading.Condition()
+
+    def task(self, doc: dict[str, Any]) -> None:
+        self._add(Kind.TASK_STATUS, doc)
+
+    def deployment(self, doc: dict[str, Any]) -> None:
+        self._add(Kind.DEPLOYMENT_STATUS, doc)
+
+    def _add(self, kind: Kind, doc: dict[str, Any]) -> None:
+        parse(kind, AGENT, orjson.dumps(doc))
+        with self.cond:
+            self.items.append((kind.value, doc))
+            self.cond.notify_all()
+
+    def steps(self) -> list[str]:
+        """e.g. ["task ASSIGNED", "deployment PENDING", ...]."""
+        with self.cond:
+            return [f"{k.split('-')[0]} {d['status']}" for k, d in self.items]
+
+    def deployments(self) -> list[dict[str, Any]]:
+        with self.cond:
+            return [d for k, d in self.items if k == Kind.DEPLOYMENT_STATUS.value]
+
+    def wait_for(self, step: str, count: int = 1, timeout: float = 20) -> None:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: self.steps().count(step) >= count, timeout)
+        assert ok, f"no {step} x{count}: {self.steps()}"
+
+
+@pytest.fixture
+def deploying() -> Iterator[Callable[..., tuple[TaskExecutor, Timeline]]]:
+    made: list[TaskExecutor] = []
+
+    def factory(**kwargs: Any) -> tuple[TaskExecutor, Timeline]:
+        timeline = Timeline()
+        kwargs.setdefault("allow", AllowList.of([[PY, "-c", "..."]]))
+        ex = TaskExecutor(
+            timeline.task, report_deployment=timeline.deployment, agent_id=AGENT, **kwargs
+        )
+        made.append(ex)
+        return ex, timeline
+
+    yield factory
+    for ex in made:
+        ex.close(timeout=0)
+
+
+def writes(path: Path, text: str) -> list[str]:
+    """A command that appends a line to a file (to count its runs)."""
+    return [PY, "-c", f"open({str(path)!r}, 'a').write({text + chr(10)!r})"]
+
+
+def deploy(payload: dict[str, Any], deployment_id: str, **kw: Any) -> tuple[str, bytes]:
+    return task("DEPLOY", payload | {"deployment_id": deployment_id}, **kw)
+
+
+def test_a_deployment_task_reports_its_deployment_status(deploying: Any, tmp_path: Path) -> None:
+    ex, timeline = deploying()
+    did = str(uuid.uuid4())
+    runs = tmp_path / "runs"
+    _, msg = deploy({"command": writes(runs, "install"), "package": "demo"}, did)
+    ex.handle(msg)
+    timeline.wait_for("task COMPLETED")
+    assert timeline.steps() == [
+        "task ASSIGNED", "deployment PENDING", "task IN_PROGRESS", "deployment IN_PROGRESS",
+        "deployment SUCCESS", "task COMPLETED",
+    ]  # fmt: skip
+    docs = timeline.deployments()
+    assert {d["deployment_id"] for d in docs} == {did}
+    assert [d["progress"] for d in docs] == [0, 0, 100]
+    assert runs.read_text().splitlines() == ["install"]
+
+
+def test_a_failed_deployment_command_reports_failed_with_the_error(deploying: Any) -> None:
+    ex, timeline = deploying()
+    _, msg = deploy({"command": [PY, "-c", "import sys; sys.exit(3)"]}, str(uuid.uuid4()))
+    ex.handle(msg)
+    timeline.wait_for("task FAILED")
+    assert timeline.steps()[-2:] == ["deployment FAILED", "task FAILED"]
+    assert timeline.deployments()[-1]["message"] == "exit status 3"
+
+
+def test_a_rollback_runs_the_rollback_command_and_reports_rollback(
+    deploying: Any, tmp_path: Path
+) -> None:
+    ex, timeline = deploying()
+    runs = tmp_path / "runs"
+    payload = {"command": writes(runs, "install"), "rollback_command": writes(runs, "undo"),
+               "rollback": True}  # fmt: skip
+    _, msg = deploy(payload, str(uuid.uuid4()))
+    ex.handle(msg)
+    timeline.wait_for("task COMPLETED")
+    assert timeline.steps() == [
+        "task ASSIGNED", "task IN_PROGRESS", "deployment ROLLBACK", "task COMPLETED",
+    ]  # fmt: skip
+    assert timeline.deployments()[0]["progress"] == 100
+    assert runs.read_text().splitlines() == ["undo"]
+
+
+def test_a_failed_rollback_reports_failed(deploying: Any) -> None:
+    ex, timeline = deploying()
+    payload = {"command": [PY, "-c", "pass"], "rollback": True,
+               "rollback_command": [PY, "-c", "import sys; sys.exit(4)"]}  # fmt: skip
+    ex.handle(deploy(payload, str(uuid.uuid4()))[1])
+    timeline.wait_for("task FAILED")
+    assert timeline.steps()[-2:] == ["deployment FAILED", "task FAILED"]
+    assert timeline.deployments()[-1]["message"] == "exit status 4"
+
+
+@pytest.mark.parametrize(
+    "payload, why",
+    [
+        ({"command": [PY, "-c", "pass"]}, 'declares no "rollback_command"'),
+        ({"command": [PY, "-c", "pass"], "rollback_command": ["rm", "-rf", "/x"]},
+         "rollback_command not on this agent's allow-list"),
+        ({"command": [PY, "-c", "pass"], "rollback_command": "undo.sh"},
+         "rollback_command must be a non-empty list"),
+    ],
+)  # fmt: skip
+def test_a_rollback_without_an_allowed_rollback_command_is_rejected(
+    deploying: Any, payload: dict[str, Any], why: str
+) -> None:
+    ex, timeline = deploying()
+    did = str(uuid.uuid4())
+    _, msg = deploy(payload | {"rollback": True}, did)
+    ex.handle(msg)
+    timeline.wait_for("task REJECTED")
+    assert timeline.steps() == ["deployment FAILED", "task REJECTED"]
+    (task_doc,) = [d for k, d in timeline.items if k == "task-status"]
+    assert why in task_doc["error"]
+    assert why in timeline.deployments()[0]["message"]
+
+
+def test_a_refused_deployment_command_is_rejected_and_failed(deploying: Any) -> None:
+    ex, timeline = deploying()
+    _, msg = deploy({"command": ["rm", "-rf", "/x"]}, str(uuid.uuid4()))
+    ex.handle(msg)
+    timeline.wait_for("task REJECTED")
+    assert timeline.steps() == ["deployment FAILED", "task REJECTED"]
+    assert "not on this agent's allow-list" in timeline.deployments()[0]["message"]
+
+
+def test_an_expired_deployment_task_says_nothing_on_deployment_status(
+    deploying: Any, tmp_path: Path
+) -> None:
+    ex, timeline = deploying()
+    runs = tmp_path / "runs"
+    ex.handle(deploy({"command": writes(runs, "install")}, str(uuid.uuid4()), expires_in=-5)[1])
+    timeline.wait_for("task REJECTED")
+    assert timeline.steps() == ["task REJECTED"]
+    ex.close()
+    assert not runs.exists()
+
+
+def test_a_bad_deployment_id_is_rejected(deploying: Any) -> None:
+    ex, timeline = deploying()
+    _, msg = deploy({"command": [PY, "-c", "pass"]}, "not-a-uuid")
+    ex.handle(msg)
+    timeline.wait_for("task REJECTED")
+    assert timeline.steps() == ["task REJECTED"]
+    assert timeline.items[0][1]["error"] == "deployment_id must be a UUID"
+
+
+def test_a_deploy_without_a_deployment_is_a_plain_task(deploying: Any, tmp_path: Path) -> None:
+    ex, timeline = deploying()
+    runs = tmp_path / "runs"
+    # "rollback" means something only in a deployment's task: the command runs.
+    payload = {"command": writes(runs, "install"), "rollback_command": writes(runs, "undo"),
+               "rollback": True}  # fmt: skip
+    ex.handle(task("DEPLOY", payload)[1])
+    timeline.wait_for("task COMPLETED")
+    assert timeline.steps() == ["task ASSIGNED", "task IN_PROGRESS", "task COMPLETED"]
+    assert runs.read_text().splitlines() == ["install"]
+
+
+def test_a_deployment_task_delivered_again_runs_once_across_a_restart(
+    deploying: Any, tmp_path: Path
+) -> None:
+    state = tmp_path / "tasks.json"
+    runs = tmp_path / "runs"
+    ex1, timeline1 = deploying(state_file=state)
+    _, msg = deploy({"command": writes(runs, "install")}, str(uuid.uuid4()))
+    ex1.handle(msg)
+    timeline1.wait_for("task COMPLETED")
+    success = timeline1.deployments()[-1]
+    ex1.handle(msg)  # a redelivery: both reports again, nothing run
+    timeline1.wait_for("task COMPLETED", count=2)
+    assert timeline1.deployments()[-1] == success  # the same report, same ts: a repeat
+    ex1.close()
+    ex2, timeline2 = deploying(state_file=state)
+    ex2.handle(msg)
+    timeline2.wait_for("task COMPLETED")
+    assert timeline2.steps() == ["deployment SUCCESS", "task COMPLETED"]
+    assert timeline2.deployments() == [success]
+    assert runs.read_text().splitlines() == ["install"]
+
+
+def test_recover_fails_an_interrupted_deployment_task(deploying: Any, tmp_path: Path) -> None:
+    state = tmp_path / "tasks.json"
+    tid, did = str(uuid.uuid4()), str(uuid.uuid4())
+    started = {"deployment_id": did, "status": "IN_PROGRESS", "progress": 0,
+               "ts": datetime.now(UTC).isoformat()}  # fmt: skip
+    records = {tid: {"state": "running", "status": "IN_PROGRESS", "deployment_id": did,
+                     "deployment": started}}  # fmt: skip
+    state.write_bytes(orjson.dumps({"version": 1, "tasks": records}))
+    ex, timeline = deploying(state_file=state)
+    assert ex.recover() == 1
+    timeline.wait_for("task FAILED")
+    assert timeline.steps() == ["deployment FAILED", "task FAILED"]
+    assert "restarted" in timeline.deployments()[0]["message"]
+
+
+def test_cancel_of_a_running_deployment_command_fails_the_deployment(deploying: Any) -> None:
+    ex, timeline = deploying()
+    tid, msg = deploy({"command": [PY, "-c", "import time; time.sleep(60)"]}, str(uuid.uuid4()))
+    ex.handle(msg)
+    timeline.wait_for("deployment IN_PROGRESS")
+    ex.handle(cancel(tid))
+    timeline.wait_for("task FAILED", timeout=15)
+    assert timeline.steps()[-2:] == ["deployment FAILED", "task FAILED"]
+    assert timeline.deployments()[-1]["message"] == "cancelled"
