@@ -36,6 +36,19 @@ def parse_tag(value: str) -> tuple[str, str]:
     return key, val
 
 
+def check_target(agent: list[str] | None, tag: list[str] | None, platform: object) -> None:
+    """The agents a command is for: --agent IDs, or --tag/--platform (one line if not)."""
+    from schemas.topics import is_agent_id
+
+    if agent and (tag or platform is not None):
+        fail("--agent cannot be combined with --tag or --platform")
+    if not (agent or tag or platform is not None):
+        fail("choose the agents: --agent ID, --tag k=v or --platform P")
+    for a in agent or []:
+        if not is_agent_id(a):
+            fail(f"--agent {a!r} is not a valid agent id")
+
+
 def iso(value: datetime | None) -> str | None:
     """Timestamps in JSON output: RFC 3339 in UTC."""
     return value.astimezone(UTC).isoformat() if value is not None else None

@@ -21,13 +21,12 @@ import orjson
 import psycopg
 import typer
 
-from cli.common import emit_json, fail, in_transaction, iso, parse_tag
+from cli.common import check_target, emit_json, fail, in_transaction, iso, parse_tag
 from cli.db import DATABASE_URL_OPTION
 from cli.tasks import _user
 from schemas.constants import DEPLOYMENT_ABORT_MIN_FINISHED, TASK_DEFAULT_EXPIRES_IN_S
 from schemas.payloads import TaskCommand
 from schemas.states import DeploymentAgentStatus, DeploymentState, Platform
-from schemas.topics import is_agent_id
 from schemas.validate import PayloadError, dump
 from service.domains import deployments
 from service.domains.deployments import DeploymentView, Rollout
@@ -175,13 +174,7 @@ def create(
     json_output: JsonFlag = False,
 ) -> None:
     """Roll a change out to one agent, or to every agent matching --tag/--platform."""
-    if agent and (tag or platform is not None):
-        fail("--agent cannot be combined with --tag or --platform")
-    if not (agent or tag or platform is not None):
-        fail("choose the agents: --agent ID, --tag k=v or --platform P")
-    for a in agent or []:
-        if not is_agent_id(a):
-            fail(f"--agent {a!r} is not a valid agent id")
+    check_target(agent, tag, platform)
     if intent_id is not None and not 1 <= len(intent_id) <= 256:
         fail("--intent-id must be 1 to 256 characters")
     tags = dict(parse_tag(t) for t in tag or [])

@@ -24,12 +24,11 @@ import orjson
 import psycopg
 import typer
 
-from cli.common import emit_json, fail, in_transaction, iso, open_database, parse_tag
+from cli.common import check_target, emit_json, fail, in_transaction, iso, open_database, parse_tag
 from cli.db import DATABASE_URL_OPTION
 from schemas.constants import TASK_DEFAULT_EXPIRES_IN_S, TASK_DEFAULT_TIMEOUT_S, TASK_MAX_TIMEOUT_S
 from schemas.payloads import TaskCommand
 from schemas.states import TERMINAL, Platform, TaskStatus, TaskType
-from schemas.topics import is_agent_id
 from schemas.validate import PayloadError, dump
 from service.domains import tasks
 
@@ -143,13 +142,7 @@ def create(
     json_output: JsonFlag = False,
 ) -> None:
     """Create a task for one agent, or for every agent matching --tag/--platform."""
-    if agent and (tag or platform is not None):
-        fail("--agent cannot be combined with --tag or --platform")
-    if not (agent or tag or platform is not None):
-        fail("choose the agents: --agent ID, --tag k=v or --platform P")
-    for a in agent or []:
-        if not is_agent_id(a):
-            fail(f"--agent {a!r} is not a valid agent id")
+    check_target(agent, tag, platform)
     tags = dict(parse_tag(t) for t in tag or [])
     correlation_id = correlation_id or str(uuid.uuid4())
     if not 1 <= len(correlation_id) <= 128:
