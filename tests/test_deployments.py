@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -46,13 +46,17 @@ PAYLOAD = {"command": ["true"], "rollback_command": ["true"], "package": "demo",
 class DeployAgent(SimAgent):
     """A SimAgent that plays DEPLOY tasks as the reference agent does: task ASSIGNED,
     deployment-status IN_PROGRESS with progress, then SUCCESS (or FAILED when told to
-    fail), then the task's outcome; a rollback task ends in ROLLBACK."""
+    fail), then the task's outcome; a rollback task ends in ROLLBACK. `queued`: seconds a
+    DEPLOY waits behind other work before it starts; one expired by then is REJECTED, as
+    the reference agent does."""
 
     def __init__(
-        self, *a: Any, fail: bool = False, duration: float = 0.2, reports: bool = True, **kw: Any
-    ) -> None:
+        self, *a: Any, fail: bool = False, duration: float = 0.2, reports: bool = True,
+        queued: float = 0, **kw: Any,
+    ) -> None:  # fmt: skip
         super().__init__(*a, **kw)
         self.fail = fail
+        self.queued = queued
         self.reports = reports  # False: an agent that reports the task only
         self.duration = duration
         self.deploys: Counter[tuple[str, bool]] = Counter()  # (deployment, rollback) -> runs
@@ -77,6 +81,12 @@ class DeployAgent(SimAgent):
             self.last[tid] = {}
             self.deploys[did, rollback] += 1
         self._send(tid, "ASSIGNED")
+        if self.queued:
+            time.sleep(self.queued)  # paho's thread: later deliveries wait too, as queued
+            if task.expires_at <= datetime.now(UTC):
+                why = f"expired before start (expires_at {task.expires_at.isoformat()})"
+                self._send(tid, "REJECTED", error=why)
+                return
         self._send(tid, "IN_PROGRESS", progress=5)
         if not rollback:
             self._deployment({"deployment_id": did, "status": "IN_PROGRESS", "progress": 40,
@@ -260,6 +270,9 @@ def test_state_machines() -> None:
     ).outcome == ("not_started")
     assert judge(A.IN_PROGRESS, A.IN_PROGRESS, started=True, current_progress=10,
                  new_progress=50).outcome == "progress"  # fmt: skip
+    # The agent's own PENDING ("received, queued") is news, not a duplicate.
+    assert judge(A.PENDING, A.PENDING, started=True, current_progress=0,
+                 new_progress=0).outcome == "received"  # fmt: skip
 
 
 # --- end to end -----------------------------------------------------------------------
@@ -331,6 +344,26 @@ def test_abort_past_the_threshold_stops_starting_and_skips_the_rest(
     assert all(a.deploys[did, False] <= 1 for a in agents)
     text = bridge.metrics()
     assert "eucora_deployment_transitions_total" in text
+
+
+def test_a_deploy_that_expired_while_queued_on_the_agent_is_skipped_not_failed(
+    broker: Broker, database: str, db: Db, bridge_factory: Any, deploy_fleet: Any
+) -> None:
+    # The agent got the DEPLOY in time, but it expired while queued there; the agent's
+    # REJECTED arrives before the server's expiry sweep (set far away) could mark it.
+    bridge_factory(broker, database, **{**FAST, "EUCORA_TASK_SWEEP_INTERVAL": "300"})
+    agents = deploy_fleet(broker, 1, queued=3.0)
+    wait_online(db, 1)
+    did = create(database, "--agent", agents[0].agent_id, "--expires-in", "2",
+                 "--abort-after", "1")  # fmt: skip
+    wait_state(db, did, "COMPLETED", 30)  # not ABORTED: nothing failed
+    row = db.one(
+        "SELECT ds.status || ' ' || t.status FROM deployment_status ds"
+        " JOIN tasks t ON t.task_id = ds.task_id WHERE ds.deployment_id = %s",
+        did,
+    )
+    assert row == "SKIPPED REJECTED"
+    assert show(database, did)["counts"]["SKIPPED"] == 1
 
 
 def test_rollback_after_partial_success(

@@ -270,11 +270,12 @@ async def create(
 
 # Targets whose DEPLOY (or rollback) task ended while the target is still open.
 _ENDED = """
-SELECT ds.agent_id, ds.status, t.status AS task_status, t.error, false AS rollback
+SELECT ds.agent_id, ds.status, t.status AS task_status, t.error, false AS rollback,
+       t.expires_at <= coalesce(t.finished_at, now()) AS expired
   FROM deployment_status ds JOIN tasks t ON t.task_id = ds.task_id
  WHERE ds.deployment_id = %(id)s AND ds.finished_at IS NULL AND t.status = ANY(%(terminal)s)
 UNION ALL
-SELECT ds.agent_id, ds.status, t.status, t.error, true
+SELECT ds.agent_id, ds.status, t.status, t.error, true, false
   FROM deployment_status ds JOIN tasks t ON t.task_id = ds.rollback_task_id
  WHERE ds.deployment_id = %(id)s AND ds.status = %(success)s AND t.status = ANY(%(terminal)s)
 """
@@ -291,12 +292,20 @@ SELECT count(*) FILTER (WHERE finished_at IS NOT NULL) AS finished,
 """
 
 
-def _outcome(task_status: TaskStatus, current: DeploymentAgentStatus) -> tuple[_A, bool]:
-    """What a target becomes when its DEPLOY task ended without the agent saying."""
+def _outcome(
+    task_status: TaskStatus, current: DeploymentAgentStatus, expired: bool = False
+) -> tuple[_A, bool]:
+    """What a target becomes when its DEPLOY task ended without the agent saying.
+    `expired`: the task's expires_at had passed when it ended."""
     if task_status is _T.COMPLETED:
         return _A.SUCCESS, False
-    if task_status in (_T.EXPIRED, _T.CANCELLED) and current is _A.PENDING:
-        return _A.SKIPPED, False  # never started
+    never_started = task_status in (_T.EXPIRED, _T.CANCELLED) or (
+        # The agent got it after expires_at, before the server's sweep, and refused it:
+        # the same "never started" as EXPIRED, not a failure of the deployment.
+        task_status is _T.REJECTED and expired
+    )
+    if never_started and current is _A.PENDING:
+        return _A.SKIPPED, False
     return _A.FAILED, True
 
 
@@ -306,13 +315,13 @@ async def _reconcile(conn: Conn, deployment_id: uuid.UUID) -> None:
         {"id": deployment_id, "terminal": _values(*TERMINAL), "success": _A.SUCCESS.value},
     )
     moves: list[tuple[str, str, DeploymentAgentStatus, bool, str]] = []
-    for agent_id, status, task_status, error, rollback in await cur.fetchall():
+    for agent_id, status, task_status, error, rollback, expired in await cur.fetchall():
         current, ended = _A(status), _T(task_status)
         if rollback:
             new, failed = (_A.ROLLBACK, False) if ended is _T.COMPLETED else (_A.FAILED, True)
             why = f"rollback task {ended.value}"
         else:
-            new, failed = _outcome(ended, current)
+            new, failed = _outcome(ended, current, bool(expired))
             why = f"DEPLOY task {ended.value}" + (f": {error[:200]}" if error else "")
         if deployment_agent_transition_allowed(current, new):
             moves.append((agent_id, current.value, new, failed, why))
@@ -590,7 +599,8 @@ async def rollback(conn: Conn, deployment_id: uuid.UUID, *, by: str | None = Non
 
 @dataclass(frozen=True)
 class ReportOutcome:
-    outcome: str  # accepted, progress, repeat, duplicate, illegal, after_final, not_started
+    # accepted, received, progress, repeat, duplicate, illegal, after_final, not_started
+    outcome: str
     reason: str | None = None
 
 
@@ -608,6 +618,8 @@ def judge(
     if new == current:
         if new is _A.IN_PROGRESS and new_progress > current_progress:
             return ReportOutcome("progress")
+        if new is _A.PENDING:
+            return ReportOutcome("received")  # the agent's "got it, queued": kept as news
         return ReportOutcome("duplicate", f"duplicate {new.value}")
     if deployment_agent_transition_allowed(current, new):
         return ReportOutcome("accepted")
@@ -646,7 +658,7 @@ async def apply_report(conn: Conn, agent_id: str, report: DeploymentStatusReport
         new_progress=report.progress,
     )  # fmt: skip
     metrics.DEPLOYMENT_REPORTS.labels(verdict.outcome).inc()
-    applies = verdict.outcome in ("accepted", "progress")
+    applies = verdict.outcome in ("accepted", "received", "progress")
     new_progress = round(report.progress)
     if applies:
         new = report.status
