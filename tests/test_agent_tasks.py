@@ -149,15 +149,16 @@ def test_reference_agent_plays_a_deployment_and_its_rollback(
     did = doc["deployment_id"]
     assert doc["status"] == "COMPLETED" and doc["counts"]["SUCCESS"] == 1
     assert versions.read_text().splitlines() == ["v2"]
-    # The target's state came from the agent's own deployment-status reports.
+    # The target's state came from the agent's own deployment-status reports, each one
+    # accepted (its PENDING, "received, queued", too).
     applied = "SELECT status FROM deployment_status_events WHERE deployment_id = %s" \
               " AND source = 'agent' AND accepted ORDER BY time"  # fmt: skip
-    assert [s for (s,) in query(database, applied, (did,))] == ["IN_PROGRESS", "SUCCESS"]
-    reported = "SELECT status FROM deployment_status_events WHERE deployment_id = %s" \
-               " AND source = 'agent' ORDER BY time"  # fmt: skip
-    assert [s for (s,) in query(database, reported, (did,))] == [
+    assert [s for (s,) in query(database, applied, (did,))] == [
         "PENDING", "IN_PROGRESS", "SUCCESS",
     ]  # fmt: skip
+    reported = "SELECT count(*) FROM deployment_status_events WHERE deployment_id = %s" \
+               " AND source = 'agent'"  # fmt: skip
+    assert query(database, reported, (did,))[0][0] == 3
 
     back = eucora(database, "deployments", "rollback", did, "--json")
     assert back.returncode == 0, back.stderr
@@ -167,8 +168,9 @@ def test_reference_agent_plays_a_deployment_and_its_rollback(
     shown = eucora(database, "deployments", "show", did, "--json")
     (target,) = json.loads(shown.stdout)["agents"]
     assert target["status"] == "ROLLBACK" and target["progress"] == 100
-    assert [s for (s,) in query(database, applied, (did,))] == ["IN_PROGRESS", "SUCCESS",
-                                                                 "ROLLBACK"]  # fmt: skip
+    assert [s for (s,) in query(database, applied, (did,))] == [
+        "PENDING", "IN_PROGRESS", "SUCCESS", "ROLLBACK",
+    ]  # fmt: skip
     assert versions.read_text().splitlines() == ["v2", "v1"]
     tasks = "SELECT status, payload ? 'rollback' FROM tasks WHERE deployment_id = %s" \
             " ORDER BY created_at"  # fmt: skip
