@@ -24,7 +24,12 @@ FLUSH_SECONDS = Histogram(
 )
 FLUSH_FAILURES = Counter("eucora_batch_failures", "Batches that failed to store and were retried")
 PENDING = Gauge("eucora_unacked_in_flight", "Messages received but not yet acknowledged")
-MQTT_CONNECTED = Gauge("eucora_mqtt_connected", "1 while the bridge is connected to the broker")
+MQTT_CONNECTED = Gauge(
+    "eucora_mqtt_connected", "1 while the bridge is connected to every broker it links"
+)
+BROKER_CONNECTED = Gauge(
+    "eucora_broker_connected", "1 while the bridge is connected to this broker", ["broker"]
+)
 
 # Tasks (docs/tasks.md)
 TASKS_PUBLISHED = Counter(

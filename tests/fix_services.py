@@ -50,12 +50,14 @@ def broker_factory() -> Iterator[Callable[..., Broker]]:
     """make(extra=..., tls=...) -> a started broker; killed and its folder removed after."""
     with contextlib.ExitStack() as cleanup:
 
-        def make(extra: str = "", tls: bool = False) -> Broker:
+        def make(
+            extra: str = "", tls: bool = False, passwords: dict[str, str] | None = None
+        ) -> Broker:
             root = cleanup.enter_context(service_dir("mqtt"))
             b = Broker(
                 data_dir=root / "mosquitto",
                 port=free_port(),
-                passwords=broker_passwords(),
+                passwords=dict(passwords) if passwords else broker_passwords(),
                 extra=extra,
                 # A CA and server certificate made for this broker (in root/ca): ~2 ms.
                 tls_port=free_port() if tls else None,

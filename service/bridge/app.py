@@ -28,9 +28,11 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from schemas.config import ConfigError, redact_url
+from schemas.config import ConfigError, MqttUrl, redact_url
 from schemas.topics import TopicTree
+from service import metrics
 from service.bridge import health as health_http
+from service.bridge.brokers import BrokerSet
 from service.bridge.ingest import Ingest, IngestLimits
 from service.bridge.link import BrokerLink
 from service.bridge.outbox import Outbox
@@ -133,18 +135,23 @@ class Bridge:
 
     settings: Settings
     health: health_http.Health
-    links: list[BrokerLink]
+    brokers: BrokerSet
     store: Store
     ingest: Ingest
     outbox: Outbox
     rollouts: RolloutEngine
 
+    @property
+    def links(self) -> list[BrokerLink]:
+        return self.ingest.links
+
     def workers(self) -> list[Coroutine[Any, Any, None]]:
         """The background work beside ingest, started once the bridge is ready."""
         s = self.settings
         return [
-            self.outbox.run(connected=lambda: all(link.connected for link in self.links)),
+            self.outbox.run(),
             self.rollouts.run(),
+            self.brokers.run(),
             task_sweeper(s.database_url, s.task_sweep_interval_s),
             stale_sweeper(s.database_url, s.offline_after_s),
             heartbeat(s.database_url, s.client_id, self.heartbeat_state),
@@ -156,36 +163,34 @@ class Bridge:
 
     @property
     def connected(self) -> bool:
-        return all(link.connected for link in self.links)
+        return self.brokers.all_connected
 
 
 def build(settings: Settings, *, routes: Routes | None = None) -> Bridge:
-    """Build the parts (nothing connects yet). `routes` replaces the route table (tests)."""
+    """Build the parts (nothing connects yet; the broker links come from the brokers
+    table when the bridge starts). `routes` replaces the route table (tests)."""
     tree = TopicTree(settings.topic_root)
     health = health_http.Health()
     limits = IngestLimits(
         settings.ingest_max_batch, settings.ingest_max_delay_s, settings.ingest_max_pending
     )
-    link = BrokerLink(
-        settings.mqtt,
-        settings.client_id,
-        ca_file=settings.ca_file,
-        receive_maximum=limits.max_pending,
-    )
-    links = [link]
-    health.links = links
+
+    def make_link(url: MqttUrl) -> BrokerLink:
+        return BrokerLink(
+            url, settings.client_id, ca_file=settings.ca_file, receive_maximum=limits.max_pending
+        )
+
+    brokers = BrokerSet(settings.database_url, settings.mqtt, make_link)
     # Well inside offline_after, so last_seen never lags enough to look stale.
     touch = min(5.0, settings.offline_after_s / 4)
     store = Store(settings.database_url, routes or default_routes(), touch_interval=touch)
-    ingest = Ingest(links, store, tree, health, limits, share_group=settings.share_group)
-    outbox = Outbox(
-        settings.database_url,
-        lambda agent_id: link,  # one broker: every agent's home
-        tree,
-        redelivery_s=settings.task_redelivery_s,
-    )
+    ingest = Ingest([], store, tree, health, limits, share_group=settings.share_group)
+    health.links = ingest.links  # the same list: links added later count too
+    brokers.on_new_link = ingest.add_link
+    metrics.MQTT_CONNECTED.set_function(lambda: float(brokers.all_connected))
+    outbox = Outbox(settings.database_url, brokers, tree, redelivery_s=settings.task_redelivery_s)
     rollouts = RolloutEngine(settings.database_url, settings.rollout_interval_s)
-    return Bridge(settings, health, links, store, ingest, outbox, rollouts)
+    return Bridge(settings, health, brokers, store, ingest, outbox, rollouts)
 
 
 class BridgeApp:
@@ -206,6 +211,37 @@ class BridgeApp:
             fatal=lambda e: isinstance(e, MqttConnectError) and e.fatal,
             retryable=(MqttConnectError, TimeoutError),
         )
+
+    async def _connect_brokers(self) -> None:
+        """Link every broker. One broker: it must come up within the connect budget, as
+        ever. Several: start once at least one is up; the others keep being retried in
+        the background (a shard that is down affects only its own agents)."""
+        bridge = self.bridge
+        new = await retry(
+            "cannot read the brokers table",
+            bridge.brokers.load,
+            budget=self.settings.connect_timeout_s,
+            fatal=_db_fatal,
+            retryable=(psycopg.Error, OSError),
+        )
+        for link in new:
+            bridge.ingest.add_link(link)
+        if len(new) == 1:
+            await self._connect(new[0])
+            return
+        outcomes = await asyncio.gather(
+            *(self._connect(link) for link in new), return_exceptions=True
+        )
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        if len(errors) == len(new):
+            raise errors[0]
+        for link, outcome in zip(new, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.warning(
+                    "a broker is unreachable; going on without it, retrying",
+                    extra={"broker": str(link), "error": _one_line(outcome)},
+                )
+                bridge.brokers.keep_connecting(link)
 
     async def run(self, *, signals: bool = True) -> None:
         loop = asyncio.get_running_loop()
@@ -230,8 +266,7 @@ class BridgeApp:
         try:
             await bridge.store.open()
             bridge.ingest.bind()
-            for link in bridge.links:
-                await self._connect(link)
+            await self._connect_brokers()
             log.info("bridge ready")
             stopper = asyncio.create_task(self._stop.wait())
             worker = asyncio.create_task(bridge.ingest.run())
@@ -259,8 +294,7 @@ class BridgeApp:
             self.health.stopping = True
             for task in background:
                 task.cancel()
-            for link in bridge.links:
-                await link.close()
+            await bridge.brokers.close()
             await bridge.store.close()
             with contextlib.suppress(Exception):  # best effort: status sees it gone at once
                 async with asyncio.timeout(2):

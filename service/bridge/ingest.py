@@ -68,7 +68,7 @@ class Ingest:
         limits: IngestLimits,
         share_group: str | None = None,
     ):
-        self.links = list(links)
+        self.links: list[BrokerLink] = []
         self.store = store
         self.tree = tree
         self.health = health
@@ -84,14 +84,21 @@ class Ingest:
         # Messages admitted (one counter per link, each written by that link's paho
         # thread only) and released (written by the event loop only): single-writer
         # counters, cheaper per message than a semaphore.
-        self._taken = [0] * len(self.links)
+        self._taken: list[int] = []
         self._freed = 0
         self._room = threading.Event()
         metrics.PENDING.set_function(lambda: self.pending)
         self._stopping = False
-        for index, link in enumerate(self.links):
-            link.subscribe(subscriptions(tree, share_group))
-            link.consume(self._receive, index)
+        self._subscriptions = subscriptions(tree, share_group)
+        for link in links:
+            self.add_link(link)
+
+    def add_link(self, link: BrokerLink) -> None:
+        """Consume from one more broker (before that link starts)."""
+        self._taken.append(0)  # its paho thread's counter, before it can receive
+        self.links.append(link)
+        link.subscribe(self._subscriptions)
+        link.consume(self._receive, len(self.links) - 1)
 
     # --- paho thread --------------------------------------------------------
     @property

@@ -167,7 +167,7 @@ class BrokerLink:
         if self._filters:
             client.subscribe(self._filters)
         self.connected = True
-        metrics.MQTT_CONNECTED.set(1)
+        metrics.BROKER_CONNECTED.labels(self.url.endpoint).set(1)
         log.info(
             "connected to broker",
             extra={"broker": str(self.url), "session_present": bool(flags.session_present)},
@@ -182,7 +182,7 @@ class BrokerLink:
         props: Properties | None,
     ) -> None:
         self.connected = False
-        metrics.MQTT_CONNECTED.set(0)
+        metrics.BROKER_CONNECTED.labels(self.url.endpoint).set(0)
         if not self._closing:
             log.warning(
                 "disconnected from broker", extra={"broker": str(self.url), "reason": str(reason)}

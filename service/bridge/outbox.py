@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -53,7 +52,7 @@ from schemas.states import UNSTARTED, TaskStatus
 from schemas.topics import Kind, TopicTree
 from schemas.validate import PayloadError, dump
 from service import metrics
-from service.bridge.link import BrokerLink
+from service.bridge.brokers import BrokerSet
 from service.db.connect import OwnConnection, listen
 from service.domains import tasks
 
@@ -68,6 +67,7 @@ PUBACK_TIMEOUT_S: Final = 10.0
 class Outgoing:
     task_id: Any
     agent_id: str
+    broker_id: int | None
     what: str  # "command" | "cancel" | "skip" (nothing owed any more: clear the row)
     topic: str = ""
     payload: bytes = b""
@@ -124,20 +124,20 @@ def cancel_payload(row: dict[str, Any]) -> bytes:
 
 
 class Outbox:
-    """Publishes what the tasks table says is owed, each task to its agent's broker
-    (`link_for`: today every agent has the same one)."""
+    """Publishes what the tasks table says is owed, each task through its agent's home
+    broker's link; rows of agents whose broker is down are not claimed."""
 
     def __init__(
         self,
         database_url: str,
-        link_for: Callable[[str], BrokerLink],
+        brokers: BrokerSet,
         tree: TopicTree,
         *,
         redelivery_s: float,
     ) -> None:
         self.database_url = database_url
         self.db = OwnConnection(database_url)
-        self.link_for = link_for
+        self.brokers = brokers
         self.tree = tree
         self.redelivery_s = redelivery_s
         self.wake = asyncio.Event()
@@ -148,10 +148,11 @@ class Outbox:
         if row["cancel_requested"]:
             props = _properties(row["timeout_seconds"], row["correlation_id"])
             return Outgoing(
-                row["task_id"], row["agent_id"], "cancel", topic, cancel_payload(row), props
-            )
+                row["task_id"], row["agent_id"], row["broker_id"], "cancel", topic,
+                cancel_payload(row), props,
+            )  # fmt: skip
         if TaskStatus(row["status"]) not in UNSTARTED:
-            return Outgoing(row["task_id"], row["agent_id"], "skip")
+            return Outgoing(row["task_id"], row["agent_id"], row["broker_id"], "skip")
         if row["expired"]:
             # A PENDING one becomes EXPIRED below; an ASSIGNED one reached the agent,
             # which will not start it now: the timeout sweep ends it if the agent is silent.
@@ -161,13 +162,18 @@ class Outbox:
         except (PayloadError, ValueError) as exc:
             return f"unpublishable: {exc}"
         props = _properties(row["expiry_s"], row["correlation_id"])
-        return Outgoing(row["task_id"], row["agent_id"], "command", topic, payload, props)
+        return Outgoing(
+            row["task_id"], row["agent_id"], row["broker_id"], "command", topic, payload, props
+        )
 
     async def round(self, limit: int = BATCH) -> int:
         """Claim, publish and record up to `limit` due rows; returns how many were claimed."""
+        up = self.brokers.connected_ids()
+        if up == []:
+            return 0  # no broker to publish to: nothing claimed, nothing counted
         conn = await self.db.get()
         async with conn.transaction():
-            rows = await tasks.claim_due(conn, limit)
+            rows = await tasks.claim_due(conn, limit, up, self.brokers.default_id)
             if not rows:
                 return 0
             out: list[Outgoing] = []
@@ -182,16 +188,9 @@ class Outbox:
                         expired.append(row["task_id"])
                 else:
                     await tasks.mark_unpublishable(conn, row, outgoing)
-                out.append(Outgoing(row["task_id"], row["agent_id"], "skip"))
+                out.append(Outgoing(row["task_id"], row["agent_id"], row["broker_id"], "skip"))
             sending = [m for m in out if m.what != "skip"]
-            acked = await asyncio.gather(
-                *(
-                    self.link_for(m.agent_id).publish(
-                        m.topic, m.payload, properties=m.properties, timeout=PUBACK_TIMEOUT_S
-                    )
-                    for m in sending
-                )
-            )
+            acked = await asyncio.gather(*(self._publish(m) for m in sending))
             ok = {m.task_id for m, a in zip(sending, acked, strict=True) if a}
             await tasks.mark_sent(
                 conn,
@@ -212,21 +211,28 @@ class Outbox:
             )
         return len(rows)
 
-    async def run(self, connected: Callable[[], bool]) -> None:
+    async def _publish(self, m: Outgoing) -> bool:
+        link = self.brokers.link_for(m.broker_id)
+        if link is None:  # a broker registered since the bridge started: not linked yet
+            return False
+        return await link.publish(
+            m.topic, m.payload, properties=m.properties, timeout=PUBACK_TIMEOUT_S
+        )
+
+    async def run(self) -> None:
         listener = asyncio.create_task(listen(self.database_url, OUTBOX_CHANNEL, self.wake))
         try:
             while True:
                 self.wake.clear()
                 more = False
-                if connected():
-                    try:
-                        more = await self.round() >= BATCH
-                    except (psycopg.Error, OSError) as exc:
-                        metrics.OUTBOX_FAILURES.inc()
-                        log.warning(
-                            "outbox round failed; retrying",
-                            extra={"error": " ".join(str(exc).split())[:300]},
-                        )
+                try:
+                    more = await self.round() >= BATCH
+                except (psycopg.Error, OSError) as exc:
+                    metrics.OUTBOX_FAILURES.inc()
+                    log.warning(
+                        "outbox round failed; retrying",
+                        extra={"error": " ".join(str(exc).split())[:300]},
+                    )
                 if stop_requested():
                     raise asyncio.CancelledError
                 if more:

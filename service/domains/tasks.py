@@ -400,12 +400,14 @@ _CLAIM = f"""
 SELECT t.task_id, t.agent_id, t.type, t.payload, t.status, t.timeout_seconds,
        {_EXPIRES} AS expires_at, t.correlation_id, t.created_at, t.attempts,
        t.cancel_requested, {_EXPIRES} <= now() AS expired,
-       greatest(1, ceil(extract(epoch FROM {_EXPIRES} - now())))::bigint AS expiry_s
-  FROM tasks t
+       greatest(1, ceil(extract(epoch FROM {_EXPIRES} - now())))::bigint AS expiry_s,
+       coalesce(a.broker_id, %(default_broker)s) AS broker_id
+  FROM tasks t LEFT JOIN agents a ON a.agent_id = t.agent_id
  WHERE t.next_publish_at <= now()
+   AND (%(brokers)s::integer[] IS NULL
+        OR coalesce(a.broker_id, %(default_broker)s) = ANY(%(brokers)s::integer[]))
    AND (t.attempts = 0 OR t.cancel_requested OR t.status <> ALL(%(unstarted)s)
-        OR EXISTS (SELECT 1 FROM agents a
-                    WHERE a.agent_id = t.agent_id AND a.status = 'online' AND NOT a.stale))
+        OR (a.status = 'online' AND NOT a.stale))
  ORDER BY t.next_publish_at
  LIMIT %(limit)s
  FOR UPDATE OF t SKIP LOCKED
@@ -424,11 +426,23 @@ UPDATE tasks t SET
 """
 
 
-async def claim_due(conn: Conn, limit: int) -> list[dict[str, Any]]:
+async def claim_due(
+    conn: Conn, limit: int, brokers: list[int] | None = None, default_broker: int | None = None
+) -> list[dict[str, Any]]:
     """Rows owed a message now, locked until the caller's transaction ends (another
-    bridge skips them)."""
+    bridge skips them). `brokers`: only agents whose home broker is one of these (the
+    links that are up; None: any); agents without a home count as `default_broker`'s,
+    which is also the `broker_id` their rows carry."""
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(_CLAIM, {"limit": limit, "unstarted": _states(*UNSTARTED)})
+    await cur.execute(
+        _CLAIM,
+        {
+            "limit": limit,
+            "unstarted": _states(*UNSTARTED),
+            "brokers": brokers,
+            "default_broker": default_broker,
+        },
+    )
     return await cur.fetchall()
 
 
