@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -97,17 +97,28 @@ def database_section(ctx: StatusContext) -> SectionReport:
 
 
 def broker_section(ctx: StatusContext) -> SectionReport:
-    """Connect with EUCORA_MQTT_URL's account (the operator's), CONNACK, disconnect."""
+    """Connect with EUCORA_MQTT_URL's account (the operator's), CONNACK, disconnect; with
+    broker shards registered in the database, the same with every one of them
+    (`brokers`: each with its agents), and reachable only when all are."""
     raw = ctx.mqtt_url if ctx.mqtt_url is not None else ctx.env.get("EUCORA_MQTT_URL")
     data: dict[str, Any] = {"url": None, "reachable": False, "accepted": False, "error": None}
+    ca_file = ctx.env.get("EUCORA_CA_FILE")
+    shards: list[dict[str, Any]] = []
     try:
         if not raw:
             raise ConfigError("EUCORA_MQTT_URL is not set")
         url = MqttUrl.parse(raw)
         data["url"] = str(url)
         data["reachable"], data["accepted"], data["error"] = _probe_broker(
-            url, ctx.env.get("EUCORA_CA_FILE"), ctx.timeout_s
+            url, ca_file, ctx.timeout_s
         )
+        for broker_id, where, agents in _shards(ctx):
+            shard = replace(url, host=where.host, port=where.port, tls=where.tls)
+            reachable, accepted, error = _probe_broker(shard, ca_file, ctx.timeout_s)
+            shards.append(
+                {"broker_id": broker_id, "mqtt_url": str(shard), "reachable": reachable,
+                 "accepted": accepted, "agents": agents, "error": error}
+            )  # fmt: skip
     except ConfigError as exc:
         data["error"] = str(exc)
     lines = [
@@ -118,7 +129,34 @@ def broker_section(ctx: StatusContext) -> SectionReport:
         lines.append(("credentials", "accepted" if data["accepted"] else "refused"))
     if data["error"]:
         lines.append(("error", data["error"]))
-    return SectionReport(data=data, healthy=bool(data["accepted"]), lines=lines)
+    healthy = bool(data["accepted"])
+    if shards:
+        data["brokers"] = shards
+        healthy = all(b["accepted"] for b in shards)
+        data["reachable"] = all(b["reachable"] for b in shards)
+        for b in shards:
+            state = "ok" if b["accepted"] else b["error"] or "refused"
+            lines.append(
+                (f"broker {b['broker_id']}", f"{b['mqtt_url']}, {b['agents']} agents: {state}")
+            )
+    return SectionReport(data=data, healthy=healthy, lines=lines)
+
+
+def _shards(ctx: StatusContext) -> list[tuple[int, MqttUrl, int]]:
+    """(broker id, service URL, agents at home there) for each registered broker; none
+    without a database or shards."""
+    if not ctx.database_url:
+        return []
+    try:
+        with connect(ctx.database_url, connect_timeout=ctx.timeout_s) as conn:
+            rows = conn.execute(
+                "SELECT b.broker_id, b.url, (SELECT count(*) FROM agents a"
+                "  WHERE coalesce(a.broker_id, (SELECT min(broker_id) FROM brokers))"
+                "   = b.broker_id) FROM brokers b ORDER BY b.broker_id"
+            ).fetchall()
+    except (DatabaseUnavailable, psycopg.Error):
+        return []  # the database section says why
+    return [(bid, MqttUrl.parse(u, var="brokers.url"), n) for bid, u, n in rows]
 
 
 def _probe_broker(
