@@ -17,13 +17,14 @@ from typing import Any, Final
 
 from agent import config, logs, reference
 from schemas.config import ConfigError
+from schemas.constants import MQTT_VERSIONS
 
 LOG_LEVEL_ENV: Final = "EUCORA_LOG_LEVEL"
 # The `run` options that are settings of agent/config.py (flags > environment > file).
 SETTINGS: Final = (
     "agent_id", "mqtt_url", "telemetry_interval", "heartbeat_interval", "keepalive",
     "inventory_interval", "inventory", "tags", "buffer_size", "reconnect_max", "state_dir",
-    "allow_list",
+    "allow_list", "mqtt_version",
 )  # fmt: skip
 RUN_HELP: Final = "Run the agent until SIGTERM/SIGINT (then it publishes `offline` itself)."
 
@@ -85,6 +86,11 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=Path,
         help='JSON {"commands": [[argv...]]}: what DEPLOY/REMEDIATE/UPDATE tasks may run'
         " [env: EUCORA_AGENT_ALLOW_LIST]",
+    )
+    add(
+        "--mqtt-version",
+        choices=MQTT_VERSIONS,
+        help="MQTT protocol version (default 5) [env: EUCORA_AGENT_MQTT_VERSION]",
     )
     add("--log-level", help=f"DEBUG, INFO, WARNING, ERROR (default INFO) [env: {LOG_LEVEL_ENV}]")
     return top

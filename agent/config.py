@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.session import Timing
 from schemas.config import DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl, check_topic_root
+from schemas.constants import MQTT_VERSIONS
 from schemas.topics import is_agent_id
 
 # setting -> environment variable
@@ -35,6 +36,7 @@ ENV: dict[str, str] = {
     "inventory": "EUCORA_AGENT_INVENTORY",
     "state_dir": "EUCORA_AGENT_STATE_DIR",
     "allow_list": "EUCORA_AGENT_ALLOW_LIST",
+    "mqtt_version": "EUCORA_AGENT_MQTT_VERSION",
 }
 CONFIG_ENV = "EUCORA_AGENT_CONFIG"
 
@@ -54,6 +56,7 @@ class AgentConfig:
     # JSON file of the commands DEPLOY/REMEDIATE/UPDATE tasks may run (agent/tasks.py:
     # AllowList); none = such tasks are REJECTED.
     allow_list: Path | None = None
+    mqtt_version: str = "5"  # or "3.1.1" (schemas.constants.MQTT_VERSIONS)
 
 
 def parse_tags(value: str | list[str] | dict[str, str] | None) -> dict[str, str]:
@@ -161,7 +164,13 @@ def load(
     allow_list = pick("allow_list")
     if allow_list and not Path(str(allow_list)).is_file():
         raise ConfigError(f"allow-list file not found: {allow_list}")
+    mqtt_version = str(pick("mqtt_version") or "5")
+    if mqtt_version not in MQTT_VERSIONS:
+        raise ConfigError(
+            f"mqtt_version must be one of {', '.join(MQTT_VERSIONS)}, got {mqtt_version!r}"
+        )
     return AgentConfig(
+        mqtt_version=mqtt_version,
         agent_id=str(agent_id),
         mqtt=mqtt,
         password=str(password),

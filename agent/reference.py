@@ -97,6 +97,7 @@ def run(config: AgentConfig) -> int:
         on_fatal=fatal,
         on_stopped=loop.stop,
         on_task=on_task,
+        mqtt_version=config.mqtt_version,
     )
     try:
         allow = AllowList.load(config.allow_list) if config.allow_list else AllowList()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import time
 from collections import deque
@@ -35,7 +36,7 @@ from agent.buffer import TelemetryBuffer
 from agent.loop import Loop, Timer
 from agent.protocol import AgentTopics, EpochClock, HostInfo, Metrics, OwnStatusAction
 from schemas.config import MqttUrl
-from schemas.constants import FATAL_CONNECT_REASONS, SESSION_EXPIRY_S
+from schemas.constants import FATAL_CONNECT_REASONS, MQTT_VERSIONS, SESSION_EXPIRY_S
 from schemas.payloads import Software, Status
 from schemas.states import AgentState
 from schemas.topics import Kind, TopicTree
@@ -111,7 +112,11 @@ class AgentSession:
         on_fatal: Callable[[str], None] | None = None,
         on_stopped: Callable[[], None] | None = None,
         on_task: Callable[[bytes | bytearray], None] | None = None,
+        mqtt_version: str = "5",
     ) -> None:
+        if mqtt_version not in MQTT_VERSIONS:
+            raise ValueError(f"MQTT version {mqtt_version!r}: choose one of {MQTT_VERSIONS}")
+        self.mqtt5 = mqtt_version == "5"
         self.loop = loop
         self.agent_id = agent_id
         self.url = url
@@ -153,11 +158,15 @@ class AgentSession:
         self._own_epochs: deque[int] = deque(maxlen=32)
         self._clone_seen_at = -1e9
 
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=agent_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
-        )
+        if self.mqtt5:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2, client_id=agent_id, protocol=MQTTProtocolVersion.MQTTv5
+            )
+        else:  # a persistent session is clean_session=False, set once per client
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2, client_id=agent_id,
+                protocol=MQTTProtocolVersion.MQTTv311, clean_session=False,
+            )  # fmt: skip
         client.username_pw_set(url.username or agent_id, password or url.password)
         if url.tls:
             client.tls_set_context(ssl.create_default_context(cafile=ca_file))
@@ -209,9 +218,17 @@ class AgentSession:
         """Simulate a crash: leave with the will published, come back after `pause` s."""
         if self.connected:
             self._pause_next = pause
-            self.client.disconnect(
-                reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
-            )
+            if self.mqtt5:
+                self.client.disconnect(
+                    reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
+                )
+                return
+            # MQTT 3.1.1 has no "disconnect with will": end the TCP connection without a
+            # DISCONNECT, as a crashed process does; paho notices and reconnects.
+            sock = self.client.socket()
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def pause(self, pause: float) -> None:
         """Simulate a clean stop and restart of the agent after `pause` s."""
@@ -281,16 +298,19 @@ class AgentSession:
         self._pending_epoch = epoch
         self._own_epochs.append(epoch)
         self.client.will_set(self.topics.status, protocol.will(epoch), qos=1, retain=True)
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.timing.session_expiry
         try:
-            self.client.connect(
-                self.url.host,
-                self.url.port,
-                keepalive=self.timing.keepalive,
-                clean_start=False,
-                properties=props,
-            )
+            if self.mqtt5:
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = self.timing.session_expiry
+                self.client.connect(
+                    self.url.host,
+                    self.url.port,
+                    keepalive=self.timing.keepalive,
+                    clean_start=False,
+                    properties=props,
+                )
+            else:
+                self.client.connect(self.url.host, self.url.port, keepalive=self.timing.keepalive)
         except (OSError, ssl.SSLError) as exc:
             log.warning(
                 "cannot reach the broker",
@@ -356,11 +376,11 @@ class AgentSession:
         # Our own status: to repair it if an older last will overwrites it. Subscribed
         # before our online goes out, so the retained message we get is the previous
         # state: an `online` of a foreign epoch there means a clone (see _on_message).
-        client.subscribe(self.topics.status, options=SubscribeOptions(qos=1))
+        self._subscribe(client, self.topics.status)
         if self.on_task is not None:
             # Also on a resumed session: re-subscribing is harmless, and a session the
             # broker lost (session_present false) would otherwise receive no tasks.
-            client.subscribe(self.topics.tasks, options=SubscribeOptions(qos=1))
+            self._subscribe(client, self.topics.tasks)
         client.publish(
             self.topics.status,
             protocol.status(AgentState.ONLINE, self.epoch, session_present=flags.session_present),
@@ -371,6 +391,12 @@ class AgentSession:
         self._heartbeat_tick()
         self._send_buffered()
         self._inventory_tick()  # what changed while we were away
+
+    def _subscribe(self, client: paho.Client, topic: str) -> None:
+        if self.mqtt5:
+            client.subscribe(topic, options=SubscribeOptions(qos=1))
+        else:
+            client.subscribe(topic, qos=1)
 
     def _on_disconnect(
         self,

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import psutil
 
@@ -399,10 +400,19 @@ class FleetOptions:
     platform: Platform | None = None  # every agent on this platform (default: a mix)
     deploy_duration: float = 3.0  # seconds a simulated DEPLOY runs (+-30 %)
     deploy_fail_rate: float = 0.0  # the fraction of DEPLOY tasks that fail
+    mqtt_version: str = "5"  # or "3.1.1"
+    # The slice of the fleet this process runs (`run_many` splits it): agents
+    # first..last-1; each agent's host profile depends on its index only.
+    first: int = 0
+    last: int | None = None
 
     def agent_ids(self) -> list[str]:
+        """Every agent of the fleet (not only this process's slice)."""
         width = max(5, len(str(self.agents - 1)))
         return [f"{self.prefix}-{i:0{width}d}" for i in range(self.agents)]
+
+    def indexes(self) -> range:
+        return range(self.first, self.agents if self.last is None else self.last)
 
 
 @dataclass
@@ -426,9 +436,11 @@ class Fleet:
         broker: MqttUrl,
         passwords: Mapping[str, str],
         *,
+        homes: Mapping[str, MqttUrl] | None = None,
         loop: Loop | None = None,
         on_progress: Callable[[str], None] | None = None,
     ) -> None:
+        """`homes`: each agent's home broker (shards), `broker` for the others."""
         self.options = options
         self.loop = loop or Loop()
         self.rng = random.Random(options.seed)  # noqa: S311 (simulated data, not security)
@@ -445,18 +457,22 @@ class Fleet:
             random_phase=True,
             reconnect_max=30.0,
         )
-        missing = [a for a in options.agent_ids() if a not in passwords]
+        ids = options.agent_ids()
+        mine = [(i, ids[i]) for i in options.indexes()]
+        missing = [a for _, a in mine if a not in passwords]
         if missing:
             raise ValueError(f"no password for {len(missing)} agents (first: {missing[0]})")
         tree = TopicTree(options.topic_root)
+        homes = homes or {}
         self.hosts: list[SimulatedHost] = []
         self.tasks: list[SimulatedTasks] = []
         self.sessions: list[AgentSession] = []
-        for i, agent_id in enumerate(options.agent_ids()):
+        for i, agent_id in mine:
             rng = random.Random(options.seed * 1_000_003 + i)  # noqa: S311
             host = SimulatedHost(i, rng, options.platform)
             self.hosts.append(host)
-            url = replace(broker, username=agent_id, password=passwords[agent_id])
+            home = homes.get(agent_id, broker)
+            url = replace(home, username=agent_id, password=passwords[agent_id])
             tasks = SimulatedTasks(
                 self.loop, agent_id, host.rng, seed=options.seed,
                 deploy_duration=options.deploy_duration,
@@ -476,6 +492,7 @@ class Fleet:
                 ca_file=options.ca_file,
                 rng=host.rng,
                 on_task=tasks.handle,
+                mqtt_version=options.mqtt_version,
             )
             tasks.report = session.report_task
             tasks.report_deployment = session.report_deployment
@@ -564,20 +581,23 @@ def run(
     broker: MqttUrl,
     passwords: Mapping[str, str],
     *,
+    homes: Mapping[str, MqttUrl] | None = None,
     duration: float | None = None,
     on_progress: Callable[[str], None] | None = None,
     stop_timeout: float = 20.0,
 ) -> FleetReport:
-    """Connect the fleet and run it until `duration` s have passed or SIGTERM/SIGINT;
-    then stop every agent gracefully. Runs on the calling thread.
+    """Connect the fleet (this process's slice of it) and run it until `duration` s
+    have passed or SIGTERM/SIGINT; then stop every agent gracefully. Runs on the
+    calling thread.
 
     `passwords` (agent id -> password, one per `options.agent_ids()`) are accounts the
-    server side made (`eucora simulate` provisions them): the simulator only connects.
+    server side made (`eucora simulate` provisions them): the simulator only connects,
+    each agent to its home broker in `homes` (default `broker`).
     """
     import signal
 
     say = on_progress or (lambda _m: None)
-    fleet = Fleet(options, broker, passwords, on_progress=say)
+    fleet = Fleet(options, broker, passwords, homes=homes, on_progress=say)
     loop = fleet.loop
     stopping = False
 
@@ -603,3 +623,118 @@ def run(
             signal.signal(s, handler)
         loop.close()
     return fleet.report()
+
+
+# A process holds at most 20,000 open files on the machines we measure on (a hard
+# limit): each simulator process keeps well under it.
+AGENTS_PER_PROCESS: Final = 15_000
+
+
+def processes_for(agents: int) -> int:
+    return max(1, -(-agents // AGENTS_PER_PROCESS))
+
+
+def _worker(
+    options: FleetOptions,
+    broker: MqttUrl,
+    passwords: Mapping[str, str],
+    homes: Mapping[str, MqttUrl] | None,
+    duration: float | None,
+    out: Any,
+    name: str,
+) -> None:
+    def say(message: str) -> None:
+        out.put(("progress", f"[{name}] {message}"))
+
+    try:
+        out.put(("report", run(options, broker, passwords, homes=homes, duration=duration,
+                               on_progress=say)))  # fmt: skip
+    except Exception as exc:
+        out.put(("error", f"[{name}] {type(exc).__name__}: {exc}"))
+
+
+def run_many(
+    options: FleetOptions,
+    broker: MqttUrl,
+    passwords: Mapping[str, str],
+    *,
+    processes: int,
+    homes: Mapping[str, MqttUrl] | None = None,
+    duration: float | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> FleetReport:
+    """`run` over `processes` processes, each with a consecutive slice of the fleet;
+    SIGTERM/SIGINT stop them all. The report sums theirs (memory and CPU too: the
+    whole simulator's cost) and lists each in extra["processes"]."""
+    if processes <= 1:
+        return run(options, broker, passwords, homes=homes, duration=duration,
+                   on_progress=on_progress)  # fmt: skip
+    import multiprocessing as mp
+    import queue
+    import signal
+
+    say = on_progress or (lambda _m: None)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    ids = options.agent_ids()
+    bounds = [options.agents * k // processes for k in range(processes + 1)]
+    workers = []
+    for k in range(processes):
+        part = replace(options, first=bounds[k], last=bounds[k + 1])
+        mine = ids[bounds[k] : bounds[k + 1]]
+        workers.append(ctx.Process(
+            target=_worker, name=f"sim-{k + 1}", daemon=True,
+            args=(part, broker, {a: passwords[a] for a in mine},
+                  {a: homes[a] for a in mine if a in homes} if homes else None,
+                  duration, out, f"{k + 1}/{processes}"),
+        ))  # fmt: skip
+
+    def forward(signum: int, _frame: object) -> None:
+        for w in workers:
+            if w.pid is not None and w.is_alive():
+                os.kill(w.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    reports: list[FleetReport] = []
+    errors: list[str] = []
+    try:
+        for w in workers:
+            w.start()
+        while len(reports) + len(errors) < processes:
+            try:
+                kind, value = out.get(timeout=1.0)
+            except queue.Empty:
+                if not any(w.is_alive() for w in workers) and out.empty():
+                    errors.append("a simulator process died without a report")
+                    break
+                continue
+            if kind == "progress":
+                say(value)
+            elif kind == "report":
+                reports.append(value)
+            else:
+                errors.append(value)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for w in workers:
+            w.join(timeout=30)
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    times = [r.seconds_to_all_connected for r in reports]
+    all_connected = max(t for t in times if t is not None) if None not in times else None
+    return FleetReport(
+        agents=sum(r.agents for r in reports),
+        connected=sum(r.connected for r in reports),
+        seconds_to_all_connected=all_connected,
+        telemetry_sent=sum(r.telemetry_sent for r in reports),
+        heartbeats_sent=sum(r.heartbeats_sent for r in reports),
+        churn_events=sum(r.churn_events for r in reports),
+        cpu_seconds=sum(r.cpu_seconds for r in reports),
+        cpu_percent=sum(r.cpu_percent for r in reports),
+        max_rss_bytes=sum(r.max_rss_bytes for r in reports),
+        extra={
+            **{k: sum(r.extra[k] for r in reports) for k in reports[0].extra},
+            "processes": [asdict(r) for r in reports],
+        },
+    )

@@ -19,6 +19,7 @@ import typer
 
 from cli.common import emit_json, fail
 from schemas.config import DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl, check_topic_root
+from schemas.constants import MqttVersion
 from schemas.states import Platform
 from schemas.topics import TopicTree, is_agent_id
 from service.config import ADMIN_URL_ENV
@@ -61,6 +62,15 @@ def simulate(
     deploy_fail_rate: Annotated[
         float, typer.Option(min=0, max=1, help="fraction of DEPLOY tasks that fail (seeded)")
     ] = 0.0,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=0, help="simulator processes (0: one per 15,000 agents, under the open-file limit)"
+        ),
+    ] = 0,
+    mqtt_version: Annotated[
+        MqttVersion, typer.Option(help="the agents' MQTT protocol version")
+    ] = MqttVersion.V5,
     mqtt_url: Annotated[
         str | None,
         typer.Option(envvar="EUCORA_MQTT_URL", help="the broker (its credentials are not used)"),
@@ -99,6 +109,7 @@ def simulate(
         heartbeat_interval=heartbeat_interval, keepalive=keepalive, churn=churn,
         connect_rate=connect_rate, seed=seed, topic_root=topic_root, ca_file=ca_file,
         platform=platform, deploy_duration=deploy_duration, deploy_fail_rate=deploy_fail_rate,
+        mqtt_version=mqtt_version.value,
     )  # fmt: skip
 
     def say(message: str) -> None:
@@ -111,8 +122,11 @@ def simulate(
         with BrokerAdmin(admin_mqtt, tree=tree, timeout=60, ca_file=ca_file) as broker_admin:
             broker_admin.provision_or_reset(passwords)
         say(f"provisioned {agents} agents in {time.monotonic() - started:.1f} s")
-        report = simulator.run(options, broker, passwords, duration=duration, on_progress=say)
-    except (ConnectionError, TimeoutError, StackError, OSError) as exc:
+        report = simulator.run_many(
+            options, broker, passwords, duration=duration, on_progress=say,
+            processes=processes or simulator.processes_for(agents),
+        )  # fmt: skip
+    except (ConnectionError, TimeoutError, StackError, OSError, RuntimeError) as exc:
         fail(f"simulation failed: {exc}")
     except Exception as exc:  # DynsecError and the like: one line, not a traceback
         fail(f"simulation failed: {type(exc).__name__}: {exc}")

@@ -6,11 +6,22 @@ may repeat the literal (tests/test_contract.py looks for copies).
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Final
 
 # MQTT 5 session expiry an agent and the bridge ask for: a persistent session (the
 # offline task queue) outlives a week-long absence.
 SESSION_EXPIRY_S: Final = 7 * 24 * 3600
+
+
+# MQTT versions an agent may speak: 5 (the default) or 3.1.1, which has no session
+# expiry (the broker's persistent_client_expiration applies) and no reason codes.
+class MqttVersion(StrEnum):
+    V5 = "5"
+    V311 = "3.1.1"
+
+
+MQTT_VERSIONS: Final = tuple(v.value for v in MqttVersion)
 
 # The `reason` an agent puts in its last will's payload: the bridge records such an
 # offline with source "last_will" rather than "agent".

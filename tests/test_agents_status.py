@@ -341,3 +341,27 @@ def test_status_judgement_table() -> None:
     assert judge("offline", 5, on, 5).verdict is Verdict.DUPLICATE  # no revival
     assert judge("online", 5, off, 4).verdict is Verdict.IGNORE  # an old will
     assert judge("online", 5, on, 4).verdict is Verdict.IGNORE
+
+
+def test_presence_over_mqtt_311_online_crash_will_and_back(
+    broker: Broker, bridge: BridgeProcess, database: str, loop_thread: LoopThread
+) -> None:
+    pw = provision(broker, "old-proto")["old-proto"]
+    s = loop_thread.session(broker, "old-proto", pw, mqtt_version="3.1.1")
+    first = wait(lambda: loop_thread.call(lambda: s.epoch if s.connected else None), 20, "up")
+    wait(lambda: agent_status(database, "old-proto") == ("online", first, False), 10, "online")
+    # A crash (no DISCONNECT): the broker publishes the retained will, the bridge
+    # records it as the last will's offline; the agent comes back with a new epoch.
+    loop_thread.call(lambda: s.crash(2.0))
+    wait(
+        lambda: query(database, "SELECT count(*) FROM agent_status_events WHERE agent_id ="
+                      " 'old-proto' AND state = 'offline' AND source = 'last_will'")[0][0] == 1,
+        15, "the will recorded",
+    )  # fmt: skip
+    second = wait(
+        lambda: loop_thread.call(lambda: s.epoch if s.connected and s.epoch != first else None),
+        20, "back",
+    )  # fmt: skip
+    wait(lambda: agent_status(database, "old-proto") == ("online", second, False), 10, "again")
+    loop_thread.call(s.stop)
+    wait(lambda: agent_status(database, "old-proto")[0] == "offline", 10, "own offline")

@@ -125,6 +125,40 @@ def test_simulated_fleet_is_listed_online(
     assert registered == 100
 
 
+def test_a_fleet_over_two_processes_speaking_mqtt_311_is_online_and_takes_tasks(
+    broker: Broker, bridge: BridgeProcess, database: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "simulate.log"
+    proc = start_simulator(
+        broker, log, "--agents", "20", "--processes", "2", "--mqtt-version", "3.1.1",
+        "--platform", "linux", "--telemetry-interval", "5", "--json",
+    )  # fmt: skip
+    try:
+        wait(lambda: online(database) == 20 or proc.poll() is not None, 60, "all online")
+        assert proc.poll() is None, log.read_text()
+        # Every agent connected over MQTT 3.1.1 (Mosquitto logs it as p2; MQTT 5 is p5).
+        connects = [line for line in broker.log_file.read_text().splitlines()
+                    if "New client connected" in line and " as sim-" in line]  # fmt: skip
+        assert len(connects) >= 20 and all("(p2, c0," in line for line in connects)
+        created = CliRunner().invoke(tasks_app, [
+            "create", "--platform", "linux", "--type", "HEALTHCHECK", "--wait",
+            "--wait-timeout", "60", "--json", "--database-url", database,
+        ])  # fmt: skip
+        assert created.exit_code == 0, created.output
+        assert [t["status"] for t in orjson.loads(created.stdout)] == ["COMPLETED"] * 20
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Presence over 3.1.1: each agent's own offline on the way out.
+    wait(lambda: online(database) == 0, 30, "every simulated agent offline after the stop")
+    text = log.read_text()  # progress lines on stderr, then the JSON summary on stdout
+    report = orjson.loads(text[text.rindex("\n{") :])
+    assert report["agents"] == 20
+    assert [p["agents"] for p in report["extra"]["processes"]] == [10, 10]
+
+
 @pytest.mark.slow
 def test_simulate_1000_agents(
     broker: Broker, bridge: BridgeProcess, database: str, tmp_path: Path
