@@ -6,6 +6,11 @@ client's socket (epoll), calls loop_read/loop_write when a socket is ready and
 loop_misc once a second (keepalive pings), and runs timers. Every paho callback, and
 so all agent logic, runs on that thread: sessions need no locks.
 
+The one blocking step, connecting (DNS, TCP, the TLS handshake: up to paho's connect
+timeout, 5 s, on a link that stalls), runs on a small pool of worker threads
+(`connect_in_background`): the loop leaves that client alone meanwhile, so timers
+(sampling, heartbeats) and every other client go on.
+
 The reference agent uses the same loop with a single client.
 """
 
@@ -22,6 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +50,12 @@ class Timer:
 
 
 class Loop:
-    def __init__(self) -> None:
+    def __init__(self, connect_workers: int = 4) -> None:
         self._sel = selectors.DefaultSelector()
+        # Clients whose connect runs on a worker: their socket callbacks are ignored
+        # until it is done (the loop then registers the new socket itself).
+        self._connecting: set[paho.Client] = set()
+        self._pool = ThreadPoolExecutor(connect_workers, thread_name_prefix="eucora-connect")
         self._timers: list[Timer] = []
         self._seq = itertools.count()
         self._calls: deque[Callable[[], None]] = deque()
@@ -79,20 +89,72 @@ class Loop:
         client.on_socket_register_write = None
         client.on_socket_unregister_write = None
 
+    def connect_in_background(
+        self,
+        client: paho.Client,
+        connect: Callable[[], object],
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        """Run `connect` (paho's blocking connect) on a worker thread; then, on this
+        loop's thread, serve the new socket and call `done(error or None)`. Call on the
+        loop's thread."""
+        old = client.socket()
+        if old is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(old)
+        self._connecting.add(client)
+
+        def work() -> None:
+            error: BaseException | None = None
+            try:
+                connect()
+            except Exception as exc:
+                error = exc
+            self.call_soon_threadsafe(lambda: self._connect_done(client, error, done))
+
+        try:
+            self._pool.submit(work)
+        except RuntimeError as exc:  # the loop is closing
+            self._connecting.discard(client)
+            done(exc)
+
+    def _connect_done(
+        self,
+        client: paho.Client,
+        error: BaseException | None,
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        self._connecting.discard(client)
+        sock = client.socket()
+        if error is None and sock is not None and client in self._clients:
+            mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.want_write() else 0)
+            with contextlib.suppress(KeyError):
+                self._sel.unregister(sock)
+            self._sel.register(sock, mask, client)
+        self._guard(lambda: done(error))
+
     def _on_socket_open(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        if client in self._connecting:
+            return  # on the worker: registered when the connect is done
         with contextlib.suppress(KeyError):
             self._sel.unregister(sock)
         self._sel.register(sock, selectors.EVENT_READ, client)
 
     def _on_socket_close(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        if client in self._connecting:
+            return  # never registered (unregistered before the worker started)
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(sock)
 
     def _on_register_write(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        if client in self._connecting:
+            return
         with contextlib.suppress(KeyError, ValueError):
             self._sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
 
     def _on_unregister_write(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        if client in self._connecting:
+            return
         with contextlib.suppress(KeyError, ValueError):
             self._sel.modify(sock, selectors.EVENT_READ, client)
 
@@ -139,7 +201,8 @@ class Loop:
             if now >= next_misc:
                 next_misc = now + MISC_INTERVAL_S
                 for client in list(self._clients):
-                    self._guard(client.loop_misc)
+                    if client not in self._connecting:
+                        self._guard(client.loop_misc)
 
     def _serve(self, client: paho.Client, sock: Any, mask: int) -> None:
         if client.socket() is not sock:
@@ -161,6 +224,7 @@ class Loop:
             log.exception("error in an agent callback")
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()

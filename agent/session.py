@@ -81,6 +81,7 @@ class Timing:
 @dataclass
 class Counters:
     connects: int = 0
+    connect_failures: int = 0  # attempts that never reached CONNACK (refused, timed out)
     disconnects: int = 0
     takeovers: int = 0
     republished: int = 0
@@ -137,6 +138,7 @@ class AgentSession:
 
         self.epoch: int | None = None  # the epoch of the current (or last) session
         self.connected = False
+        self.connecting = False  # a connect runs on the loop's worker thread
         self.stopping = False
         self.stopped = False
         self.ever_connected = False
@@ -192,6 +194,8 @@ class AgentSession:
             return
         self.stopping = True
         self._cancel_timers()
+        if self.connecting:
+            return  # _connect_done finishes once the worker let go of the client
         if not self.connected:
             self._finish()
             return
@@ -298,23 +302,33 @@ class AgentSession:
         self._pending_epoch = epoch
         self._own_epochs.append(epoch)
         self.client.will_set(self.topics.status, protocol.will(epoch), qos=1, retain=True)
-        try:
-            if self.mqtt5:
-                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                props.SessionExpiryInterval = self.timing.session_expiry
+        url, keepalive = self.url, self.timing.keepalive
+        props: Properties | None = None
+        if self.mqtt5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.timing.session_expiry
+
+        def connect() -> None:  # on a worker thread: DNS, TCP and TLS may stall there
+            if props is not None:
                 self.client.connect(
-                    self.url.host,
-                    self.url.port,
-                    keepalive=self.timing.keepalive,
-                    clean_start=False,
-                    properties=props,
+                    url.host, url.port, keepalive=keepalive, clean_start=False, properties=props
                 )
             else:
-                self.client.connect(self.url.host, self.url.port, keepalive=self.timing.keepalive)
-        except (OSError, ssl.SSLError) as exc:
+                self.client.connect(url.host, url.port, keepalive=keepalive)
+
+        self.connecting = True
+        self.loop.connect_in_background(self.client, connect, self._connect_done)
+
+    def _connect_done(self, error: BaseException | None) -> None:
+        self.connecting = False
+        if self.stopping:
+            self._finish()  # not CONNACKed yet: close; a will that may go out says offline
+            return
+        if error is not None:
+            self.counters.connect_failures += 1
             log.warning(
                 "cannot reach the broker",
-                extra={"agent_id": self.agent_id, "broker": str(self.url), "error": str(exc)},
+                extra={"agent_id": self.agent_id, "broker": str(self.url), "error": str(error)},
             )
             self._schedule_reconnect(self._next_backoff())
             return

@@ -221,6 +221,26 @@ class LoopThread:
 
         return self.call(make)
 
+    def session_at(
+        self,
+        url: MqttUrl,
+        agent_id: str,
+        *,
+        host: FakeHost | None = None,
+        timing: Timing | None = None,
+        start_delay: float = 0.0,
+        **kwargs: Any,
+    ) -> AgentSession:
+        """A session to any URL (e.g. a peer that misbehaves), started."""
+
+        def make() -> AgentSession:
+            s = AgentSession(self.loop, agent_id=agent_id, url=url, host=host or FakeHost(),
+                             timing=timing or Timing(), **kwargs)  # fmt: skip
+            s.start(delay=start_delay)
+            return s
+
+        return self.call(make)
+
     def close(self) -> None:
         self.loop.stop()
         self.thread.join(10)
