@@ -23,8 +23,8 @@ LOG_LEVEL_ENV: Final = "EUCORA_LOG_LEVEL"
 # The `run` options that are settings of agent/config.py (flags > environment > file).
 SETTINGS: Final = (
     "agent_id", "mqtt_url", "telemetry_interval", "heartbeat_interval", "keepalive",
-    "inventory_interval", "inventory", "tags", "buffer_size", "reconnect_max", "state_dir",
-    "allow_list", "mqtt_version",
+    "inventory_interval", "inventory", "tags", "buffer_size", "buffer_max_age", "reconnect_max",
+    "state_dir", "allow_list", "mqtt_version",
 )  # fmt: skip
 RUN_HELP: Final = "Run the agent until SIGTERM/SIGINT (then it publishes `offline` itself)."
 
@@ -75,6 +75,11 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="k=v, repeatable [env: EUCORA_AGENT_TAGS]",
     )
     add("--buffer-size", type=int, help="samples kept while disconnected (default 10000)")
+    add(
+        "--buffer-max-age",
+        type=float,
+        help="seconds a sample is kept while disconnected (default 604800: 7 days)",
+    )
     add("--reconnect-max", type=float, help="longest wait between reconnect attempts (default 30)")
     add(
         "--state-dir",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agent.buffer import DEFAULT_MAX_AGE_S
 from agent.session import Timing
 from schemas.config import DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl, check_topic_root
 from schemas.constants import MQTT_VERSIONS
@@ -31,6 +32,7 @@ ENV: dict[str, str] = {
     "keepalive": "EUCORA_AGENT_KEEPALIVE",
     "inventory_interval": "EUCORA_AGENT_INVENTORY_INTERVAL",
     "buffer_size": "EUCORA_AGENT_BUFFER_SIZE",
+    "buffer_max_age": "EUCORA_AGENT_BUFFER_MAX_AGE",
     "reconnect_max": "EUCORA_AGENT_RECONNECT_MAX",
     "tags": "EUCORA_AGENT_TAGS",
     "inventory": "EUCORA_AGENT_INVENTORY",
@@ -51,6 +53,7 @@ class AgentConfig:
     timing: Timing = field(default_factory=Timing)
     tags: dict[str, str] = field(default_factory=dict)
     buffer_size: int = 10_000
+    buffer_max_age: float = DEFAULT_MAX_AGE_S  # seconds a buffered sample is kept at most
     inventory: tuple[str, ...] | None = None  # None: the platform's default sources
     state_dir: Path | None = None
     # JSON file of the commands DEPLOY/REMEDIATE/UPDATE tasks may run (agent/tasks.py:
@@ -179,6 +182,7 @@ def load(
         timing=timing,
         tags=parse_tags(pick("tags")),
         buffer_size=int(number("buffer_size", 10_000, minimum=1)),
+        buffer_max_age=number("buffer_max_age", DEFAULT_MAX_AGE_S, minimum=1),
         inventory=tuple(sources) if sources is not None else None,
         state_dir=Path(state_dir) if state_dir else None,
         allow_list=Path(str(allow_list)) if allow_list else None,

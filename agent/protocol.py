@@ -163,7 +163,9 @@ class HostInfo:
     mac_address: str
 
 
-def register(host: HostInfo, agent_version: str, tags: dict[str, str]) -> bytes:
+def register(
+    host: HostInfo, agent_version: str, tags: dict[str, str], telemetry_dropped: int = 0
+) -> bytes:
     return dump(
         Register.model_validate(
             {
@@ -179,6 +181,7 @@ def register(host: HostInfo, agent_version: str, tags: dict[str, str]) -> bytes:
                 "ip_address": host.ip_address,
                 "mac_address": host.mac_address,
                 "tags": tags,
+                "telemetry_dropped": telemetry_dropped,
                 "ts": now(),
             },
             strict=False,

@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 
 from agent import inventory
+from agent.buffer import open_buffer
 from agent.config import AgentConfig
 from agent.host import RealHost
 from agent.loop import Loop
@@ -92,7 +93,7 @@ def run(config: AgentConfig) -> int:
         tags=config.tags,
         agent_version=agent_version(),
         epochs=epochs,
-        buffer_size=config.buffer_size,
+        buffer=open_buffer(config.state_dir, config.buffer_size, config.buffer_max_age),
         ca_file=config.ca_file,
         on_fatal=fatal,
         on_stopped=loop.stop,

@@ -32,12 +32,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import protocol
-from agent.buffer import TelemetryBuffer
+from agent.buffer import Buffer, TelemetryBuffer
 from agent.loop import Loop, Timer
 from agent.protocol import AgentTopics, EpochClock, HostInfo, Metrics, OwnStatusAction
 from schemas.config import MqttUrl
 from schemas.constants import FATAL_CONNECT_REASONS, MQTT_VERSIONS, SESSION_EXPIRY_S
-from schemas.payloads import Software, Status
+from schemas.payloads import MAX_BATCH, Software, Status
 from schemas.states import AgentState
 from schemas.topics import Kind, TopicTree
 from schemas.validate import PayloadError, parse
@@ -107,6 +107,7 @@ class AgentSession:
         agent_version: str = "0.1.0",
         epochs: EpochClock | None = None,
         buffer_size: int = 10_000,
+        buffer: Buffer | None = None,  # default: in memory, buffer_size samples
         ca_file: str | None = None,
         password: str | None = None,
         rng: random.Random | None = None,
@@ -127,7 +128,8 @@ class AgentSession:
         self.tags = dict(tags or {})
         self.agent_version = agent_version
         self.epochs = epochs or EpochClock()
-        self.buffer = TelemetryBuffer(buffer_size)
+        self.buffer: Buffer = buffer if buffer is not None else TelemetryBuffer(buffer_size)
+        self._buffered_mids: dict[int, int] = {}  # mid of a buffered batch -> its last seq
         self.rng = rng or random.Random()  # noqa: S311 (timing jitter, not security)
         self.on_fatal = on_fatal
         self.on_stopped = on_stopped
@@ -214,7 +216,9 @@ class AgentSession:
         if self.connected:
             self._publish(
                 self.topics.register,
-                protocol.register(self.host.info(), self.agent_version, self.tags),
+                protocol.register(
+                    self.host.info(), self.agent_version, self.tags, self.buffer.dropped
+                ),
                 qos=1,
             )
 
@@ -462,6 +466,9 @@ class AgentSession:
         _reason: ReasonCode,
         _props: Properties,
     ) -> None:
+        seq = self._buffered_mids.pop(mid, None)
+        if seq is not None:
+            self.buffer.acked(seq)
         if self.stopping and mid == self._offline_mid:
             self.client.disconnect()
 
@@ -522,17 +529,28 @@ class AgentSession:
             self.buffer.append(sample)
 
     def _send_buffered(self) -> None:
-        if not len(self.buffer):
+        """What the buffer holds and this process has not handed to the client yet,
+        oldest first, in batches; each batch is forgotten by the buffer only once the
+        broker acknowledged it (`_on_publish`)."""
+        pending = self.buffer.unsent()
+        if not pending:
             return
-        samples = self.buffer.take_all()
-        messages = protocol.telemetry_batches(samples)
-        for payload in messages:
-            self._publish(self.topics.telemetry, payload, qos=1)
-        self.counters.buffered_sent += len(samples)
-        self.counters.batches_sent += len(messages)
+        messages = 0
+        for i in range(0, len(pending), MAX_BATCH):
+            chunk = pending[i : i + MAX_BATCH]
+            payloads = protocol.telemetry_batches([s for _, s in chunk])
+            for payload in payloads:
+                info = self.client.publish(self.topics.telemetry, payload, qos=1)
+                messages += 1
+            # QoS 1 is acknowledged in order on a connection: the chunk's last message
+            # acknowledged means all of it was taken.
+            self._buffered_mids[info.mid] = chunk[-1][0]
+            self.buffer.sent(chunk[-1][0])
+        self.counters.buffered_sent += len(pending)
+        self.counters.batches_sent += messages
         log.info(
             "sent buffered telemetry",
-            extra={"agent_id": self.agent_id, "samples": len(samples), "messages": len(messages),
+            extra={"agent_id": self.agent_id, "samples": len(pending), "messages": messages,
                    "dropped": self.buffer.dropped},
         )  # fmt: skip
 

@@ -255,6 +255,11 @@ class Register(Payload):
         # Keys outside the pattern are rejected by the model; say so in the schema too.
         json_schema_extra={"additionalProperties": False},
     )
+    telemetry_dropped: Count | None = Field(
+        default=None,
+        description="Telemetry samples this agent dropped from its offline buffer (full, or"
+        " older than its age bound), counted since it was installed.",
+    )
     ts: Timestamp = _ts_field()
 
 

@@ -6,25 +6,39 @@ from __future__ import annotations
 import contextlib
 import gc
 import socket
+import sqlite3
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from agent import protocol
+from agent.buffer import DurableBuffer, FallbackBuffer, TelemetryBuffer, open_buffer
+from agent.protocol import Metrics
 from agent.session import AgentSession, Timing
+from cli.agents import app as agents_app
 from schemas.config import MqttUrl
+from schemas.payloads import TelemetrySample
 from service.stack.broker import Broker
+from tests.fix_services import BridgeProcess
 from tests.test_agents_support import (
+    AgentProcess,
     FakeHost,
     LoopThread,
+    Proxy,
+    agent_factory,
     agent_url,
     loop_thread,
     provision,
+    query,
     wait,
 )
 
-__all__ = ["loop_thread"]  # fixture
+__all__ = ["agent_factory", "loop_thread"]  # fixtures
 
 FAST = Timing(keepalive=5, telemetry_interval=0.2, heartbeat_interval=3600,
               inventory_interval=3600, reconnect_min=0.5, reconnect_max=1)  # fmt: skip
@@ -99,3 +113,113 @@ def stop_and_forget(loop_thread: LoopThread, s: AgentSession) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+
+
+# --- the offline buffer -----------------------------------------------------------
+
+
+def sample(i: int) -> TelemetrySample:
+    return protocol.sample(Metrics(float(i % 100), 40.0, 50.0, i, i),
+                           ts=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=i))  # fmt: skip
+
+
+def test_the_durable_buffer_survives_a_restart_bounded_oldest_first(tmp_path: Path) -> None:
+    path = tmp_path / "buf.sqlite3"
+    b = DurableBuffer(path, capacity=5)
+    for i in range(8):
+        b.append(sample(i))
+    assert (len(b), b.dropped) == (5, 3)  # the three oldest went
+    handed = b.unsent()
+    assert [s.net_rx_bytes for _, s in handed] == [3, 4, 5, 6, 7]
+    b.sent(handed[1][0])
+    assert [s.net_rx_bytes for _, s in b.unsent()] == [5, 6, 7]  # not handed twice
+    b.acked(handed[1][0])  # the broker took 3 and 4
+    b.close()
+    # A new process (after a crash or a reboot): what was not acknowledged is still
+    # there, handed or not, and so is the count of what was dropped.
+    again = DurableBuffer(path, capacity=5)
+    assert [s.net_rx_bytes for _, s in again.unsent()] == [5, 6, 7]
+    assert again.dropped == 3
+    again.close()
+
+
+def test_samples_past_the_age_bound_are_dropped_and_counted(tmp_path: Path) -> None:
+    for b in (DurableBuffer(tmp_path / "b.sqlite3", 100, max_age_s=0.2),
+              TelemetryBuffer(100, max_age_s=0.2)):  # fmt: skip
+        b.append(sample(1))
+        wait(lambda b=b: (b.append(sample(2)), b.dropped)[1] >= 1, 5, "the old one to go")  # type: ignore[misc]
+        assert [s.net_rx_bytes for _, s in b.unsent()][-1] == 2
+
+
+def test_an_unwritable_state_dir_or_a_full_disk_degrade_to_memory_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")
+    b = open_buffer(blocked / "state", 10)
+    assert isinstance(b, TelemetryBuffer)
+    assert [r.getMessage() for r in caplog.records].count(
+        "cannot keep the offline telemetry buffer on disk; keeping it in memory"
+    ) == 1
+    caplog.clear()
+    # A disk that fills up: SQLite's page limit makes it full here ("database or disk
+    # is full"); sampling goes on in memory, one warning, nothing raised.
+    fb = open_buffer(tmp_path / "state", 100_000)
+    assert isinstance(fb, FallbackBuffer) and fb.durable
+    inner = fb._inner
+    assert isinstance(inner, DurableBuffer)
+    inner._db.execute("PRAGMA max_page_count = 4")
+    for i in range(2000):
+        fb.append(sample(i))
+    assert not fb.durable and len(fb) > 0
+    warned = [r for r in caplog.records if "cannot write to disk" in r.getMessage()]
+    assert len(warned) == 1
+
+
+def test_an_agent_restarted_while_offline_sends_what_it_buffered_before_once(
+    broker: Broker, bridge: BridgeProcess, database: str,
+    agent_factory: Callable[..., AgentProcess], tmp_path: Path,
+) -> None:  # fmt: skip
+    pw = provision(broker, "durable")["durable"]
+    proxy = Proxy(broker.port)
+    state = tmp_path / "state"
+    env = {"EUCORA_MQTT_URL": f"mqtt://durable:{pw}@127.0.0.1:{proxy.port}"}
+    args = ("--telemetry-interval", "0.2", "--keepalive", "5", "--reconnect-max", "1",
+            "--state-dir", str(state), "--buffer-size", "20")  # fmt: skip
+    agent = agent_factory(broker, "durable", pw, *args, **env)
+    stored = "SELECT count(*) FROM telemetry WHERE agent_id = 'durable'"
+    wait(lambda: query(database, stored)[0][0] >= 2, 20, "live telemetry")
+    proxy.cut()
+    wait(lambda: "disconnected" in agent.log(), 10, "the agent to notice the outage")
+    # Offline long enough to fill the 20-sample buffer and drop some.
+    db_file = state / "telemetry.sqlite3"
+    wait(lambda: _rows(db_file) == 20 and _dropped(db_file) >= 3, 20, "the buffer full on disk")
+    before = query(database, stored)[0][0]
+    agent.kill()  # SIGKILL while offline: nothing in memory survives
+    proxy.start()
+    again = agent_factory(broker, "durable", pw, *args, **env)
+    # The 20 samples from before the kill arrive, each once (plus new live ones).
+    wait(lambda: query(database, stored)[0][0] >= before + 20, 30, "the old samples stored")
+    dups = "SELECT count(*) FROM (SELECT time FROM telemetry WHERE agent_id = 'durable'" \
+           " GROUP BY time HAVING count(*) > 1) d"  # fmt: skip
+    assert query(database, dups) == [(0,)]
+    # The drops were reported with the registration, and `agents show` tells them.
+    reported = "SELECT telemetry_dropped FROM agents WHERE agent_id = 'durable'"
+    dropped = wait(lambda: query(database, reported)[0][0], 20, "drops reported")
+    assert dropped > 0
+    shown = CliRunner().invoke(agents_app, ["show", "durable", "--database-url", database])
+    assert f"dropped   {dropped} samples" in shown.stdout
+    wait(lambda: _rows(db_file) == 0, 20, "the buffer emptied once acknowledged")
+    assert again.stop() == 0
+    proxy.close()
+
+
+def _rows(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return int(db.execute("SELECT count(*) FROM samples").fetchone()[0])
+
+
+def _dropped(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        row = db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+        return int(row[0]) if row else 0

@@ -121,6 +121,8 @@ class AgentDetailBase(AgentBase):
     last_heartbeat_at: UtcTime | None = Field(default=None, sa_type=_TS)
     last_telemetry_at: UtcTime | None = Field(default=None, sa_type=_TS)
     stale: bool = False
+    # Samples the agent's offline buffer dropped (full or too old), as it last reported.
+    telemetry_dropped: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class Agent(AgentDetailBase, table=True):

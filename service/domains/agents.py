@@ -198,11 +198,13 @@ async def apply_registration(conn: Conn, agent_id: str, reg: Register) -> None:
     await conn.execute(
         f"""
         UPDATE agents SET {", ".join(f"{f} = %({f})s" for f in TRACKED_FIELDS)},
-               registered_at = now(), registration_ts = %(ts)s, updated_at = now()
+               registered_at = now(), registration_ts = %(ts)s, updated_at = now(),
+               telemetry_dropped = coalesce(%(dropped)s, telemetry_dropped)
          WHERE agent_id = %(id)s
         """,
         {
             **{f: Jsonb(v) if isinstance(v, dict) else v for f, v in new.items()},
+            "dropped": reg.telemetry_dropped,
             "ts": reg.ts,
             "id": agent_id,
         },
