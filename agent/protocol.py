@@ -163,9 +163,7 @@ class HostInfo:
     mac_address: str
 
 
-def register(
-    host: HostInfo, agent_version: str, tags: dict[str, str], telemetry_dropped: int = 0
-) -> bytes:
+def register(host: HostInfo, agent_version: str, tags: dict[str, str]) -> bytes:
     return dump(
         Register.model_validate(
             {
@@ -181,7 +179,6 @@ def register(
                 "ip_address": host.ip_address,
                 "mac_address": host.mac_address,
                 "tags": tags,
-                "telemetry_dropped": telemetry_dropped,
                 "ts": now(),
             },
             strict=False,
@@ -189,10 +186,13 @@ def register(
     )
 
 
-def heartbeat(seq: int, uptime_s: float | None) -> bytes:
+def heartbeat(seq: int, uptime_s: float | None, buffer: tuple[int, int] | None = None) -> bytes:
+    """`buffer`: (buffered, dropped) samples of the offline buffer, when worth saying."""
     fields: dict[str, object] = {"ts": now(), "seq": seq}
     if uptime_s is not None:
         fields["uptime_s"] = round(uptime_s, 3)
+    if buffer is not None:
+        fields["buffered_samples"], fields["dropped_samples"] = buffer
     return dump(Heartbeat.model_validate(fields, strict=False))
 
 

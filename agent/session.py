@@ -130,6 +130,7 @@ class AgentSession:
         self.epochs = epochs or EpochClock()
         self.buffer: Buffer = buffer if buffer is not None else TelemetryBuffer(buffer_size)
         self._buffered_mids: dict[int, int] = {}  # mid of a buffered batch -> its last seq
+        self._buffer_said: tuple[int, int] | None = None  # (buffered, dropped) last reported
         self.rng = rng or random.Random()  # noqa: S311 (timing jitter, not security)
         self.on_fatal = on_fatal
         self.on_stopped = on_stopped
@@ -216,9 +217,7 @@ class AgentSession:
         if self.connected:
             self._publish(
                 self.topics.register,
-                protocol.register(
-                    self.host.info(), self.agent_version, self.tags, self.buffer.dropped
-                ),
+                protocol.register(self.host.info(), self.agent_version, self.tags),
                 qos=1,
             )
 
@@ -406,6 +405,7 @@ class AgentSession:
             retain=True,
         )
         self.register()
+        self._buffer_said = None  # this connection's first heartbeat tells the counts
         self._heartbeat_tick()
         self._send_buffered()
         self._inventory_tick()  # what changed while we were away
@@ -556,7 +556,12 @@ class AgentSession:
 
     def _heartbeat_tick(self) -> None:
         if self.connected:
-            payload = protocol.heartbeat(self._heartbeat_seq, self.host.uptime())
+            # The buffer's counts go with the first heartbeat of a connection and with
+            # any that follows a change: cheap for the bridge, current for operators.
+            counts = (len(self.buffer), self.buffer.dropped)
+            said = counts if counts != self._buffer_said else None
+            self._buffer_said = counts
+            payload = protocol.heartbeat(self._heartbeat_seq, self.host.uptime(), said)
             self._heartbeat_seq += 1
             self._publish(self.topics.heartbeat, payload, qos=0)
             self.counters.heartbeats_sent += 1

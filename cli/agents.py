@@ -167,7 +167,7 @@ def agent_document(
             " a.agent_version, a.hardware, a.ip_address, a.mac_address, a.first_seen,"
             " a.registered_at, a.status, a.status_changed_at, a.status_reason,"
             " a.session_present, a.last_heartbeat_at, a.last_telemetry_at, a.stale,"
-            " a.telemetry_dropped,"
+            " a.buffered_samples, a.dropped_samples,"
             f" {_STATE} FROM agents a WHERE a.agent_id = %(id)s",
             {"id": agent_id, "within": healthy_within},
         )
@@ -263,10 +263,10 @@ def render(doc: AgentDetailPublic) -> str:
         )
     else:
         out.append("  telemetry none")
-    if doc.telemetry_dropped:
+    if doc.dropped_samples is not None:
         out.append(
-            f"  dropped   {doc.telemetry_dropped} samples lost from the agent's offline buffer"
-            " (full, or past its age bound)"
+            f"  buffer    {doc.buffered_samples or 0} samples waiting offline,"
+            f" {doc.dropped_samples} dropped (full, or past its age bound)"
         )
     inv = doc.inventory
     out.append(f"  software  {inv.count} packages (list changed {iso(inv.updated_at) or 'never'})")

@@ -255,11 +255,6 @@ class Register(Payload):
         # Keys outside the pattern are rejected by the model; say so in the schema too.
         json_schema_extra={"additionalProperties": False},
     )
-    telemetry_dropped: Count | None = Field(
-        default=None,
-        description="Telemetry samples this agent dropped from its offline buffer (full, or"
-        " older than its age bound), counted since it was installed.",
-    )
     ts: Timestamp = _ts_field()
 
 
@@ -270,6 +265,13 @@ class Heartbeat(Payload):
         json_schema_extra={
             "examples": [
                 {"ts": "2025-01-15T10:31:00Z", "seq": 17, "uptime_s": 86412.5},
+                {
+                    "ts": "2025-01-15T10:31:00Z",
+                    "seq": 18,
+                    "uptime_s": 86472.5,
+                    "buffered_samples": 120,
+                    "dropped_samples": 4,
+                },
                 {"ts": "2025-01-15T10:31:00.5-05:00"},
             ]
         }
@@ -279,6 +281,14 @@ class Heartbeat(Payload):
     seq: Count | None = Field(default=None, description="Increments by one per heartbeat.")
     uptime_s: float | None = Field(
         default=None, ge=0, le=1e10, description="Seconds since the host booted."
+    )
+    buffered_samples: Count | None = Field(
+        default=None, description="Telemetry samples waiting in the agent's offline buffer."
+    )
+    dropped_samples: Count | None = Field(
+        default=None,
+        description="Telemetry samples the agent's bounded offline buffer has dropped (full, or"
+        " past its age bound) since its state was created.",
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 
+from schemas.payloads import Heartbeat
 from schemas.states import DeadLetterReason
 from schemas.topics import Kind
 from schemas.validate import telemetry_samples
@@ -161,6 +162,7 @@ class Store:
         """One transaction for the batch; returns {id(item): reason} of dead letters."""
         rows: list[telemetry.Row] = []
         seen: dict[str, list[bool]] = {}  # agent -> [heartbeat?, telemetry?]
+        buffers: dict[str, tuple[int | None, int]] = {}  # agent -> its offline buffer's counts
         routed: list[Inbound] = []
         letters: list[DeadLetter] = []
         dead: dict[int, str] = {}
@@ -185,13 +187,18 @@ class Store:
                 )
             elif item.kind is Kind.HEARTBEAT:
                 flags[0] = True
+                beat = item.model
+                if isinstance(beat, Heartbeat) and beat.dropped_samples is not None:
+                    buffers[item.agent_id] = (beat.buffered_samples, beat.dropped_samples)
             else:
                 routed.append(item)
         for item, reason, detail in poison:
             reject(item, reason, detail)
         # Agents with a routed message are always locked here (see above); the others
         # only when their last refresh is old or said less than this batch.
-        needed = {i.agent_id for i in routed}
+        # Those whose buffer counts are recorded too: their rows are then locked by the
+        # sorted touch first, so two bridges never lock agents in different orders.
+        needed = {i.agent_id for i in routed} | buffers.keys()
         now = time.monotonic()
         for agent_id, (hb, tel) in list(seen.items()):
             when, had_hb, had_tel = self._touched.get(agent_id, (-1e18, False, False))
@@ -202,6 +209,8 @@ class Store:
         async with conn.transaction():
             if seen:
                 await agents.touch(conn, {a: (f[0], f[1]) for a, f in seen.items()})
+            if buffers:
+                await agents.record_buffers(conn, buffers)
             if rows:
                 inserted = await telemetry.store(conn, rows)
                 metrics.ROWS.labels("telemetry").inc(inserted)

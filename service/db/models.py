@@ -121,8 +121,9 @@ class AgentDetailBase(AgentBase):
     last_heartbeat_at: UtcTime | None = Field(default=None, sa_type=_TS)
     last_telemetry_at: UtcTime | None = Field(default=None, sa_type=_TS)
     stale: bool = False
-    # Samples the agent's offline buffer dropped (full or too old), as it last reported.
-    telemetry_dropped: int | None = Field(default=None, sa_type=BigInteger)
+    # The agent's offline telemetry buffer, as its heartbeats last said.
+    buffered_samples: int | None = Field(default=None, sa_type=BigInteger)
+    dropped_samples: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class Agent(AgentDetailBase, table=True):

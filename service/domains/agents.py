@@ -198,13 +198,11 @@ async def apply_registration(conn: Conn, agent_id: str, reg: Register) -> None:
     await conn.execute(
         f"""
         UPDATE agents SET {", ".join(f"{f} = %({f})s" for f in TRACKED_FIELDS)},
-               registered_at = now(), registration_ts = %(ts)s, updated_at = now(),
-               telemetry_dropped = coalesce(%(dropped)s, telemetry_dropped)
+               registered_at = now(), registration_ts = %(ts)s, updated_at = now()
          WHERE agent_id = %(id)s
         """,
         {
             **{f: Jsonb(v) if isinstance(v, dict) else v for f, v in new.items()},
-            "dropped": reg.telemetry_dropped,
             "ts": reg.ts,
             "id": agent_id,
         },
@@ -247,6 +245,19 @@ async def touch(conn: Conn, seen: dict[str, tuple[bool, bool]]) -> None:
             stale = false
         """,
         (ids, [seen[i][0] for i in ids], [seen[i][1] for i in ids]),
+    )
+
+
+async def record_buffers(conn: Conn, buffers: dict[str, tuple[int | None, int]]) -> None:
+    """The offline buffer counts agents put in a heartbeat (buffered, dropped)."""
+    ids = sorted(buffers)
+    await conn.execute(
+        """
+        UPDATE agents a SET buffered_samples = u.buffered, dropped_samples = u.dropped
+          FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS u(id, buffered, dropped)
+         WHERE a.agent_id = u.id
+        """,
+        (ids, [buffers[i][0] for i in ids], [buffers[i][1] for i in ids]),
     )
 
 
