@@ -12,8 +12,8 @@ them (SimulatedTasks); DEPLOY tasks take `deploy_duration` seconds and fail at
 `deploy_fail_rate`, and a deployment's also report on deployment-status.
 
 The simulator only connects: the agents' broker accounts are made on the server side
-(`eucora simulate` in cli/simulate.py, through service/broker_admin.py), which hands
-their passwords to `run`/`Fleet`.
+(`eucora simulate` in cli/simulate.py, as `eucora agents provision` makes them), which
+hands their passwords and home brokers to `run`/`Fleet`.
 """
 
 from __future__ import annotations
@@ -433,14 +433,12 @@ class Fleet:
     def __init__(
         self,
         options: FleetOptions,
-        broker: MqttUrl,
+        broker: MqttUrl | Mapping[str, MqttUrl],
         passwords: Mapping[str, str],
         *,
-        homes: Mapping[str, MqttUrl] | None = None,
         loop: Loop | None = None,
         on_progress: Callable[[str], None] | None = None,
     ) -> None:
-        """`homes`: each agent's home broker (shards), `broker` for the others."""
         self.options = options
         self.loop = loop or Loop()
         self.rng = random.Random(options.seed)  # noqa: S311 (simulated data, not security)
@@ -463,7 +461,6 @@ class Fleet:
         if missing:
             raise ValueError(f"no password for {len(missing)} agents (first: {missing[0]})")
         tree = TopicTree(options.topic_root)
-        homes = homes or {}
         self.hosts: list[SimulatedHost] = []
         self.tasks: list[SimulatedTasks] = []
         self.sessions: list[AgentSession] = []
@@ -471,7 +468,8 @@ class Fleet:
             rng = random.Random(options.seed * 1_000_003 + i)  # noqa: S311
             host = SimulatedHost(i, rng, options.platform)
             self.hosts.append(host)
-            home = homes.get(agent_id, broker)
+            # One broker for all, or each agent's home broker (a sharded fleet).
+            home = broker if isinstance(broker, MqttUrl) else broker[agent_id]
             url = replace(home, username=agent_id, password=passwords[agent_id])
             tasks = SimulatedTasks(
                 self.loop, agent_id, host.rng, seed=options.seed,
@@ -578,10 +576,9 @@ def max_rss_bytes() -> int:
 
 def run(
     options: FleetOptions,
-    broker: MqttUrl,
+    broker: MqttUrl | Mapping[str, MqttUrl],
     passwords: Mapping[str, str],
     *,
-    homes: Mapping[str, MqttUrl] | None = None,
     duration: float | None = None,
     on_progress: Callable[[str], None] | None = None,
     stop_timeout: float = 20.0,
@@ -592,12 +589,12 @@ def run(
 
     `passwords` (agent id -> password, one per `options.agent_ids()`) are accounts the
     server side made (`eucora simulate` provisions them): the simulator only connects,
-    each agent to its home broker in `homes` (default `broker`).
+    each to `broker`, or to its home broker when `broker` maps agent ids to URLs.
     """
     import signal
 
     say = on_progress or (lambda _m: None)
-    fleet = Fleet(options, broker, passwords, homes=homes, on_progress=say)
+    fleet = Fleet(options, broker, passwords, on_progress=say)
     loop = fleet.loop
     stopping = False
 
@@ -636,9 +633,8 @@ def processes_for(agents: int) -> int:
 
 def _worker(
     options: FleetOptions,
-    broker: MqttUrl,
+    broker: MqttUrl | Mapping[str, MqttUrl],
     passwords: Mapping[str, str],
-    homes: Mapping[str, MqttUrl] | None,
     duration: float | None,
     out: Any,
     name: str,
@@ -647,7 +643,7 @@ def _worker(
         out.put(("progress", f"[{name}] {message}"))
 
     try:
-        out.put(("report", run(options, broker, passwords, homes=homes, duration=duration,
+        out.put(("report", run(options, broker, passwords, duration=duration,
                                on_progress=say)))  # fmt: skip
     except Exception as exc:
         out.put(("error", f"[{name}] {type(exc).__name__}: {exc}"))
@@ -655,11 +651,10 @@ def _worker(
 
 def run_many(
     options: FleetOptions,
-    broker: MqttUrl,
+    broker: MqttUrl | Mapping[str, MqttUrl],
     passwords: Mapping[str, str],
     *,
     processes: int,
-    homes: Mapping[str, MqttUrl] | None = None,
     duration: float | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> FleetReport:
@@ -667,7 +662,7 @@ def run_many(
     SIGTERM/SIGINT stop them all. The report sums theirs (memory and CPU too: the
     whole simulator's cost) and lists each in extra["processes"]."""
     if processes <= 1:
-        return run(options, broker, passwords, homes=homes, duration=duration,
+        return run(options, broker, passwords, duration=duration,
                    on_progress=on_progress)  # fmt: skip
     import multiprocessing as mp
     import queue
@@ -684,9 +679,8 @@ def run_many(
         mine = ids[bounds[k] : bounds[k + 1]]
         workers.append(ctx.Process(
             target=_worker, name=f"sim-{k + 1}", daemon=True,
-            args=(part, broker, {a: passwords[a] for a in mine},
-                  {a: homes[a] for a in mine if a in homes} if homes else None,
-                  duration, out, f"{k + 1}/{processes}"),
+            args=(part, broker if isinstance(broker, MqttUrl) else {a: broker[a] for a in mine},
+                  {a: passwords[a] for a in mine}, duration, out, f"{k + 1}/{processes}"),
         ))  # fmt: skip
 
     def forward(signum: int, _frame: object) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from service import dynsec
+from service import identity
 from service.stack.broker import Broker
 from service.stack.process import alive, free_port, wait_for
 
@@ -39,10 +39,8 @@ def service_dir(prefix: str) -> Iterator[Path]:
 
 
 def broker_passwords() -> dict[str, str]:
-    return {
-        u: dynsec.new_password()
-        for u in (dynsec.ADMIN_USER, dynsec.BRIDGE_USER, dynsec.OPERATOR_USER)
-    }
+    """The service accounts' passwords (bridge, operator)."""
+    return {u: identity.new_password() for u in identity.SERVICE_USERS}
 
 
 @pytest.fixture
@@ -50,14 +48,13 @@ def broker_factory() -> Iterator[Callable[..., Broker]]:
     """make(extra=..., tls=...) -> a started broker; killed and its folder removed after."""
     with contextlib.ExitStack() as cleanup:
 
-        def make(
-            extra: str = "", tls: bool = False, passwords: dict[str, str] | None = None
-        ) -> Broker:
+        def make(extra: str = "", tls: bool = False) -> Broker:
             root = cleanup.enter_context(service_dir("mqtt"))
             b = Broker(
                 data_dir=root / "mosquitto",
                 port=free_port(),
-                passwords=dict(passwords) if passwords else broker_passwords(),
+                service_port=free_port(),
+                passwords=broker_passwords(),
                 extra=extra,
                 # A CA and server certificate made for this broker (in root/ca): ~2 ms.
                 tls_port=free_port() if tls else None,
@@ -72,6 +69,16 @@ def broker_factory() -> Iterator[Callable[..., Broker]]:
 @pytest.fixture
 def broker(broker_factory: Callable[..., Broker]) -> Broker:
     return broker_factory()
+
+
+def register_broker(broker: Broker, database_url: str, broker_id: int = 1) -> None:
+    """The broker in the registry's `brokers` table, as `eucora stack up` does, so that
+    `eucora agents provision` can give agents a home on it."""
+    from service.db.connect import connect
+    from service.domains import accounts
+
+    with connect(database_url) as conn, conn.transaction():
+        accounts.register_brokers(conn, [(broker_id, broker.service_endpoint, broker.agent_url)])
 
 
 @dataclass
@@ -146,7 +153,7 @@ def bridge_factory(tmp_path: Path) -> Iterator[object]:
         port = free_port()
         b = BridgeProcess(
             env={
-                "EUCORA_MQTT_URL": broker.url(dynsec.BRIDGE_USER),
+                "EUCORA_MQTT_URL": broker.url(identity.BRIDGE_USER),
                 "EUCORA_DATABASE_URL": database_url,
                 "EUCORA_METRICS_PORT": str(port),
                 "EUCORA_BRIDGE_CLIENT_ID": client_id,

@@ -1,114 +1,206 @@
-"""Broker shards, the bridge's side: one link per registered broker, each task published
-through its agent's home broker, and a broker that goes down stalling only its own
-agents (docs/scale.md). Real brokers, bridge process and database; simulated agents."""
+"""A fleet on several brokers (`eucora stack up --brokers N`): every agent has a home
+broker, accounts are valid on every broker of the host (one auth folder), and a
+revocation reaches every broker. A small version of bench/provision.py."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import random
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from service.stack.broker import Broker
-from service.stack.process import wait_for
-from tests.fix_services import BridgeProcess
-from tests.publishers import provision
-from tests.test_tasks import Db, SimAgent, create, db, metric, wait_online
+import pytest
+from typer.testing import CliRunner
 
-__all__ = ["db"]  # fixture
+from cli.stack import app as stack_app
+from schemas.config import MqttUrl
+from service.db.connect import connect
+from service.stack.stack import Stack
+from tests.fix_services import service_dir
+from tests.test_security import Probe, cli
 
-
-def register(db: Db, *brokers: Broker) -> None:
-    for i, b in enumerate(brokers, start=1):
-        url = f"mqtt://127.0.0.1:{b.port}"
-        db.conn.execute(
-            "INSERT INTO brokers (broker_id, url, agent_url) VALUES (%s, %s, %s)", (i, url, url)
-        )
+runner = CliRunner()
+FLEET = 2000
 
 
-def home(db: Db, broker_id: int, *agent_ids: str) -> None:
-    for a in agent_ids:
-        db.conn.execute(
-            "INSERT INTO agents (agent_id, broker_id) VALUES (%s, %s)"
-            " ON CONFLICT (agent_id) DO UPDATE SET broker_id = excluded.broker_id",
-            (a, broker_id),
-        )
+def free_ports(n: int) -> int:
+    """A first port with the n - 1 after it free too (brokers take consecutive ports),
+    below the ephemeral range, where outgoing connections could take one meanwhile."""
+    rng = random.Random()
+    while True:
+        first = rng.randrange(20000, 32000)
+        if all(bindable(first + i) for i in range(n)):
+            return first
 
 
-def status_of(db: Db, task_id: str) -> str:
-    return str(db.one("SELECT status FROM tasks WHERE task_id = %s", task_id))
+def bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
-def test_tasks_go_through_the_home_broker_and_a_down_broker_stalls_only_its_agents(
-    broker_factory: Callable[..., Broker], database: str, db: Db, bridge_factory: Any
+@pytest.fixture
+def shards(database: str) -> Iterator[Stack]:
+    """A stack of 2 brokers on the test database, without a bridge."""
+    with service_dir("shards") as root:
+        stack = Stack(root / "s")
+        try:
+            stack.up(mqtt_port=free_ports(3), service_port=free_ports(3), database_url=database,
+                     bridge=False, brokers=2)  # fmt: skip
+            yield stack
+        finally:
+            stack.down()
+
+
+@pytest.fixture
+def probes() -> Iterator[list[Probe]]:
+    made: list[Probe] = []
+    yield made
+    for p in made:
+        p.close()
+
+
+def connect_agent(probes: list[Probe], doc: dict[str, Any], url: str | None = None) -> Probe:
+    """The agent as it runs: its config's URL (or another broker's), TLS with its CA."""
+    target = MqttUrl.parse(url or doc["mqtt_url"])
+    p = Probe(target.port, doc["username"], doc["password"], doc["agent_id"],
+              tls=target.tls, ca_file=doc["ca_file"])  # fmt: skip
+    probes.append(p)
+    return p
+
+
+def homes(database: str) -> dict[str, int]:
+    with connect(database) as conn:
+        return dict(conn.execute("SELECT agent_id, broker_id FROM agents").fetchall())
+
+
+def test_a_fleet_on_two_brokers_provision_connect_revoke(
+    shards: Stack, database: str, probes: list[Probe], tmp_path: Path
 ) -> None:
-    b1 = broker_factory()
-    b2 = broker_factory(passwords=b1.passwords)  # one bridge account for every shard
-    register(db, b1, b2)
-    home(db, 1, "sh-a")
-    home(db, 2, "sh-b")
-    agents = [
-        SimAgent(b, a, p)
-        for b, (a, p) in (
-            (b1, *provision(b1, "sh-a").items()),
-            (b2, *provision(b2, "sh-b").items()),
-        )
-    ]
-    bridge: BridgeProcess = bridge_factory(b1, database)  # EUCORA_MQTT_URL: the first only
-    try:
-        for a in agents:
-            a.connect()
-        wait_online(db, 2)  # both agents' status came in: the bridge consumes from both
-        first = {t["agent_id"]: t["task_id"] for t in create(database, "--platform", "linux",
-                                                              "--type", "HEALTHCHECK")}  # fmt: skip
-        for tid in first.values():
-            db.wait("SELECT status FROM tasks WHERE task_id = %s", "COMPLETED", 30, tid)
-        a, b = agents
-        assert [t for t, _ in a.deliveries] == [first["sh-a"]]  # each got only its own,
-        assert [t for t, _ in b.deliveries] == [first["sh-b"]]  # through its home broker
+    env = shards.env()
+    ids = tmp_path / "fleet.txt"
+    ids.write_text("".join(f"pc-{i:05d}\n" for i in range(FLEET)))
+    result = runner.invoke(cli, ["provision", "--from-file", str(ids), "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    docs = {d["agent_id"]: d for d in json.loads(result.stdout)}
+    assert len(docs) == FLEET
+    # Level shards: each broker is home to half the fleet, named by its agent URL.
+    agent_urls = [b.agent_url for b in shards.brokers()]
+    assert Counter(d["mqtt_url"] for d in docs.values()) == {u: FLEET // 2 for u in agent_urls}
+    assert Counter(homes(database).values()) == {1: FLEET // 2, 2: FLEET // 2}
 
-        b2.stop()  # shard 2 goes away
-        endpoint = f'broker="mqtt://127.0.0.1:{b2.port}"'
-        wait_for(lambda: metric(bridge.metrics(), "eucora_broker_connected", endpoint) == 0, 30,
-                 "bridge sees shard 2 down")  # fmt: skip
-        made = create(database, "--platform", "linux", "--type", "HEALTHCHECK")
-        second = {t["agent_id"]: t["task_id"] for t in made}
-        db.wait("SELECT status FROM tasks WHERE task_id = %s", "COMPLETED", 30, second["sh-a"])
-        # B's task is not even claimed while its broker is down: no attempt counted.
-        assert (
-            db.one("SELECT status || ' ' || attempts FROM tasks WHERE task_id = %s", second["sh-b"])
-            == "PENDING 0"
-        )
-        assert "eucora_mqtt_connected 0.0" in bridge.metrics()
+    # Agents connect to their home broker; their accounts are valid on every broker.
+    on_2 = [a for a, d in docs.items() if d["mqtt_url"] == agent_urls[1]]
+    target, bystander = docs[on_2[0]], docs[on_2[1]]
+    victim = connect_agent(probes, target)
+    assert victim.connect(clean_start=False, session_expiry=3600) == "Success"
+    # The same agent on the other broker as well: a revoke must reach that one too.
+    victim_on_1 = connect_agent(probes, target, agent_urls[0])
+    assert victim_on_1.connect() == "Success"
+    other = connect_agent(probes, bystander)
+    assert other.connect() == "Success"
+    elsewhere = connect_agent(probes, docs[on_2[2]], agent_urls[0])
+    assert elsewhere.connect() == "Success"
 
-        b2.start()
-        db.wait("SELECT status FROM tasks WHERE task_id = %s", "COMPLETED", 60, second["sh-b"])
-        assert b.runs[second["sh-b"]] == 1 and a.runs[second["sh-a"]] == 1
-    finally:
-        for a in agents:
-            a.close()
+    status = runner.invoke(stack_app, ["status", "--dir", str(shards.dir), "--json"])
+    brokers = json.loads(status.stdout)["brokers"]
+    assert [(b["running"], b["agents"]) for b in brokers] == [(True, FLEET // 2)] * 2
+
+    # Revoked: dropped from its home broker at once, refused by every broker.
+    result = runner.invoke(cli, ["revoke", target["agent_id"]], env=env)
+    assert result.exit_code == 0, result.output
+    assert victim.disconnected.wait(5), "the revoked agent is still connected"
+    assert victim_on_1.disconnected.wait(5), "still connected to the other broker"
+    for url in agent_urls:
+        assert connect_agent(probes, target, url).connect() == "Not authorized"
+    assert not other.disconnected.is_set() and not elsewhere.disconnected.is_set()
+    assert other.publish(f"eucora/v1/agents/{bystander['agent_id']}/heartbeat") != "Not authorized"
 
 
-def test_a_broker_registered_later_is_linked_without_a_restart(
-    broker_factory: Callable[..., Broker], database: str, db: Db, bridge_factory: Any
+def test_adding_a_broker_keeps_every_agent_home(shards: Stack, database: str) -> None:
+    env = shards.env()
+    first = runner.invoke(cli, ["provision", "a-1", "a-2", "a-3", "a-4", "--json"], env=env)
+    assert first.exit_code == 0, first.output
+    before = homes(database)
+    # A second `stack up` with more brokers adds them; nobody moves.
+    shards.up(brokers=3, bridge=False)
+    assert len(shards.brokers()) == 3 and all(b.running for b in shards.brokers())
+    assert homes(database) == before
+    again = runner.invoke(cli, ["provision", "a-5", "--json"], env=env)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["mqtt_url"] == shards.broker(3).agent_url  # the emptiest
+    with connect(database) as conn:
+        rows = conn.execute("SELECT broker_id, url FROM brokers ORDER BY broker_id").fetchall()
+    assert [r[0] for r in rows] == [1, 2, 3]
+    assert all("@" not in url for _, url in rows)  # no credentials in the registry
+
+
+def test_accounts_in_the_registry_in_both_schema_modes(
+    db_mode: Any, empty_database: str, broker: Any, probes: list[Probe]
 ) -> None:
-    b1 = broker_factory()
-    register(db, b1)
-    bridge: BridgeProcess = bridge_factory(b1, database)
-    b2 = broker_factory(passwords=b1.passwords)
-    db.conn.execute(
-        "INSERT INTO brokers (broker_id, url, agent_url) VALUES (2, %s, %s)",
-        (f"mqtt://127.0.0.1:{b2.port}",) * 2,
-    )
-    home(db, 2, "late-b")
-    agent = SimAgent(b2, "late-b", provision(b2, "late-b")["late-b"])
-    endpoint = f'broker="mqtt://127.0.0.1:{b2.port}"'
-    try:
-        # Within the bridge's refresh of the brokers table (10 s).
-        wait_for(lambda: metric(bridge.metrics(), "eucora_broker_connected", endpoint) == 1, 30,
-                 "bridge links shard 2")  # fmt: skip
-        agent.connect()
-        wait_online(db, 1)
-        (task,) = create(database, "--agent", "late-b", "--type", "HEALTHCHECK")
-        db.wait("SELECT status FROM tasks WHERE task_id = %s", "COMPLETED", 30, task["task_id"])
-        assert bridge.running
-    finally:
-        agent.close()
+    """Provision, revoke and delete on plain PostgreSQL and on TimescaleDB (where
+    security_events and agent_status_events are hypertables)."""
+    from service.db import migrate
+    from tests.fix_services import register_broker
+
+    migrate.upgrade(empty_database, mode=db_mode)
+    register_broker(broker, empty_database)
+    env = {"EUCORA_DATABASE_URL": empty_database, "EUCORA_AUTH_DIR": str(broker.auth.path)}
+    result = runner.invoke(cli, ["provision", "m-1", "m-2", "m-3", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    docs = {d["agent_id"]: d for d in json.loads(result.stdout)}
+    assert connect_agent(probes, docs["m-1"]).connect() == "Success"
+    assert runner.invoke(cli, ["revoke", "m-2"], env=env).exit_code == 0
+    assert runner.invoke(cli, ["delete", "m-3"], env=env).exit_code == 0
+    with connect(empty_database) as conn:
+        agents = conn.execute(
+            "SELECT agent_id, password_hash IS NOT NULL, status FROM agents ORDER BY 1"
+        ).fetchall()
+        (count,) = conn.execute("SELECT agents FROM brokers WHERE broker_id = 1").fetchone() or ()
+        events = conn.execute(
+            "SELECT agent_id, event FROM security_events ORDER BY time, agent_id"
+        ).fetchall()
+    assert agents == [("m-1", True, "unknown"), ("m-2", False, "offline")]
+    assert count == 1
+    assert [e for e in events if e[1] != "provisioned"] == [
+        ("m-2", "credentials_revoked"), ("m-3", "credentials_revoked"), ("m-3", "deleted")
+    ]  # fmt: skip
+    assert broker.auth.agents() == {"m-1"}
+
+
+def test_a_lost_password_file_is_rebuilt_from_the_registry(
+    shards: Stack, database: str, probes: list[Probe]
+) -> None:
+    """The registry is the source of truth: a stack that starts without the agents'
+    password file writes it again from the database (revoked agents left out)."""
+    env = shards.env()
+    result = runner.invoke(cli, ["provision", "r-1", "r-2", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    docs = {d["agent_id"]: d for d in json.loads(result.stdout)}
+    assert runner.invoke(cli, ["revoke", "r-2"], env=env).exit_code == 0
+    shards.down()
+    (shards.auth_dir / "agents.passwd").unlink()
+    shards.up(bridge=False)
+    assert connect_agent(probes, docs["r-1"]).connect() == "Success"
+    assert connect_agent(probes, docs["r-2"]).connect() == "Not authorized"
+
+
+def test_a_broker_that_does_not_accept_gets_no_new_agents(shards: Stack, database: str) -> None:
+    with connect(database) as conn:
+        conn.execute("UPDATE brokers SET accepting = false WHERE broker_id = 1")
+        conn.commit()
+    result = runner.invoke(cli, ["provision", "n-1", "n-2", "n-3", "--json"], env=shards.env())
+    assert result.exit_code == 0, result.output
+    assert {d["mqtt_url"] for d in json.loads(result.stdout)} == {shards.broker(2).agent_url}
+    with connect(database) as conn:
+        conn.execute("UPDATE brokers SET accepting = false")
+        conn.commit()
+    refused = runner.invoke(cli, ["provision", "n-4"], env=shards.env())
+    assert refused.exit_code == 1
+    assert "no broker accepts new agents" in refused.stderr

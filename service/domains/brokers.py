@@ -1,5 +1,6 @@
-"""The broker shards: which brokers the fleet is spread over (the `brokers` table) and
-which one is each agent's home (`agents.broker_id`). docs/scale.md explains the model.
+"""The broker shards as the bridge reads them: which brokers the fleet is spread over
+(the `brokers` table, written by `service/domains/accounts.py`) and how the bridge
+reaches each. docs/scale.md explains the model.
 
 A fleet without rows here is today's single broker: every agent's home is the broker
 of EUCORA_MQTT_URL. Agents with no home recorded (they came before shards, or were
@@ -8,29 +9,21 @@ never provisioned) belong to the broker with the lowest id.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from psycopg import AsyncConnection
 
 from schemas.config import ConfigError, MqttUrl
+from service.domains.accounts import BROKERS_SQL, BrokerRecord
 
 Conn = AsyncConnection[Any]
 
 
-@dataclass(frozen=True)
-class BrokerRecord:
-    broker_id: int
-    url: str  # the service listener the bridge and operators use, without credentials
-    agent_url: str  # what the broker's agents dial, without credentials
-    accepting: bool  # new agents may be given this home
-
-
 async def load(conn: Conn) -> list[BrokerRecord]:
-    """Every registered broker, by id."""
-    cur = await conn.execute(
-        "SELECT broker_id, url, agent_url, accepting FROM brokers ORDER BY broker_id"
-    )
+    """Every registered broker, by id (the bridge's asynchronous read of what
+    `accounts.brokers` reads)."""
+    cur = await conn.execute(BROKERS_SQL)
     return [BrokerRecord(*row) for row in await cur.fetchall()]
 
 
