@@ -111,6 +111,7 @@ def test_a_broker_added_later_is_linked_without_a_restart_and_takes_new_agents(
     stack_root: Any, database: str, db: Db
 ) -> None:
     stack = up(stack_root, database, 1)
+    provision(stack, "early-1")  # broker 1 has an agent now
     pid = stack.state()["bridge_pid"]
     up(stack_root, database, 2, stack)  # `eucora stack up --brokers 2` on a running stack
     second = stack.brokers()[1]
