@@ -276,3 +276,32 @@ def test_tasks_list_pages_newest_first(task_history: tuple[str, list[str]]) -> N
     assert unknown.exit_code == 1 and re.match(r"error: --after: task .* not found", unknown.stderr)
     bad = run(tasks_app, database, "list", "--since", "soon")
     assert bad.exit_code == 2 and "duration" in bad.stderr
+
+
+def test_stale_sweep_marks_connected_agents_only(database: str) -> None:
+    """The sweep's candidates are agent_connected(): a silent online agent becomes
+    stale (and lists so), a revoked one does not."""
+    import asyncio
+
+    from service.domains import agents
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO agents (agent_id, status, last_seen, revoked_at) VALUES"
+            " ('silent', 'online', now() - interval '1 hour', NULL),"
+            " ('gone', 'online', now() - interval '1 hour', now()),"
+            " ('busy', 'online', now(), NULL)"
+        )
+
+    async def sweep() -> int:
+        async with await psycopg.AsyncConnection.connect(database) as conn:
+            return await agents.mark_stale(conn, 300)
+
+    assert asyncio.run(sweep()) == 1
+    rows = {r["agent_id"]: (r["state"], r["stale"]) for r in listed(database)}
+    assert rows == {
+        "busy": ("online", False),
+        "gone": ("revoked", False),
+        "silent": ("online", True),
+    }
+    assert [r["agent_id"] for r in listed(database, "--stale")] == ["silent"]
