@@ -1,23 +1,34 @@
-"""`eucora agents list/show`: the fleet as the database sees it.
+"""`eucora agents list/show/label`: the fleet as the database sees it.
 
-Connected and healthy are shown apart (docs/agents.md):
-- connected: the retained status says `online` (epoch-ordered by the bridge) and the
-  stale sweep has not flagged the agent (no message for offline_after);
+State, connected, stale and healthy are judged in SQL by the functions of migration
+0008 (docs/agents.md, "Connected, stale, healthy"), the same the dashboards count:
+- state: never_connected, online, offline or revoked;
+- connected: online, not stale, not revoked; stale: online but silent for offline_after;
 - healthy: connected, and both a heartbeat and a telemetry sample arrived within
   --healthy-within seconds (default 180: three missed 60-s heartbeats).
+`agents list` pages in agent_id order with --limit and --after.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from psycopg.types.json import Jsonb
 
-from cli.common import emit_json, fail, iso, open_database, parse_tag
+from cli.common import (
+    count_more,
+    emit_json,
+    fail,
+    in_transaction,
+    iso,
+    more_not_shown,
+    open_database,
+    parse_tag,
+)
 from cli.db import DATABASE_URL_OPTION
 from schemas.states import Platform
+from service.domains.targets import Target, target_where
 
 if TYPE_CHECKING:
     import psycopg
@@ -38,15 +49,15 @@ HealthyWithin = Annotated[
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
 
-# The columns of AgentHealth (service/db/models.py), judged with the database's clock
-# (IS TRUE: never null, without a heartbeat or a sample yet).
-_STATE = """
-    a.status_epoch AS epoch,
-    (a.status = 'online' AND NOT a.stale) AS connected,
-    (a.status = 'online' AND NOT a.stale
-     AND a.last_heartbeat_at > now() - make_interval(secs => %(within)s)
-     AND a.last_telemetry_at > now() - make_interval(secs => %(within)s)) IS TRUE AS healthy
+# AgentHealth's columns (service/db/models.py): the functions of migration 0008, the
+# one definition of state, connected, stale and healthy (the dashboards read the same
+# through the agent_health view). %(within)s is the healthy window, an interval.
+_HEALTH = """
+    agent_state(a) AS state, agent_connected(a) AS connected, agent_stale(a) AS stale,
+    agent_healthy(a, %(within)s) AS healthy, a.status_epoch AS epoch
 """
+TABLE_LIMIT = 100  # a screenful or two
+JSON_LIMIT = 1000  # a script pages with --after (docs/agents.md, "Paging")
 
 
 def ago(value: datetime | None, now: datetime | None = None) -> str:
@@ -72,77 +83,159 @@ def list_agents(
     online: Annotated[
         bool | None, typer.Option("--online/--offline", help="only connected / not connected")
     ] = None,
+    stale: Annotated[
+        bool, typer.Option("--stale", help="only stale agents (online but silent)")
+    ] = False,
+    unhealthy: Annotated[
+        bool, typer.Option("--unhealthy", help="only agents that are not healthy")
+    ] = False,
     tag: Annotated[
-        list[str] | None, typer.Option("--tag", help="k=v (repeatable: all must match)")
-    ] = (None),
+        list[str] | None,
+        typer.Option("--tag", help="k=v in the agent's tags or labels (repeatable: all match)"),
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option("--version", help="only this agent version")
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=f"at most this many (default {TABLE_LIMIT}, with --json {JSON_LIMIT})",
+        ),
+    ] = None,
+    after: Annotated[
+        str | None, typer.Option("--after", help="start after this agent_id (the next page)")
+    ] = None,
     healthy_within: HealthyWithin = HEALTHY_WITHIN_S,
     database_url: str | None = DATABASE_URL_OPTION,
     json_output: JsonFlag = False,
 ) -> None:
-    """List agents: connected and healthy apart, last seen, version, tags."""
-    tags = dict(parse_tag(t) for t in tag or [])
-    where = ["a.tags @> %(tags)s"]
-    if platform is not None:
-        where.append("a.platform = %(platform)s")
+    """List agents by agent_id, a page at a time: state, connected, stale and healthy
+    apart, version, last seen, tags and labels."""
+    where, params = target_where(Target(tags=dict(parse_tag(t) for t in tag or []),
+                                        platform=platform))  # fmt: skip
+    conditions = [where]
     if online is not None:
-        connected = "(a.status = 'online' AND NOT a.stale)"
-        where.append(connected if online else f"NOT {connected}")
-    sql = (
-        "SELECT a.agent_id, a.hostname, a.platform, a.tags, a.last_seen, a.agent_version,"
-        f" a.status, {_STATE} FROM agents a WHERE {' AND '.join(where)} ORDER BY a.agent_id"
-    )
-    params = {
-        "tags": Jsonb(tags),
-        "platform": platform.value if platform else None,
-        "within": healthy_within,
+        conditions.append("agent_connected(a)" if online else "NOT agent_connected(a)")
+    if stale:
+        conditions.append("agent_stale(a)")
+    if unhealthy:
+        conditions.append("NOT agent_healthy(a, %(within)s)")
+    if version is not None:
+        conditions.append("a.agent_version = %(version)s")
+    matches = " AND ".join(conditions)
+    if after is not None:
+        conditions.append("a.agent_id > %(after)s")
+    page = limit or (JSON_LIMIT if json_output else TABLE_LIMIT)
+    params |= {
+        "within": timedelta(seconds=healthy_within),
+        "version": version,
+        "after": after,
+        "limit": page + 1,  # one more tells whether there is a next page
     }
-    from service.db.models import AgentPublic, AgentRow, model_row
+    sql = (
+        "SELECT a.agent_id, a.hostname, a.platform, a.tags, a.labels, a.agent_version,"
+        f" a.last_seen, {_HEALTH} FROM agents a"
+        f" WHERE {' AND '.join(conditions)}"
+        " ORDER BY a.agent_id LIMIT %(limit)s"
+    )
+    from service.db.models import AgentPublic, model_row
 
     with open_database(database_url, autocommit=True) as conn:
-        rows = conn.cursor(row_factory=model_row(AgentRow)).execute(sql, params).fetchall()
+        rows = conn.cursor(row_factory=model_row(AgentPublic)).execute(sql, params).fetchall()
+        more: str | None = None
+        if len(rows) > page and not json_output:
+            rows = rows[:page]
+            more = count_more(
+                conn,
+                f"SELECT 1 FROM agents a WHERE {matches} AND a.agent_id > %(last)s",
+                params | {"last": rows[-1].agent_id},
+            )
     if json_output:
-        emit_json([AgentPublic.model_validate(r).model_dump(mode="json") for r in rows])
+        emit_json([r.model_dump(mode="json") for r in rows[:page]])
         return
     if not rows:
         typer.echo("no agents match")
         return
     now = datetime.now(UTC)
-
-    def connected_text(r: AgentRow) -> str:
-        if r.connected:
-            return "yes"
-        return "stale" if r.status == "online" else "no"
-
     typer.echo(
         table(
-            [
-                "AGENT",
-                "HOSTNAME",
-                "PLATFORM",
-                "VERSION",
-                "CONNECTED",
-                "HEALTHY",
-                "LAST SEEN",
-                "TAGS",
-            ],
+            ["AGENT", "HOSTNAME", "PLATFORM", "VERSION", "STATE", "CONNECTED", "HEALTHY",
+             "LAST SEEN", "TAGS", "LABELS"],
             [
                 [
                     r.agent_id,
                     r.hostname or "-",
                     r.platform or "-",
                     r.agent_version or "-",
-                    connected_text(r),
+                    r.state,
+                    "yes" if r.connected else ("stale" if r.stale else "no"),
                     "yes" if r.healthy else "no",
                     ago(r.last_seen, now),
-                    ",".join(f"{k}={v}" for k, v in sorted(r.tags.items())),
+                    pairs(r.tags),
+                    pairs(r.labels),
                 ]
                 for r in rows
             ],
         )
-    )
+    )  # fmt: skip
     n_connected = sum(1 for r in rows if r.connected)
     n_healthy = sum(1 for r in rows if r.healthy)
     typer.echo(f"{len(rows)} agents, {n_connected} connected, {n_healthy} healthy")
+    if more is not None:
+        more_not_shown(more, rows[-1].agent_id)
+
+
+def pairs(values: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(values.items()))
+
+
+@app.command()
+def label(
+    agent_id: Annotated[str, typer.Argument(help="the agent's id")],
+    labels: Annotated[
+        list[str] | None, typer.Argument(help="k=v to set (an existing key is replaced)")
+    ] = None,
+    remove: Annotated[
+        list[str] | None, typer.Option("--remove", help="a key to remove (repeatable)")
+    ] = None,
+    database_url: str | None = DATABASE_URL_OPTION,
+    json_output: JsonFlag = False,
+) -> None:
+    """Set or remove an agent's operator labels (kept apart from the tags it reports;
+    --tag k=v targets either)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from schemas.payloads import TagKey, TagValue
+    from service.domains import agents
+
+    chosen = dict(parse_tag(x) for x in labels or [])
+    if not (chosen or remove):
+        fail("give labels to set (k=v) or --remove k")
+    key_ok, value_ok = TypeAdapter(TagKey), TypeAdapter(TagValue)
+    for key, value in [*chosen.items(), *((k, "") for k in remove or [])]:
+        try:
+            key_ok.validate_python(key)
+        except ValidationError:
+            fail(f"label key {key!r}: letters, digits and _.:/- (as tags), up to 64")
+        try:
+            value_ok.validate_python(value)
+        except ValidationError:
+            fail(f"label {key!r}: a value has at most 256 characters")
+
+    async def work(conn: psycopg.AsyncConnection[Any]) -> dict[str, str] | None:
+        try:
+            return await agents.set_labels(conn, agent_id, chosen, remove or [])
+        except agents.UnknownAgent:
+            return None
+
+    result = in_transaction(database_url, work)
+    if result is None:
+        fail(f"agent {agent_id!r} not found", 1)
+    if json_output:
+        emit_json({"agent_id": agent_id, "labels": result})
+    else:
+        typer.echo(f"{agent_id} labels: {pairs(result) or '(none)'}")
 
 
 def agent_document(
@@ -163,13 +256,13 @@ def agent_document(
     row = (
         conn.cursor(row_factory=model_row(AgentDetailRow))
         .execute(
-            "SELECT a.agent_id, a.hostname, a.platform, a.tags, a.last_seen, a.os_version,"
-            " a.agent_version, a.hardware, a.ip_address, a.mac_address, a.first_seen,"
-            " a.registered_at, a.status, a.status_changed_at, a.status_reason,"
-            " a.session_present, a.last_heartbeat_at, a.last_telemetry_at, a.stale,"
+            "SELECT a.agent_id, a.hostname, a.platform, a.tags, a.labels, a.last_seen,"
+            " a.os_version, a.agent_version, a.hardware, a.ip_address, a.mac_address,"
+            " a.first_seen, a.registered_at, a.status, a.status_changed_at, a.status_reason,"
+            " a.session_present, a.last_heartbeat_at, a.last_telemetry_at, a.revoked_at,"
             " a.buffered_samples, a.dropped_samples,"
-            f" {_STATE} FROM agents a WHERE a.agent_id = %(id)s",
-            {"id": agent_id, "within": healthy_within},
+            f" {_HEALTH} FROM agents a WHERE a.agent_id = %(id)s",
+            {"id": agent_id, "within": timedelta(seconds=healthy_within)},
         )
         .fetchone()
     )
@@ -242,7 +335,7 @@ def _fmt_bytes(n: Any) -> str:
 
 def render(doc: AgentDetailPublic) -> str:
     hw = doc.hardware
-    state = "connected" if doc.connected else ("stale" if doc.stale else doc.status)
+    state = "connected" if doc.connected else ("stale" if doc.stale else doc.state)
     out = [
         f"{doc.agent_id}  {state}, {'healthy' if doc.healthy else 'not healthy'}"
         f"  (epoch {doc.epoch}, last seen {iso(doc.last_seen) or 'never'})",
@@ -252,6 +345,7 @@ def render(doc: AgentDetailPublic) -> str:
         f"  hardware  {hw.get('cpu_count', '-')} CPUs, {_fmt_bytes(hw.get('memory_bytes'))} memory,"
         f" {_fmt_bytes(hw.get('disk_bytes'))} disk",
         "  tags      " + (", ".join(f"{k}={v}" for k, v in sorted(doc.tags.items())) or "-"),
+        "  labels    " + (", ".join(f"{k}={v}" for k, v in sorted(doc.labels.items())) or "-"),
         f"  heartbeat {iso(doc.last_heartbeat_at) or 'never'}",
     ]
     t = doc.telemetry
@@ -282,7 +376,7 @@ def render(doc: AgentDetailPublic) -> str:
                 f"    {iso(e.time)}  {e.state:<7} epoch {e.epoch}  by {e.source}{reason}{note}"
             )
     if doc.changes:
-        out.append("  registration changes (newest first)")
+        out.append("  changes: registration, labels (newest first)")
         for ch in doc.changes:
             out.append(f"    {iso(ch.time)}  {ch.field}: {ch.old_value} -> {ch.new_value}")
     return "\n".join(out)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import orjson
@@ -47,6 +48,40 @@ def check_target(agent: list[str] | None, tag: list[str] | None, platform: objec
     for a in agent or []:
         if not is_agent_id(a):
             fail(f"--agent {a!r} is not a valid agent id")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)?\s*$", re.IGNORECASE)
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str, option: str) -> timedelta:
+    """'90s', '5m', '1h', '2d', '1w' (a bare number is seconds): `--since` and `--bucket`."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        fail(f"{option} {text!r} is not a duration like 30s, 5m, 1h, 7d")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[(match.group(2) or "s").lower()])
+
+
+# The "more not shown" line counts at most this many further rows: a bounded count
+# stays fast whatever the size of the fleet or the task history.
+MORE_COUNT_CAP = 10_000
+
+
+def count_more(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any]) -> str:
+    """How many rows `sql` (a SELECT of the rest of a listing) returns, as text:
+    '1,234', or '10,000+' past MORE_COUNT_CAP."""
+    row = conn.execute(
+        f"SELECT count(*) FROM ({sql} LIMIT {MORE_COUNT_CAP + 1}) more",
+        params,
+    ).fetchone()
+    n = int(row[0]) if row else 0
+    return f"{MORE_COUNT_CAP:,}+" if n > MORE_COUNT_CAP else f"{n:,}"
+
+
+def more_not_shown(more: str, last_id: str) -> None:
+    """A page that is not the end of a listing says so on stderr (stdout keeps only the
+    table): how many more match, and the option that shows the next page."""
+    typer.echo(f"{more} more not shown: --after {last_id}", err=True)
 
 
 def iso(value: datetime | None) -> str | None:

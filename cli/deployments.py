@@ -142,7 +142,7 @@ def create(
         list[str] | None, typer.Option("--agent", help="an agent id (repeatable)")
     ] = None,
     tag: Annotated[
-        list[str] | None, typer.Option("--tag", help="k=v: agents with this tag (repeatable: all)")
+        list[str] | None, typer.Option("--tag", help="k=v in the tags or labels (repeatable: all)")
     ] = None,
     platform: Annotated[Platform | None, typer.Option(help="agents of this platform")] = None,
     intent_id: Annotated[

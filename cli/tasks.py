@@ -24,7 +24,18 @@ import orjson
 import psycopg
 import typer
 
-from cli.common import check_target, emit_json, fail, in_transaction, iso, open_database, parse_tag
+from cli.common import (
+    check_target,
+    count_more,
+    emit_json,
+    fail,
+    in_transaction,
+    iso,
+    more_not_shown,
+    open_database,
+    parse_duration,
+    parse_tag,
+)
 from cli.db import DATABASE_URL_OPTION
 from schemas.constants import TASK_DEFAULT_EXPIRES_IN_S, TASK_DEFAULT_TIMEOUT_S, TASK_MAX_TIMEOUT_S
 from schemas.payloads import TaskCommand
@@ -110,7 +121,7 @@ def create(
         list[str] | None, typer.Option("--agent", help="an agent id (repeatable)")
     ] = None,
     tag: Annotated[
-        list[str] | None, typer.Option("--tag", help="k=v: agents with this tag (repeatable: all)")
+        list[str] | None, typer.Option("--tag", help="k=v in the tags or labels (repeatable: all)")
     ] = None,
     platform: Annotated[
         Platform | None, typer.Option(help="agents of this platform (with --tag: both)")
@@ -258,12 +269,21 @@ def list_tasks(
     correlation_id: Annotated[
         str | None, typer.Option(help="only the tasks of one create command")
     ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="only tasks created this recently: 30m, 1h, 7d...")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, help="newest first, at most this many")] = 100,
+    after: Annotated[
+        str | None,
+        typer.Option(help="the next page: the tasks listed after this task id (older ones)"),
+    ] = None,
     database_url: str | None = DATABASE_URL_OPTION,
     json_output: JsonFlag = False,
 ) -> None:
-    """List tasks, newest first."""
+    """List tasks, newest first, a page at a time (--limit, --after)."""
     where = ["true"]
+    if since is not None:
+        where.append("created_at >= now() - %(since)s")
     if agent is not None:
         where.append("agent_id = %(agent)s")
     if status:
@@ -277,21 +297,44 @@ def list_tasks(
         "status": [s.value for s in status or []],
         "type": type_.value if type_ is not None else None,
         "correlation_id": correlation_id,
-        "limit": limit,
+        "since": parse_duration(since, "--since") if since is not None else None,
+        "limit": limit + 1,  # one more tells whether there is a next page
+        "after": _task_id(after) if after is not None else None,
     }
     from service.db.models import TaskPublic, model_row
 
-    with open_database(database_url) as conn:
+    # Keyset paging in (created_at, task_id) order, newest first: the index
+    # tasks_created_id_idx (migration 0008) serves it at any depth. A task id alone
+    # would not do: ids are random, and the newest come first.
+    matches = " AND ".join(where)
+    page = (
+        "(created_at, task_id) < (SELECT created_at, task_id FROM tasks WHERE task_id = %(after)s)"
+    )
+    with open_database(database_url, autocommit=True) as conn:
+        if after is not None:
+            found = conn.execute("SELECT 1 FROM tasks WHERE task_id = %(after)s", params)
+            if found.fetchone() is None:
+                fail(f"--after: task {after} not found", EXIT_NOT_DONE)
         rows = (
             conn.cursor(row_factory=model_row(TaskPublic))
             .execute(
                 "SELECT task_id, agent_id, type, status, progress, attempts, correlation_id,"
                 " created_at, updated_at, finished_at FROM tasks"
-                f" WHERE {' AND '.join(where)} ORDER BY created_at DESC, task_id LIMIT %(limit)s",
+                f" WHERE {matches}{' AND ' + page if after is not None else ''}"
+                " ORDER BY created_at DESC, task_id DESC LIMIT %(limit)s",
                 params,
             )
             .fetchall()
         )
+        more: str | None = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            if not json_output:
+                more = count_more(
+                    conn,
+                    f"SELECT 1 FROM tasks WHERE {matches} AND {page}",
+                    params | {"after": rows[-1].task_id},
+                )
     if json_output:
         emit_json([r.model_dump(mode="json") for r in rows])
         return
@@ -315,6 +358,8 @@ def list_tasks(
             ],
         )
     )
+    if more is not None:
+        more_not_shown(more, str(rows[-1].task_id))
 
 
 def task_document(conn: psycopg.Connection[Any], task_id: uuid.UUID) -> TaskDetailPublic | None:

@@ -7,7 +7,6 @@ terminal chart is one line of Unicode blocks per metric, no dependency needed.
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Sequence
 from datetime import timedelta
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.common import emit_json, fail, iso, open_database
+from cli.common import emit_json, fail, iso, open_database, parse_duration
 from cli.db import DATABASE_URL_OPTION
 from schemas.constants import TELEMETRY_METRICS
 
@@ -31,8 +30,6 @@ def _group() -> None:
     # A callback keeps `telemetry` a group (`eucora telemetry show`) with one command.
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)?\s*$", re.IGNORECASE)
-_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 METRICS = TELEMETRY_METRICS
 _LABELS = {
     "cpu_percent": "cpu %",
@@ -42,14 +39,6 @@ _LABELS = {
     "net_tx_bytes": "net tx",
 }
 BLOCKS = "▁▂▃▄▅▆▇█"
-
-
-def parse_duration(text: str, option: str) -> timedelta:
-    """'90s', '5m', '1h', '2d', '1w' (a bare number is seconds)."""
-    match = _DURATION.match(text)
-    if not match or float(match.group(1)) <= 0:
-        fail(f"{option} {text!r} is not a duration like 30s, 5m, 1h, 7d")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[(match.group(2) or "s").lower()])
 
 
 def fetch(

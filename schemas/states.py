@@ -215,6 +215,17 @@ class AgentRecordState(StrEnum):
     OFFLINE = "offline"
 
 
+class AgentRegistryState(StrEnum):
+    """`state` in `agents list/show`: where the registry says an agent stands. Judged
+    in SQL by `agent_state()` (migration 0008), with `connected`, `stale` and
+    `healthy` beside it (docs/agents.md)."""
+
+    NEVER_CONNECTED = "never_connected"  # provisioned or seen, no status message yet
+    ONLINE = "online"  # its last status says online (stale or not)
+    OFFLINE = "offline"
+    REVOKED = "revoked"  # `agents revoke`: whatever its last status said
+
+
 class StatusEventState(StrEnum):
     """`agent_status_events.state`: the agent's transitions, and the bridge's stale mark."""
 

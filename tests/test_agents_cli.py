@@ -19,7 +19,12 @@ from cli.agents import app as agents_app
 from cli.telemetry import app as telemetry_app
 from cli.telemetry import sparkline
 
-NOW = datetime.now(UTC).replace(microsecond=0)
+
+@pytest.fixture
+def now() -> datetime:
+    """The test's "now", taken when the test starts (not when the file is collected:
+    a health window measured from an old time would fail a test that runs late)."""
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def run(app: Any, database: str, *args: str) -> Any:
@@ -27,11 +32,11 @@ def run(app: Any, database: str, *args: str) -> Any:
     return result
 
 
-def add_agent(conn: psycopg.Connection[Any], agent_id: str, **cols: Any) -> None:
+def add_agent(conn: psycopg.Connection[Any], now: datetime, agent_id: str, **cols: Any) -> None:
     values = {
         "agent_id": agent_id, "hostname": f"{agent_id}.example", "platform": "linux",
         "tags": Jsonb({"site": "paris"}), "status": "online", "status_epoch": 7,
-        "last_seen": NOW, "last_heartbeat_at": NOW, "last_telemetry_at": NOW,
+        "last_seen": now, "last_heartbeat_at": now, "last_telemetry_at": now,
         "agent_version": "1.2.3", "hardware": Jsonb({"cpu_count": 2, "memory_bytes": 1 << 30,
                                                       "disk_bytes": 10 << 30}),
     } | cols  # fmt: skip
@@ -41,14 +46,14 @@ def add_agent(conn: psycopg.Connection[Any], agent_id: str, **cols: Any) -> None
 
 
 @pytest.fixture
-def fleet(database: str) -> str:
-    old = NOW - timedelta(minutes=10)
+def fleet(database: str, now: datetime) -> str:
+    old = now - timedelta(minutes=10)
     with psycopg.connect(database, autocommit=True) as conn:
-        add_agent(conn, "a-healthy")
-        add_agent(conn, "b-quiet", last_heartbeat_at=old, last_telemetry_at=old)
-        add_agent(conn, "c-stale", stale=True, last_seen=old, tags=Jsonb({"site": "lon"}))
-        add_agent(conn, "d-offline", status="offline", platform="windows")
-        add_agent(conn, "e-unknown", status="unknown", status_epoch=None, platform="macos")
+        add_agent(conn, now, "a-healthy")
+        add_agent(conn, now, "b-quiet", last_heartbeat_at=old, last_telemetry_at=old)
+        add_agent(conn, now, "c-stale", stale=True, last_seen=old, tags=Jsonb({"site": "lon"}))
+        add_agent(conn, now, "d-offline", status="offline", platform="windows")
+        add_agent(conn, now, "e-unknown", status="unknown", status_epoch=None, platform="macos")
         for i in range(6):  # one sample a minute, 10 minutes ago .. 5 minutes ago
             conn.execute(
                 "INSERT INTO telemetry (time, agent_id, cpu_percent, memory_percent,"
@@ -74,7 +79,7 @@ def listed(database: str, *args: str) -> list[dict[str, Any]]:
     return doc
 
 
-def test_list_shows_connected_and_healthy_apart(fleet: str) -> None:
+def test_list_shows_connected_and_healthy_apart(fleet: str, now: datetime) -> None:
     rows = {r["agent_id"]: (r["connected"], r["healthy"]) for r in listed(fleet)}
     assert rows == {
         "a-healthy": (True, True),
@@ -93,7 +98,7 @@ def test_list_shows_connected_and_healthy_apart(fleet: str) -> None:
     wide = {r["agent_id"]: r["healthy"] for r in listed(fleet, "--healthy-within", "3600")}
     assert wide["b-quiet"] is True
     one = listed(fleet, "--online")[0]
-    assert one["last_seen"] == NOW.isoformat() and one["epoch"] == 7
+    assert one["last_seen"] == now.isoformat() and one["epoch"] == 7
     assert one["tags"] == {"site": "paris"} and one["hostname"] == "a-healthy.example"
 
 

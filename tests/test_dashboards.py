@@ -64,3 +64,51 @@ def test_dashboard_query_runs(database: str, where: str, sql: str) -> None:
     assert isinstance(rows, list), where
     if "deployment" in sql:  # the fixture's deployment shows
         assert rows, where
+
+
+# One agent of each kind the definitions tell apart, times set with the database's clock.
+FLEET = """
+INSERT INTO agents (agent_id, status, stale, last_seen, last_heartbeat_at, last_telemetry_at,
+                    revoked_at) VALUES
+    ('healthy-1',   'online',  false, now(), now(), now(), NULL),
+    ('healthy-2',   'online',  false, now(), now(), now() - interval '100 seconds', NULL),
+    ('quiet',       'online',  false, now(), now(), now() - interval '250 seconds', NULL),
+    ('no-samples',  'online',  false, now(), now(), NULL, NULL),
+    ('stale-1',     'online',  true,  now() - interval '10 minutes', now() - interval '10 minutes',
+                    now() - interval '10 minutes', NULL),
+    ('stale-2',     'online',  true,  now() - interval '1 hour', NULL, NULL, NULL),
+    ('offline',     'offline', true,  now(), now(), now(), NULL),
+    ('never',       'unknown', false, NULL, NULL, NULL, NULL),
+    ('revoked',     'online',  false, now(), now(), now(), now())
+"""
+
+
+def test_cli_and_dashboards_count_the_same_agents(database: str) -> None:
+    """The panels that count connected, stale and healthy agents say what `eucora agents
+    list` says, on a fleet with every state: both read migration 0008's definitions."""
+    import orjson
+    from typer.testing import CliRunner
+
+    from cli.agents import app as agents_app
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(FLEET)
+        panels: dict[str, int] = {}
+        for where, sql in queries():
+            if "FROM agents" in sql or "FROM agent_health" in sql:
+                cur = conn.execute(expand_macros(sql))  # type: ignore[arg-type]
+                row = cur.fetchone()
+                assert row is not None and cur.description is not None, where
+                panels |= {c.name: int(v) for c, v in zip(cur.description, row, strict=True)
+                           if isinstance(v, int)}  # fmt: skip
+    result = CliRunner().invoke(agents_app, ["list", "--json", "--database-url", database])
+    assert result.exit_code == 0, result.output
+    listed = orjson.loads(result.stdout)
+    cli = {
+        "connected": sum(r["connected"] for r in listed),
+        "stale": sum(r["stale"] for r in listed),
+        "healthy": sum(r["healthy"] for r in listed),
+        "total": len(listed),
+    }
+    assert panels == cli
+    assert cli == {"connected": 4, "stale": 2, "healthy": 2, "total": 9}

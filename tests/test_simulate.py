@@ -130,8 +130,10 @@ def test_simulated_fleet_is_listed_online(
     assert all(a["connected"] and a["epoch"] for a in listed)
     assert all({"site", "env", "role"} <= a["tags"].keys() for a in listed)
     assert set(listed[0]) == {
-        "agent_id", "hostname", "platform", "tags", "connected", "healthy", "last_seen", "epoch",
+        "agent_id", "hostname", "platform", "tags", "labels", "state", "connected", "healthy",
+        "stale", "agent_version", "last_seen", "epoch",
     }  # fmt: skip
+    assert {a["state"] for a in listed} == {"online"}
     registered = query(database, "SELECT count(*) FROM agents WHERE hardware <> '{}'")[0][0]
     assert registered == 100
 

@@ -101,6 +101,9 @@ class AgentBase(SQLModel):
     hostname: str | None = Field(default=None, sa_type=Text)
     platform: str | None = Field(default=None, sa_type=Text)
     tags: dict[str, str] = Field(default_factory=dict, sa_type=JSONB)
+    # 0008: operator labels (`agents label`), kept apart from the agent's own tags.
+    labels: dict[str, str] = Field(default_factory=dict, sa_type=JSONB)
+    agent_version: str | None = Field(default=None, sa_type=Text)
     last_seen: UtcTime | None = Field(default=None, sa_type=_TS)
 
 
@@ -108,7 +111,6 @@ class AgentDetailBase(AgentBase):
     """The further columns `agents show` prints."""
 
     os_version: str | None = Field(default=None, sa_type=Text)
-    agent_version: str | None = Field(default=None, sa_type=Text)
     hardware: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)
     ip_address: str | None = Field(default=None, sa_type=Text)
     mac_address: str | None = Field(default=None, sa_type=Text)
@@ -121,6 +123,7 @@ class AgentDetailBase(AgentBase):
     last_heartbeat_at: UtcTime | None = Field(default=None, sa_type=_TS)
     last_telemetry_at: UtcTime | None = Field(default=None, sa_type=_TS)
     stale: bool = False
+    revoked_at: UtcTime | None = Field(default=None, sa_type=_TS)
     # The agent's offline telemetry buffer, as its heartbeats last said.
     buffered_samples: int | None = Field(default=None, sa_type=BigInteger)
     dropped_samples: int | None = Field(default=None, sa_type=BigInteger)
@@ -135,33 +138,26 @@ class Agent(AgentDetailBase, table=True):
     registration_ts: UtcTime | None = Field(default=None, sa_type=_TS)
     inventory_ts: UtcTime | None = Field(default=None, sa_type=_TS)
     inventory_updated_at: UtcTime | None = Field(default=None, sa_type=_TS)
-    # 0007: the broker account (docs/broker.md): home broker, hash, provisioned/revoked.
+    # 0007: the broker account (docs/broker.md): home broker, hash, provisioned (revoked_at
+    # is AgentDetailBase's: `agents show` prints it).
     broker_id: int | None = Field(default=None, sa_type=Integer)
     password_hash: str | None = Field(default=None, sa_type=Text, repr=False)
     provisioned_at: UtcTime | None = Field(default=None, sa_type=_TS)
-    revoked_at: UtcTime | None = Field(default=None, sa_type=_TS)
 
 
 class AgentHealth(SQLModel):
-    """Where an agent stands, judged in SQL at read time (docs/agents.md)."""
+    """Where an agent stands, judged in SQL at read time by the functions of migration
+    0008 (agent_state, agent_connected, agent_stale, agent_healthy; docs/agents.md)."""
 
-    connected: bool  # status online and not stale
+    state: str  # schemas.states.AgentRegistryState
+    connected: bool  # online, not stale, not revoked
+    stale: bool  # online but silent for offline_after (the bridge's flag)
     healthy: bool  # connected, heartbeat and telemetry within --healthy-within
     epoch: int | None  # agents.status_epoch
 
 
 class AgentPublic(AgentHealth, AgentBase):
-    """`agents list --json`: one agent, the fields it has always printed. SPEC also
-    names `agent_version`, `stale` (columns: AgentBase could hold them), `state` and
-    `labels` (no column yet); tests/test_simulate.py asserts today's set."""
-
-
-class AgentRow(AgentPublic):
-    """What `agents list` reads: its text table also shows the version and tells stale
-    from offline."""
-
-    agent_version: str | None
-    status: str
+    """`agents list --json`: one agent (SPEC's fields)."""
 
 
 class AgentDetailRow(AgentHealth, AgentDetailBase):
@@ -418,7 +414,6 @@ RELATIONAL_MODELS: tuple[type[SQLModel], ...] = (
 
 CLI_MODELS: dict[type[SQLModel], type[SQLModel] | None] = {
     AgentPublic: Agent,
-    AgentRow: Agent,
     AgentDetailRow: Agent,
     AgentDetailPublic: Agent,
     AgentStatusEventPublic: None,

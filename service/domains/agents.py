@@ -15,6 +15,7 @@ rows their transaction already holds, whatever the order of the batch's messages
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
@@ -263,10 +264,11 @@ async def record_buffers(conn: Conn, buffers: dict[str, tuple[int | None, int]])
 
 # Stale: the status says online but nothing came for `offline_after` (SPEC "Online
 # status": stale-offline). Any message from the agent clears it again (`touch`).
+# Candidates are the connected agents as migration 0008 defines them (agent_connected).
 _STALE = """
 WITH due AS (
     SELECT agent_id FROM agents
-     WHERE status = %(online)s AND NOT stale
+     WHERE agent_connected(agents)
        AND coalesce(last_seen, status_changed_at, first_seen)
            < now() - make_interval(secs => %(after)s)
      ORDER BY agent_id
@@ -288,7 +290,6 @@ async def mark_stale(conn: Conn, offline_after_s: float) -> int:
     cur = await conn.execute(
         _STALE,
         {
-            "online": AgentState.ONLINE.value,
             "after": offline_after_s,
             "reason": f"nothing received for {offline_after_s:g} s",
         },
@@ -297,3 +298,34 @@ async def mark_stale(conn: Conn, offline_after_s: float) -> int:
     if n:
         metrics.MARKED_STALE.inc(n)
     return n
+
+
+class UnknownAgent(LookupError):
+    """No agent with this id in the registry."""
+
+
+async def set_labels(
+    conn: Conn, agent_id: str, labels: dict[str, str], remove: Sequence[str] = ()
+) -> dict[str, str]:
+    """An operator's labels: drop the keys in `remove`, then set `labels` (the agent's
+    own `tags` are never touched). A change is kept in agent_changes (field `labels`,
+    old and new). Returns the agent's labels; UnknownAgent when there is no such agent."""
+    cur = await conn.execute(
+        "SELECT labels FROM agents WHERE agent_id = %s FOR UPDATE", (agent_id,)
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise UnknownAgent(agent_id)
+    old: dict[str, str] = row[0]
+    new = {k: v for k, v in old.items() if k not in set(remove)} | labels
+    if new != old:
+        await conn.execute(
+            "UPDATE agents SET labels = %s, updated_at = now() WHERE agent_id = %s",
+            (Jsonb(new), agent_id),
+        )
+        await conn.execute(
+            "INSERT INTO agent_changes (time, agent_id, field, old_value, new_value)"
+            " VALUES (now(), %s, 'labels', %s, %s)",
+            (agent_id, Jsonb(old), Jsonb(new)),
+        )
+    return new

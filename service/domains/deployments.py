@@ -52,6 +52,7 @@ from schemas.states import (
 )
 from service import metrics
 from service.domains import tasks
+from service.domains.targets import Target, target_where
 
 log = logging.getLogger("eucora.deployments")
 
@@ -203,15 +204,10 @@ async def create(
     created_by: str | None = None,
 ) -> dict[str, Any]:
     """The deployment and its fixed target set (PENDING rows); the engine starts it."""
-    where: list[str] = []
-    if agents:
-        where.append("agent_id = ANY(%(agents)s)")
-    if tags:
-        where.append("tags @> %(tags)s")
-    if platform is not None:
-        where.append("platform = %(platform)s")
-    if not where:
+    chosen = Target(agents or [], tags or {}, platform)
+    if chosen.empty:
         raise ValueError("no target")
+    where, target_params = target_where(chosen)
     target = {"agents": agents, "tags": tags, "platform": platform.value if platform else None}
     cur = await conn.execute(
         """
@@ -241,16 +237,10 @@ async def create(
     cur = await conn.execute(
         f"""
         INSERT INTO deployment_status (deployment_id, agent_id, status)
-        SELECT %(id)s, agent_id, %(pending)s FROM agents a WHERE {" AND ".join(where)}
+        SELECT %(id)s, agent_id, %(pending)s FROM agents a WHERE {where}
         RETURNING agent_id
         """,
-        {
-            "id": deployment_id,
-            "pending": _A.PENDING.value,
-            "agents": agents,
-            "tags": Jsonb(tags or {}),
-            "platform": platform.value if platform is not None else None,
-        },
+        {"id": deployment_id, "pending": _A.PENDING.value, **target_params},
     )
     targets = sorted(r[0] for r in await cur.fetchall())
     missing = sorted(set(agents or []) - set(targets))

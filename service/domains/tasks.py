@@ -34,6 +34,7 @@ from schemas.payloads import TaskStatusReport
 from schemas.states import TERMINAL, UNSTARTED, Platform, TaskStatus, TaskType
 from schemas.states import task_transition_allowed as allowed
 from service import metrics
+from service.domains.targets import Target, target_where
 
 log = logging.getLogger("eucora.tasks")
 
@@ -121,7 +122,7 @@ INSERT INTO tasks (agent_id, type, payload, timeout_seconds, expires_at, correla
 SELECT agent_id, %(type)s, %(payload)s, %(timeout)s,
        now() + make_interval(secs => %(expires_in)s), %(correlation_id)s, %(created_by)s,
        %(deployment_id)s
-  FROM agents WHERE {where}
+  FROM agents a WHERE {where}
 RETURNING task_id, agent_id, status, correlation_id
 """
 
@@ -142,22 +143,15 @@ async def create_tasks(
 ) -> list[dict[str, Any]]:
     """One PENDING task per matching agent, with its 'created' event and a NOTIFY to the
     outbox. Sorted by agent id."""
-    where: list[str] = []
-    if agents:
-        where.append("agent_id = ANY(%(agents)s)")
-    if tags:
-        where.append("tags @> %(tags)s")
-    if platform is not None:
-        where.append("platform = %(platform)s")
-    if not where:
+    target = Target(agents or [], tags or {}, platform)
+    if target.empty:
         raise ValueError("no target")
+    where, target_params = target_where(target)
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
-        _CREATE.format(where=" AND ".join(where)),
+        _CREATE.format(where=where),
         {
-            "agents": agents,
-            "tags": Jsonb(tags or {}),
-            "platform": platform.value if platform is not None else None,
+            **target_params,
             "type": type_.value,
             "payload": Jsonb(payload),
             "timeout": timeout,
