@@ -560,8 +560,12 @@ class Fleet:
             cpu_percent=self.cpu_percent(),
             max_rss_bytes=max_rss_bytes(),
             extra={
-                name: sum(getattr(t.counters, name) for t in self.tasks)
-                for name in ("deploys_succeeded", "deploys_failed", "rollbacks")
+                **{
+                    name: sum(getattr(t.counters, name) for t in self.tasks)
+                    for name in ("deploys_succeeded", "deploys_failed", "rollbacks")
+                },
+                # Samples sent after an outage, from the offline buffer.
+                "telemetry_buffered_sent": sum(s.counters.buffered_sent for s in self.sessions),
             },
         )
 

@@ -78,7 +78,11 @@ def test_buffer_drops_the_oldest_when_full() -> None:
     for i in range(5):
         buf.append(protocol.sample(Metrics(0, 0, 0, i, 0)))
     assert buf.dropped == 2 and len(buf) == 3
-    assert [s.net_rx_bytes for s in buf.take_all()] == [2, 3, 4]
+    pending = buf.unsent()
+    assert [s.net_rx_bytes for _, s in pending] == [2, 3, 4]
+    buf.sent(pending[-1][0])
+    assert buf.unsent() == [] and len(buf) == 3  # handed, not yet acknowledged
+    buf.acked(pending[-1][0])
     assert len(buf) == 0
 
 
