@@ -168,9 +168,11 @@ def test_quick_reconnect_is_never_left_offline_by_the_old_will_100_races(
         accepted = [e for e in events if e[2]]
         assert [e[1] for e in accepted] == sorted(e[1] for e in accepted), a
         assert accepted[-1][:2] == ("online", final[a])
-        for state, epoch, ok in events:
+        # Ignored: older wills, and (under load, with two batches committing at once)
+        # an older session's online that committed after a newer one: never the newest.
+        for _state, epoch, ok in events:
             if not ok:
-                assert state == "offline" and epoch < final[a]
+                assert epoch < final[a], (a, events)
     ignored = query(database, "SELECT count(*) FROM agent_status_events WHERE NOT accepted")
     assert late_wills > 0 and ignored[0][0] >= 1
     # The sessions that saw an old will overwrite their online republished it.

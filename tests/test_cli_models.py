@@ -44,9 +44,10 @@ def full(database: str) -> str:
             " hardware, ip_address, mac_address, tags, first_seen, registered_at, last_seen,"
             " status, status_epoch, status_changed_at, status_reason, session_present,"
             " last_heartbeat_at, last_telemetry_at, stale, registration_ts, inventory_ts,"
-            " inventory_updated_at, labels, revoked_at) VALUES (%s, 'full.example', 'linux',"
+            " inventory_updated_at, labels, revoked_at, buffered_samples, dropped_samples)"
+            " VALUES (%s, 'full.example', 'linux',"
             " '6.8', '1.2.3', %s, '10.0.0.1', 'aa:bb:cc:dd:ee:ff', %s, %s, %s, %s, 'online', 3,"
-            " %s, 'agent', true, %s, %s, false, %s, %s, %s, %s, %s)",
+            " %s, 'agent', true, %s, %s, false, %s, %s, %s, %s, %s, 12, 3)",
             (AGENT, Jsonb({"cpu_count": 2}), Jsonb({"site": "paris"}), old, old, NOW, old,
              NOW, NOW, old, old, old, Jsonb({"owner": "ops"}), NOW),
         )  # fmt: skip

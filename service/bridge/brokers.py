@@ -44,9 +44,12 @@ class BrokerSet:
         self.default_id: int | None = None  # the home of agents without one recorded
         self.on_new_link: Callable[[BrokerLink], None] = lambda link: None
         self._connecting: set[asyncio.Task[None]] = set()
+        self._told_restart = False
 
     # --- what the outbox asks ------------------------------------------------------
     def link_for(self, broker_id: int | None) -> BrokerLink | None:
+        if None in self.links:  # the one broker of EUCORA_MQTT_URL: home to every agent
+            return self.links[None]
         return self.links.get(broker_id if broker_id is not None else self.default_id)
 
     def connected_ids(self) -> list[int] | None:
@@ -73,8 +76,12 @@ class BrokerSet:
                 new.append(link)
             return new
         if None in self.links:
-            # The table was empty at start; a restart switches to shard mode.
-            log.warning("brokers were registered after the bridge started: restart it")
+            # The table was empty at start: the broker of EUCORA_MQTT_URL serves every
+            # agent. That stays right for one registered broker; more need a restart.
+            if len(records) > 1 and not self._told_restart:
+                self._told_restart = True
+                log.warning("broker shards were registered after the bridge started: restart"
+                            " it to link them")  # fmt: skip
             return new
         self.default_id = records[0].broker_id
         for record in records:
