@@ -45,8 +45,7 @@ import psycopg
 
 from schemas.config import MqttUrl
 from schemas.topics import Kind, TopicTree
-from service import dynsec
-from service.broker_admin import BrokerAdmin
+from service import identity
 from service.config import Settings
 from service.db import migrate
 from service.stack.broker import Broker
@@ -112,8 +111,8 @@ def publish(
 # --- consumers --------------------------------------------------------------------
 def run_c_subscriber(broker: Broker, creds: dict[str, str], n: int, round_no: int) -> float:
     """Messages/s a C subscriber takes at QoS 1 (it only discards)."""
-    pw = broker.passwords[dynsec.BRIDGE_USER]
-    base = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-u", dynsec.BRIDGE_USER,
+    pw = broker.passwords[identity.BRIDGE_USER]
+    base = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.service_port), "-u", identity.BRIDGE_USER,
             "-P", pw, "-q", "1", "-V", "5", "-x", "600", "-i", f"bench-c-sub-{round_no}",
             "-t", TREE.wildcard(Kind.TELEMETRY)]  # fmt: skip
     # -c -E: subscribe in a persistent session, wait for the SUBACK, exit. The session
@@ -181,7 +180,7 @@ def run_naive(broker: Broker, db: str, creds: dict[str, str], n: int) -> float:
     truncate(db)
     ctx = mp.get_context("fork")
     ready = ctx.Semaphore(0)
-    p = ctx.Process(target=naive_bridge_main, args=(broker.url(dynsec.BRIDGE_USER), db, n, ready))
+    p = ctx.Process(target=naive_bridge_main, args=(broker.url(identity.BRIDGE_USER), db, n, ready))
     p.start()
     assert ready.acquire(timeout=30), "naive bridge did not subscribe"
     go, join = publish(broker.port, creds, n)
@@ -271,7 +270,7 @@ def bare_consumer_main(url: str, n: int, receive_maximum: int, tx: Any) -> None:
 
 def run_bare(broker: Broker, db: str, creds: dict[str, str], n: int) -> float:
     """Messages/s of (d), timed like (c): from the publishers' start to the last one."""
-    url = broker.url(dynsec.BRIDGE_USER)
+    url = broker.url(identity.BRIDGE_USER)
     # The Receive Maximum the bridge announces (service/bridge/ingest.py), from the
     # environment the benchmark's bridge gets.
     settings = Settings.from_env(bridge_env(broker, db, 0))
@@ -323,7 +322,7 @@ def wait_count(db: str, n: int, timeout: float) -> int:
 
 def bridge_env(broker: Broker, db: str, metrics_port: int) -> dict[str, str]:
     return os.environ | {
-        "EUCORA_MQTT_URL": broker.url(dynsec.BRIDGE_USER), "EUCORA_DATABASE_URL": db,
+        "EUCORA_MQTT_URL": broker.url(identity.BRIDGE_USER), "EUCORA_DATABASE_URL": db,
         "EUCORA_METRICS_PORT": str(metrics_port), "EUCORA_BRIDGE_CLIENT_ID": "bench-bridge",
         "EUCORA_LOG_LEVEL": "WARNING",
     }  # fmt: skip
@@ -375,8 +374,8 @@ def run_bridge(
 
 def forget_session(broker: Broker, client_id: str) -> None:
     subprocess.run(
-        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-u", dynsec.BRIDGE_USER,
-         "-P", broker.passwords[dynsec.BRIDGE_USER], "-V", "5", "-i", client_id,
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.service_port), "-u", identity.BRIDGE_USER,
+         "-P", broker.passwords[identity.BRIDGE_USER], "-V", "5", "-i", client_id,
          "-t", TREE.wildcard(Kind.TELEMETRY), "-E"],
         check=True, timeout=30, stdout=subprocess.DEVNULL,
     )  # fmt: skip
@@ -416,19 +415,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="eucora-bench-") as tmp:
         root = Path(tmp)
         os.chmod(root, 0o755)  # noqa: S103 (broker and database accounts walk through it)
-        passwords = {
-            u: dynsec.new_password()
-            for u in (dynsec.ADMIN_USER, dynsec.BRIDGE_USER, dynsec.OPERATOR_USER)
-        }
-        broker = Broker(data_dir=root / "mosquitto", port=free_port(), passwords=passwords)
-        cluster = Cluster(root=root / "pg", port=free_port(), password=dynsec.new_password())
+        passwords = {u: identity.new_password() for u in identity.SERVICE_USERS}
+        broker = Broker(
+            data_dir=root / "mosquitto", port=free_port(), service_port=free_port(),
+            passwords=passwords,
+        )  # fmt: skip
+        cluster = Cluster(root=root / "pg", port=free_port(), password=identity.new_password())
         broker.start()
         cluster.start()
         try:
             migrate.upgrade(cluster.url)
-            creds = {f"bench-{i}": dynsec.new_password() for i in range(args.publishers)}
-            with BrokerAdmin(MqttUrl.parse(broker.url(dynsec.ADMIN_USER))) as admin:
-                admin.provision_many(creds)
+            creds = {f"bench-{i}": identity.new_password() for i in range(args.publishers)}
+            identity.add_agents(
+                broker.auth, {a: identity.hash_password(p) for a, p in creds.items()}
+            )
             pubs = creds
             n = args.messages
             a_rates: list[float] = []

@@ -48,7 +48,7 @@ from paho.mqtt.properties import Properties
 from agent.loop import Loop, run_in_thread
 from bench.simulate import preprovision
 from schemas.topics import Kind, TopicTree
-from service import dynsec
+from service import identity
 from service.stack.process import free_port, wait_for
 from service.stack.stack import Stack
 
@@ -162,13 +162,13 @@ def task_message(i: int) -> tuple[str, bytes]:
 
 def raw_mosquitto_pub(fleet: Fleet, stack: Stack, agents: list[str], parallel: int) -> float:
     broker = stack.broker()
-    password = stack.secrets()[dynsec.BRIDGE_USER]
+    password = stack.secrets()[identity.BRIDGE_USER]
     messages = [task_message(i) for i in range(len(agents))]
     tool = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
 
     def pub(i: int) -> None:
         subprocess.run(
-            [tool, "-h", "127.0.0.1", "-p", str(broker.port), "-u", dynsec.BRIDGE_USER,
+            [tool, "-h", "127.0.0.1", "-p", str(broker.service_port), "-u", identity.BRIDGE_USER,
              "-P", password, "-i", f"bench-raw-{i}", "-q", "1",
              "-t", TREE.agent(agents[i], Kind.TASKS), "-m", messages[i][1].decode()],
             check=True,
@@ -186,9 +186,9 @@ def raw_paho(fleet: Fleet, stack: Stack, agents: list[str]) -> float:
     client = paho.Client(
         CallbackAPIVersion.VERSION2, client_id="bench-raw-paho", protocol=MQTTProtocolVersion.MQTTv5
     )
-    client.username_pw_set(dynsec.BRIDGE_USER, stack.secrets()[dynsec.BRIDGE_USER])
+    client.username_pw_set(identity.BRIDGE_USER, stack.secrets()[identity.BRIDGE_USER])
     client.max_inflight_messages_set(len(agents))
-    client.connect("127.0.0.1", stack.broker().port)
+    client.connect("127.0.0.1", stack.broker().service_port)
     client.loop_start()
     try:
         fleet.ack = False

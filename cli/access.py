@@ -1,14 +1,17 @@
-"""`eucora agents provision ID` / `eucora agents revoke ID`: an agent's broker identity.
+"""`eucora agents provision / revoke / delete`: agents' broker identities.
 
-Both talk to the broker's dynamic security plugin with the admin account
-(EUCORA_MQTT_ADMIN_URL) and take effect at once, without a broker restart.
-docs/broker.md explains the security model.
+The registry (database) records each account's password hash and home broker; the
+brokers read the accounts from the auth folder's password file (EUCORA_AUTH_DIR),
+which these commands change and then reload every broker with SIGHUP. The database
+change commits only after the files were written, so a failure leaves the registry
+as it was. docs/broker.md explains the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,77 +19,73 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from cli.common import emit_json, fail
-from schemas.config import DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl, check_topic_root
-from schemas.topics import TopicTree, is_agent_id
-from service import dynsec
-from service.broker_admin import BrokerAdmin
-from service.config import ADMIN_URL_ENV
+from cli.common import emit_json, fail, open_database
+from cli.db import DATABASE_URL_OPTION
+from schemas.topics import is_agent_id
+from service import identity
+from service.domains import accounts
 
-AdminUrlOption = Annotated[
-    str | None,
-    typer.Option(
-        envvar=ADMIN_URL_ENV,
-        show_envvar=True,
-        help="the broker's admin account: mqtt://eucora-admin:PASSWORD@host:port",
-    ),
-]
-CaFileOption = Annotated[
+AuthDirOption = Annotated[
     Path | None,
     typer.Option(
-        envvar="EUCORA_CA_FILE",
+        envvar=identity.AUTH_DIR_ENV,
         show_envvar=True,
-        help="CA certificate of the broker's TLS listener (for mqtts:// URLs)",
-    ),
-]
-TopicRootOption = Annotated[
-    str,
-    typer.Option(
-        envvar="EUCORA_TOPIC_ROOT", show_envvar=True, help="the topic root of the agents' ACLs"
+        help="the auth folder the brokers read their accounts from (`eucora stack env`)",
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="print one JSON document")]
 
 
-def _admin(admin_url: str | None, ca_file: Path | None, topic_root: str) -> BrokerAdmin:
-    if not admin_url:
-        fail(f"{ADMIN_URL_ENV} is not set (`eucora stack env` prints it for the local stack)")
-    try:
-        url = MqttUrl.parse(admin_url, var=ADMIN_URL_ENV)
-        tree = TopicTree(check_topic_root(topic_root))
-    except ConfigError as exc:
-        fail(str(exc))
-    return BrokerAdmin(url, tree=tree, ca_file=str(ca_file) if ca_file else None)
+def _auth(auth_dir: Path | None) -> identity.AuthDir:
+    if auth_dir is None:
+        fail(f"{identity.AUTH_DIR_ENV} is not set (`eucora stack env` prints it)")
+    if not auth_dir.is_dir():
+        fail(f"auth folder {auth_dir} does not exist ({identity.AUTH_DIR_ENV}, --auth-dir)")
+    return identity.AuthDir(auth_dir.resolve())
 
 
-def _check_id(agent_id: str) -> None:
+def _check_id(agent_id: str, where: str = "") -> None:
     if not is_agent_id(agent_id):
         fail(
-            f"invalid agent id {agent_id!r}: 1-64 characters, letters, digits, '_', '.' "
-            "and '-', starting with a letter or digit"
+            f"invalid agent id {agent_id!r}{where}: 1-64 characters, letters, digits, '_', "
+            "'.' and '-', starting with a letter or digit"
         )
+    if agent_id in identity.SERVICE_USERS:
+        fail(f"{agent_id!r} is a service account, not an agent", code=1)
 
 
-def _agent_endpoint(agent_url: str | None, mqtt_url: str | None, admin_url: str) -> MqttUrl:
-    """Where agents connect: --agent-url, else the host and port of EUCORA_MQTT_URL,
-    else those of the admin URL. Credentials in these URLs are never passed on."""
-    for value, var in (
-        (agent_url, "EUCORA_AGENT_MQTT_URL"),
-        (mqtt_url, "EUCORA_MQTT_URL"),
-        (admin_url, ADMIN_URL_ENV),
-    ):
-        if value:
-            try:
-                return MqttUrl.parse(value, var=var)
-            except ConfigError as exc:
-                fail(str(exc))
-    raise AssertionError("the admin URL is always set here")
+def read_ids(agent_ids: list[str], from_file: Path | None) -> list[str]:
+    """The ids to provision: arguments, then F's lines (blank and `#` lines skipped,
+    `-` = standard input); each checked, none twice."""
+    found: list[str] = []
+    for agent_id in agent_ids:
+        _check_id(agent_id)
+        found.append(agent_id)
+    if from_file is not None:
+        name = "standard input" if str(from_file) == "-" else str(from_file)
+        try:
+            text = sys.stdin.read() if str(from_file) == "-" else from_file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read {name}: {getattr(exc, 'strerror', None) or exc}")
+        for number, line in enumerate(text.splitlines(), 1):
+            agent_id = line.strip()
+            if agent_id and not agent_id.startswith("#"):
+                _check_id(agent_id, f" (line {number} of {name})")
+                found.append(agent_id)
+    if not found:
+        fail("no agent id given: name them, or --from-file F")
+    seen: set[str] = set()
+    for agent_id in found:
+        if agent_id in seen:
+            fail(f"agent id {agent_id!r} is given twice")
+        seen.add(agent_id)
+    return found
 
 
-def _stage_output(path: Path, doc: dict[str, Any]) -> Path:
-    """Write the config next to `path` (mode 0600) before the account exists, so a
+def _staged(path: Path, doc: dict[str, Any]) -> Path:
+    """The config written beside `path` (mode 0600) before any account exists, so a
     folder we cannot write is found before a password is issued that nobody keeps;
-    the caller renames it into place once the broker has accepted the account."""
+    renamed into place once the registry has committed."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
     except OSError as exc:
@@ -97,15 +96,35 @@ def _stage_output(path: Path, doc: dict[str, Any]) -> Path:
     return Path(tmp)
 
 
+def _targets(output: Path, ids: list[str]) -> dict[str, Path]:
+    """--output: the file for one agent; a folder (ID.json each) for several."""
+    if len(ids) == 1 and not output.is_dir():
+        return {ids[0]: output}
+    if not output.is_dir():
+        fail(f"--output {output}: with several agents, name an existing folder")
+    if len(ids) == 1:
+        fail(f"--output {output} is a folder: name the file to write")
+    return {a: output / f"{a}.json" for a in ids}
+
+
 def provision(
-    agent_id: Annotated[
-        str, typer.Argument(help="the agent's id: its MQTT client id and username")
-    ],
+    agent_ids: Annotated[
+        list[str] | None,
+        typer.Argument(help="the agents' ids: each its MQTT client id and username"),
+    ] = None,
+    from_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-file",
+            help="more ids, one per line (blank lines and lines starting with # are "
+            "skipped); - reads standard input",
+        ),
+    ] = None,
     rotate: Annotated[
         bool,
         typer.Option(
             "--rotate",
-            help="the agent exists: give it a new password (a connected agent is "
+            help="the agents have accounts: give them new passwords (a connected agent is "
             "disconnected and must reconnect with the new one)",
         ),
     ] = False,
@@ -114,117 +133,154 @@ def provision(
         typer.Option(
             "--output",
             "-o",
-            help="write the agent's config (JSON, with the password) to this file, mode "
-            "0600; the password is then not printed",
+            help="write each agent's config (JSON, with the password) to this file (a "
+            "folder, ID.json each, for several agents), mode 0600; passwords are then "
+            "not printed",
         ),
     ] = None,
     json: JsonOption = False,
-    admin_url: AdminUrlOption = None,
-    agent_url: Annotated[
-        str | None,
+    database_url: str | None = DATABASE_URL_OPTION,
+    auth_dir: AuthDirOption = None,
+    ca_file: Annotated[
+        Path | None,
         typer.Option(
-            envvar="EUCORA_AGENT_MQTT_URL",
+            envvar="EUCORA_CA_FILE",
             show_envvar=True,
-            help="the URL agents connect to (default: host and port of EUCORA_MQTT_URL)",
+            help="CA certificate of the brokers' TLS listeners, given to agents (mqtts://)",
         ),
     ] = None,
-    mqtt_url: Annotated[str | None, typer.Option(envvar="EUCORA_MQTT_URL", hidden=True)] = None,
-    ca_file: CaFileOption = None,
-    topic_root: TopicRootOption = DEFAULT_TOPIC_ROOT,
 ) -> None:
-    """Create an agent's broker account, allowed exactly its own topics; print its config.
+    """Give agents broker accounts, each allowed exactly its own topics, on a home
+    broker; print their configs (one object for one id, a list for several).
 
-    The password is shown (or written) once: the broker keeps only a hash.
+    Passwords are shown (or written) once: the registry and the brokers keep hashes.
     """
-    _check_id(agent_id)
-    admin = _admin(admin_url, ca_file, topic_root)
-    assert admin_url is not None
-    endpoint = _agent_endpoint(agent_url, mqtt_url, admin_url)
-    password = dynsec.new_password()
-    doc: dict[str, Any] = {
-        "agent_id": agent_id,
-        "mqtt_url": endpoint.endpoint,
-        "username": agent_id,
-        "password": password,
-        # Without TLS there is nothing to trust; with mqtts and no --ca-file the
-        # broker's certificate must chain to the agent's system trust store.
-        "ca_file": str(ca_file.resolve()) if endpoint.tls and ca_file else None,
-    }
-    if output is not None and output.is_dir():
-        fail(f"--output {output} is a folder: name the file to write")
-    staged = _stage_output(output, doc) if output else None
+    ids = read_ids(agent_ids or [], from_file)
+    auth = _auth(auth_dir)
+    passwords = {a: identity.new_password() for a in ids}
+    hashes = {a: identity.hash_password(p) for a, p in passwords.items()}
+    docs: dict[str, dict[str, Any]] = {}
+    staged: dict[str, Path] = {}
+    targets = _targets(output, ids) if output is not None else {}
+    conn = open_database(database_url)
     try:
-        with admin:
-            kind = admin.is_agent(agent_id)
-            if kind is False:
-                fail(f"{agent_id!r} is a service account, not an agent", code=1)
-            if kind is None and rotate:
-                fail(f"no agent {agent_id!r} on the broker: provision it without --rotate", code=1)
-            if kind and not rotate:
-                fail(
-                    f"agent {agent_id!r} already has broker credentials: use --rotate for a "
-                    "new password, or `eucora agents revoke` first",
-                    code=1,
-                )
-            if rotate:
-                admin.rotate(agent_id, password)
-            else:
-                admin.provision(agent_id, password)
-            if staged is not None and output is not None:
-                try:
-                    os.replace(staged, output)
-                    staged = None
-                except OSError as exc:
-                    if not rotate:  # nobody would know the password: undo
-                        admin.revoke(agent_id)
-                        fail(f"cannot write {output}: {exc.strerror}; {agent_id!r} not provisioned")
-                    kept, staged = staged, None  # the only copy of the new password
-                    fail(f"cannot write {output}: {exc.strerror}; the new password is in {kept}")
-    except (ConnectionError, TimeoutError, dynsec.DynsecError) as exc:
-        fail(f"cannot provision {agent_id!r}: {exc}", code=1)
+        with conn:
+            with conn.transaction():
+                done = accounts.provision(conn, hashes, rotate=rotate)
+                for p in done:
+                    docs[p.agent_id] = _config(p, passwords[p.agent_id], ca_file)
+                staged = {a: _staged(path, docs[a]) for a, path in targets.items()}
+                # Files before COMMIT: a failure here rolls the registry back.
+                change = identity.replace_agents if rotate else identity.add_agents
+                told = change(auth, hashes)
+            for a, path in targets.items():
+                os.replace(staged.pop(a), path)
+    except accounts.AccountError as exc:
+        fail(str(exc), code=1)
+    except (identity.IdentityError, OSError) as exc:
+        fail(f"cannot provision: {exc}", code=1)
     finally:
-        if staged is not None:
+        for tmp in staged.values():
             with contextlib.suppress(OSError):
-                staged.unlink()
-    action = "rotated" if rotate else "provisioned"
-    if output:
-        shown = {**doc, "password": None, "config_file": str(output.resolve())}
-        if json:
-            emit_json(shown)
-        else:
-            typer.echo(f"agent {agent_id} {action}: config with its password in {output}")
+                tmp.unlink()
+    if told == 0:
+        typer.echo(
+            f"warning: no running broker reads {auth.path}: the accounts apply when one starts",
+            err=True,
+        )
+    _print(docs, targets, ids, json, "rotated" if rotate else "provisioned")
+
+
+def _config(p: accounts.Provisioned, password: str, ca_file: Path | None) -> dict[str, Any]:
+    tls = p.agent_url.startswith("mqtts://")
+    return {
+        "agent_id": p.agent_id,
+        "mqtt_url": p.agent_url,
+        "username": p.agent_id,
+        "password": password,
+        # Without TLS there is nothing to trust; with mqtts and no CA file the broker's
+        # certificate must chain to the agent's system trust store.
+        "ca_file": str(ca_file.resolve()) if tls and ca_file else None,
+        # Password identities: no client certificate.
+        "cert_file": None,
+        "key_file": None,
+    }
+
+
+def _print(
+    docs: dict[str, dict[str, Any]],
+    targets: dict[str, Path],
+    ids: list[str],
+    as_json: bool,
+    action: str,
+) -> None:
+    shown = []
+    for a in ids:
+        doc = docs[a]
+        if a in targets:
+            doc = {**doc, "password": None, "config_file": str(targets[a].resolve())}
+        shown.append(doc)
+    if as_json:
+        emit_json(shown[0] if len(shown) == 1 else shown)
         return
-    if json:
-        emit_json(doc)
-        return
-    typer.echo(f"agent {agent_id} {action}")
-    for key in ("mqtt_url", "username", "password", "ca_file"):
-        typer.echo(f"  {key:<9} {doc[key] if doc[key] is not None else '-'}")
-    typer.echo("The password is shown once; the broker keeps only its hash.")
+    for doc in shown:
+        if "config_file" in doc:
+            typer.echo(f"agent {doc['agent_id']} {action}: config with its password in "
+                       f"{doc['config_file']}")  # fmt: skip
+            continue
+        typer.echo(f"agent {doc['agent_id']} {action}")
+        for key in ("mqtt_url", "username", "password", "ca_file"):
+            typer.echo(f"  {key:<9} {doc[key] if doc[key] is not None else '-'}")
+    if any("config_file" not in d for d in shown):
+        typer.echo("Passwords are shown once; the registry and the brokers keep only hashes.")
 
 
 def revoke(
     agent_id: Annotated[str, typer.Argument(help="the agent's id")],
     json: JsonOption = False,
-    admin_url: AdminUrlOption = None,
-    ca_file: CaFileOption = None,
-    topic_root: TopicRootOption = DEFAULT_TOPIC_ROOT,
+    database_url: str | None = DATABASE_URL_OPTION,
+    auth_dir: AuthDirOption = None,
 ) -> None:
-    """Delete an agent's broker account now: a connected agent is disconnected and
-    cannot reconnect. Its records in the database stay."""
+    """Take an agent's broker account away now: every broker drops it if connected and
+    refuses it from then on; the registry shows it disconnected (revoked) at once.
+    Its records stay."""
     _check_id(agent_id)
-    admin = _admin(admin_url, ca_file, topic_root)
+    auth = _auth(auth_dir)
+    conn = open_database(database_url)
     try:
-        with admin:
-            kind = admin.is_agent(agent_id)
-            if kind is None:
-                fail(f"no agent {agent_id!r} on the broker", code=1)
-            if kind is False:
-                fail(f"{agent_id!r} is a service account, not an agent", code=1)
-            admin.revoke(agent_id)
-    except (ConnectionError, TimeoutError, dynsec.DynsecError) as exc:
+        with conn, conn.transaction():
+            if accounts.revoke(conn, agent_id) is None:
+                fail(f"no agent {agent_id!r} in the registry", code=1)
+            identity.remove_agents(auth, [agent_id])
+    except accounts.AccountError as exc:
+        fail(str(exc), code=1)
+    except (identity.IdentityError, OSError) as exc:
         fail(f"cannot revoke {agent_id!r}: {exc}", code=1)
     if json:
         emit_json({"agent_id": agent_id, "revoked": True})
     else:
         typer.echo(f"agent {agent_id} revoked: its broker account is deleted")
+
+
+def delete(
+    agent_id: Annotated[str, typer.Argument(help="the agent's id")],
+    json: JsonOption = False,
+    database_url: str | None = DATABASE_URL_OPTION,
+    auth_dir: AuthDirOption = None,
+) -> None:
+    """Revoke an agent and remove it from the registry, with its inventory and tasks.
+    Its telemetry, status history and security events stay."""
+    _check_id(agent_id)
+    auth = _auth(auth_dir)
+    conn = open_database(database_url)
+    try:
+        with conn, conn.transaction():
+            if not accounts.delete(conn, agent_id):
+                fail(f"no agent {agent_id!r} in the registry", code=1)
+            identity.remove_agents(auth, [agent_id])
+    except (identity.IdentityError, OSError) as exc:
+        fail(f"cannot delete {agent_id!r}: {exc}", code=1)
+    if json:
+        emit_json({"agent_id": agent_id, "deleted": True})
+    else:
+        typer.echo(f"agent {agent_id} deleted from the registry and the brokers")

@@ -35,6 +35,7 @@ def _root(
 
 agents.app.command("provision")(access.provision)
 agents.app.command("revoke")(access.revoke)
+agents.app.command("delete")(access.delete)
 
 app.add_typer(stack.app, name="stack")
 app.add_typer(bridge.app, name="bridge")

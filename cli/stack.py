@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -29,9 +29,23 @@ DirOption = Annotated[
 @app.command()
 def up(
     dir: DirOption = DEFAULT_DIR,
-    mqtt_port: Annotated[int | None, typer.Option(help="broker port (default 11883)")] = None,
+    mqtt_port: Annotated[
+        int | None,
+        typer.Option(help="agents' port of broker 1 (default 11883); broker i: P + i - 1"),
+    ] = None,
     mqtts_port: Annotated[
-        int | None, typer.Option(help="broker TLS port (default 18883 beside 11883)")
+        int | None, typer.Option(help="broker 1's TLS port (default 18883 beside 11883)")
+    ] = None,
+    service_port: Annotated[
+        int | None,
+        typer.Option(
+            help="bridge and operator port of broker 1 (default: --mqtt-port + 1000); "
+            "broker i: this + i - 1"
+        ),
+    ] = None,
+    brokers: Annotated[
+        int | None,
+        typer.Option(min=1, help="run this many brokers (default 1, or as many as the stack has)"),
     ] = None,
     db_port: Annotated[int | None, typer.Option(help="PostgreSQL port (default 15432)")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="bridge metrics port")] = None,
@@ -59,6 +73,8 @@ def up(
         urls = Stack(dir).up(
             mqtt_port=mqtt_port,
             mqtts_port=mqtts_port,
+            service_port=service_port,
+            brokers=brokers,
             bind=bind,
             db_port=db_port,
             metrics_port=metrics_port,
@@ -83,7 +99,7 @@ def _wait_then_down(stack: Stack) -> None:
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(5):
         st = stack.status()
-        if not (st["broker"]["running"] and st["bridge"]["running"]):
+        if not (all(b["running"] for b in st["brokers"]) and st["bridge"]["running"]):
             typer.echo("error: a part of the stack stopped; restarting what is down", err=True)
             try:
                 stack.up(topic_root=stack.state().get("topic_root", "eucora/v1"))
@@ -92,9 +108,10 @@ def _wait_then_down(stack: Stack) -> None:
     stack.down()
 
 
-def _print_urls(urls: dict[str, str]) -> None:
+def _print_urls(urls: dict[str, Any]) -> None:
     typer.echo(f"stack is up in {urls['dir']}")
-    typer.echo(f"  broker    {urls['mqtt_url']}")
+    for url in urls["mqtt_urls"]:
+        typer.echo(f"  broker    {url}")
     typer.echo(f"  database  {urls['database_url']}")
     typer.echo(f"  bridge    {urls['metrics_url']}/metrics")
     typer.echo("use it with:")
@@ -139,7 +156,12 @@ def status(
                 else ("running" if info["running"] else "stopped")
             )
             typer.echo(f"{part:<9} {state:<8} pid {info.get('pid') or '-'}")
-    parts = [doc["broker"]["running"], doc["bridge"]["running"]]
+        if len(doc["brokers"]) > 1:
+            for i, b in enumerate(doc["brokers"], 1):
+                state = "running" if b["running"] else "stopped"
+                agents = "-" if b["agents"] is None else b["agents"]
+                typer.echo(f"  broker {i:<2} {state:<8} pid {b['pid'] or '-'}  agents {agents}")
+    parts = [*(b["running"] for b in doc["brokers"]), doc["bridge"]["running"]]
     if not doc["database"]["external"]:
         parts.append(doc["database"]["running"])
     if not all(parts):

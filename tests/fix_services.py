@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from service import dynsec
+from service import identity
 from service.stack.broker import Broker
 from service.stack.process import alive, free_port, wait_for
 
@@ -39,10 +39,8 @@ def service_dir(prefix: str) -> Iterator[Path]:
 
 
 def broker_passwords() -> dict[str, str]:
-    return {
-        u: dynsec.new_password()
-        for u in (dynsec.ADMIN_USER, dynsec.BRIDGE_USER, dynsec.OPERATOR_USER)
-    }
+    """The service accounts' passwords (bridge, operator)."""
+    return {u: identity.new_password() for u in identity.SERVICE_USERS}
 
 
 @pytest.fixture
@@ -55,6 +53,7 @@ def broker_factory() -> Iterator[Callable[..., Broker]]:
             b = Broker(
                 data_dir=root / "mosquitto",
                 port=free_port(),
+                service_port=free_port(),
                 passwords=broker_passwords(),
                 extra=extra,
                 # A CA and server certificate made for this broker (in root/ca): ~2 ms.
@@ -144,7 +143,7 @@ def bridge_factory(tmp_path: Path) -> Iterator[object]:
         port = free_port()
         b = BridgeProcess(
             env={
-                "EUCORA_MQTT_URL": broker.url(dynsec.BRIDGE_USER),
+                "EUCORA_MQTT_URL": broker.url(identity.BRIDGE_USER),
                 "EUCORA_DATABASE_URL": database_url,
                 "EUCORA_METRICS_PORT": str(port),
                 "EUCORA_BRIDGE_CLIENT_ID": client_id,

@@ -11,20 +11,18 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from schemas.config import MqttUrl
 from schemas.topics import Kind, TopicTree
-from service import dynsec
-from service.broker_admin import BrokerAdmin
+from service import identity
 from service.stack.broker import Broker
 
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def provision(broker: Broker, *agent_ids: str) -> dict[str, str]:
-    """Broker accounts for these agents; returns their passwords."""
-    passwords = {a: dynsec.new_password() for a in agent_ids}
-    with BrokerAdmin(MqttUrl.parse(broker.url(dynsec.ADMIN_USER))) as admin:
-        admin.provision_many(passwords)
+    """Broker accounts for these agents (the files only, no registry rows: the
+    bridge adds those on first contact); returns their passwords."""
+    passwords = {a: identity.new_password() for a in agent_ids}
+    identity.add_agents(broker.auth, {a: identity.hash_password(p) for a, p in passwords.items()})
     return passwords
 
 
@@ -50,6 +48,7 @@ class AgentClient:
 
     def __init__(self, broker_port: int, agent_id: str, password: str, *, inflight: int = 1000):
         self.agent_id = agent_id
+        self.password = password
         self.tree = TopicTree()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=agent_id, protocol=MQTTProtocolVersion.MQTTv5

@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from schemas.config import MqttUrl
 from schemas.topics import Kind, TopicTree
-from service import dynsec
+from service import identity
 from service.stack.broker import Broker
 from tests.fix_services import BridgeProcess
 from tests.test_agents_support import AgentProcess, agent_factory, provision, query, wait
@@ -114,7 +114,7 @@ def test_reference_agent_runs_tasks(
 
 def duplicate(broker: Broker, agent_id: str, payload: bytes) -> None:
     """Publish a task message as the bridge account, as a redelivery would."""
-    url = MqttUrl.parse(broker.url(dynsec.BRIDGE_USER))
+    url = MqttUrl.parse(broker.url(identity.BRIDGE_USER))
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
     client.username_pw_set(url.username, url.password)
     client.connect(url.host, url.port)

@@ -16,13 +16,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from agent import protocol
 from agent.protocol import EpochClock
 from agent.session import AgentSession
-from schemas.config import MqttUrl
 from schemas.constants import WILL_REASON
 from schemas.states import AgentState
 from schemas.topics import Kind, TopicTree
 from schemas.validate import parse
-from service import dynsec
-from service.broker_admin import BrokerAdmin
+from service import identity
 from service.stack.broker import Broker
 from tests.fix_services import BridgeProcess
 from tests.test_agents_support import (
@@ -53,20 +51,20 @@ class Chaos:
     broker node, would arrive)."""
 
     def __init__(self, broker: Broker) -> None:
-        password = dynsec.new_password()
-        with BrokerAdmin(MqttUrl.parse(broker.url(dynsec.ADMIN_USER))) as admin:
-            admin.execute([
-                {"command": "createRole", "rolename": "chaos", "acls": [
-                    {"acltype": "publishClientSend", "topic": TREE.wildcard(Kind.STATUS),
-                     "allow": True, "priority": 0}]},
-                {"command": "createClient", "username": "chaos", "password": password,
-                 "roles": [{"rolename": "chaos"}]},
-            ])  # fmt: skip
+        password = identity.new_password()
+        # A service account of its own, added to the service listener's files.
+        auth = broker.auth
+        with auth.lock():
+            with open(auth.service_file, "a") as f:
+                f.write(f"chaos:{identity.hash_password(password)}\n")
+            with open(auth.service_acl, "a") as f:
+                f.write(f"\nuser chaos\ntopic write {TREE.wildcard(Kind.STATUS)}\n")
+        broker.reload()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id="chaos", protocol=MQTTProtocolVersion.MQTTv5
         )
         self.client.username_pw_set("chaos", password)
-        self.client.connect(broker.bind, broker.port)
+        self.client.connect(broker.service_bind, broker.service_port)
         self.client.loop_start()
 
     def late_will(self, agent_id: str, epoch: int) -> None:
@@ -100,10 +98,10 @@ def retained_statuses(broker: Broker, agent_ids: set[str], timeout: float = 10) 
                 done.set()
 
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-    client.username_pw_set(dynsec.OPERATOR_USER, broker.passwords[dynsec.OPERATOR_USER])
+    client.username_pw_set(identity.OPERATOR_USER, broker.passwords[identity.OPERATOR_USER])
     client.on_message = on_message
     client.on_connect = lambda c, *_: c.subscribe(TREE.wildcard(Kind.STATUS), qos=1)
-    client.connect(broker.bind, broker.port)
+    client.connect(broker.service_bind, broker.service_port)
     client.loop_start()
     try:
         assert done.wait(timeout), f"retained statuses missing for {agent_ids - seen.keys()}"

@@ -24,18 +24,17 @@ from agent.session import AgentSession, Timing
 from schemas.config import MqttUrl
 from schemas.payloads import Software
 from schemas.states import Platform
-from service import dynsec
-from service.broker_admin import BrokerAdmin
+from service import identity
 from service.stack.broker import Broker
 
 T = TypeVar("T")
 
 
 def provision(broker: Broker, *agent_ids: str) -> dict[str, str]:
-    """Broker accounts for these agents; returns their passwords."""
-    passwords = {a: dynsec.new_password() for a in agent_ids}
-    with BrokerAdmin(MqttUrl.parse(broker.url(dynsec.ADMIN_USER))) as admin:
-        admin.provision_many(passwords)
+    """Broker accounts for these agents (the files only, no registry rows: the
+    bridge adds those on first contact); returns their passwords."""
+    passwords = {a: identity.new_password() for a in agent_ids}
+    identity.add_agents(broker.auth, {a: identity.hash_password(p) for a, p in passwords.items()})
     return passwords
 
 

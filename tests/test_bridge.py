@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from service import dynsec
+from service import identity
 from service.stack.broker import Broker
 from service.stack.process import free_port, wait_for
 from tests.fix_services import BridgeProcess
@@ -49,7 +49,7 @@ def test_bridge_logs_are_json_lines_without_secrets(
     for line in lines:
         doc = json.loads(line)  # every line is one JSON object
         assert {"ts", "level", "msg"} <= doc.keys()
-    secret = broker.passwords[dynsec.BRIDGE_USER]
+    secret = broker.passwords[identity.BRIDGE_USER]
     db_password = database.split(":")[2].split("@")[0]
     assert secret not in bridge.log()
     assert db_password not in bridge.log()
@@ -57,7 +57,7 @@ def test_bridge_logs_are_json_lines_without_secrets(
 
 def test_wrong_database_url_is_one_line_error(broker: Broker) -> None:
     done = run_bridge({
-        "EUCORA_MQTT_URL": broker.url(dynsec.BRIDGE_USER),
+        "EUCORA_MQTT_URL": broker.url(identity.BRIDGE_USER),
         "EUCORA_DATABASE_URL": f"postgresql://nobody:hunter2@127.0.0.1:{free_port()}/nothing",
     })  # fmt: skip
     assert done.returncode != 0
@@ -78,7 +78,7 @@ def test_malformed_urls_are_refused_before_connecting() -> None:
 
 def test_database_without_migrations_is_refused(broker: Broker, empty_database: str) -> None:
     done = run_bridge({
-        "EUCORA_MQTT_URL": broker.url(dynsec.BRIDGE_USER),
+        "EUCORA_MQTT_URL": broker.url(identity.BRIDGE_USER),
         "EUCORA_DATABASE_URL": empty_database,
     })  # fmt: skip
     assert done.returncode == 2
@@ -86,7 +86,7 @@ def test_database_without_migrations_is_refused(broker: Broker, empty_database: 
 
 
 def test_wrong_broker_password_is_fatal_not_retried(broker: Broker, database: str) -> None:
-    url = broker.url(dynsec.BRIDGE_USER).replace(broker.passwords[dynsec.BRIDGE_USER], "wrong")
+    url = broker.url(identity.BRIDGE_USER).replace(broker.passwords[identity.BRIDGE_USER], "wrong")
     started = time.monotonic()
     done = run_bridge(
         {"EUCORA_MQTT_URL": url, "EUCORA_DATABASE_URL": database, "EUCORA_CONNECT_TIMEOUT": "30"}
@@ -122,7 +122,7 @@ def test_status_reports_database_broker_and_bridge(
 
     from cli.status import app as status_app
 
-    env = {"EUCORA_DATABASE_URL": database, "EUCORA_MQTT_URL": broker.url(dynsec.OPERATOR_USER)}
+    env = {"EUCORA_DATABASE_URL": database, "EUCORA_MQTT_URL": broker.url(identity.OPERATOR_USER)}
     runner = CliRunner()
 
     def status(**extra: str) -> tuple[int, dict[str, Any]]:
@@ -137,7 +137,7 @@ def test_status_reports_database_broker_and_bridge(
     assert doc["bridge"]["instances"][0]["client_id"] == "eucora-bridge-test"
     assert doc["bridge"]["last_seen"] and doc["broker"]["accepted"] is True
     # A wrong password: reachable, refused, not ok; the password never printed.
-    wrong = broker.url(dynsec.OPERATOR_USER).replace("@", "-wrong@", 1)
+    wrong = broker.url(identity.OPERATOR_USER).replace("@", "-wrong@", 1)
     code, doc = status(EUCORA_MQTT_URL=wrong)
     assert code == 1 and doc["broker"]["reachable"] and not doc["broker"]["accepted"]
     assert "-wrong" not in json.dumps(doc) and "not authorized" in doc["broker"]["error"].lower()

@@ -24,7 +24,7 @@ from schemas.payloads import MODELS
 from schemas.states import DeadLetterReason
 from schemas.topics import AGENT_KINDS, Kind, TopicTree
 from schemas.validate import parse
-from service import dynsec
+from service import identity
 from service.bridge.app import BridgeApp
 from service.bridge.message import Inbound
 from service.bridge.routes import BULK, Routes, default_routes, on_register
@@ -199,7 +199,7 @@ class InProcessBridge:
 @pytest.fixture
 def in_process(broker: Broker, database: str) -> Iterator[InProcessBridge]:
     settings = Settings(
-        mqtt=MqttUrl.parse(broker.url(dynsec.BRIDGE_USER)),
+        mqtt=MqttUrl.parse(broker.url(identity.BRIDGE_USER)),
         database_url=database,
         metrics_port=free_port(),
         client_id="bridge-in-process",

@@ -24,7 +24,7 @@ from agent.simulator import SimulatedTasks
 from cli.agents import app as agents_app
 from cli.deployments import app as deployments_app
 from cli.tasks import app as tasks_app
-from service import dynsec
+from service import identity
 from service.stack.broker import Broker
 from tests.fix_services import BridgeProcess
 from tests.test_agents_support import LoopThread, loop_thread, query, wait
@@ -36,7 +36,7 @@ SIMULATE = [sys.executable, "-c", "from cli.simulate import app; app()"]
 
 def start_simulator(broker: Broker, log: Path, *args: str) -> subprocess.Popen[bytes]:
     env = os.environ | {
-        "EUCORA_MQTT_URL": broker.url(dynsec.OPERATOR_USER),
+        "EUCORA_MQTT_URL": broker.url(identity.OPERATOR_USER),
         "EUCORA_MQTT_ADMIN_URL": broker.url(dynsec.ADMIN_USER),
     }
     with open(log, "ab") as out:

@@ -32,8 +32,9 @@ def test_stack_up_status_down() -> None:
         try:
             assert up.returncode == 0, up.stderr
             urls = json.loads(up.stdout)
-            assert set(urls) == {"dir", "mqtt_url", "database_url", "metrics_url"}
+            assert set(urls) == {"dir", "mqtt_url", "mqtt_urls", "database_url", "metrics_url"}
             assert urls["mqtt_url"].startswith("mqtt://eucora-operator:")
+            assert urls["mqtt_urls"] == [urls["mqtt_url"]]
             # The database is migrated and reachable at the printed URL.
             with psycopg.connect(urls["database_url"]) as conn:
                 assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] >= 1
@@ -51,8 +52,9 @@ def test_stack_up_status_down() -> None:
                 line.removeprefix("export ").split("=", 1) for line in env.stdout.splitlines()
             )
             assert exports["EUCORA_MQTT_URL"] == f"'{urls['mqtt_url']}'"
-            assert exports["EUCORA_MQTT_ADMIN_URL"].startswith("'mqtt://eucora-admin:")
-            assert exports["EUCORA_AGENT_MQTT_URL"].startswith("'mqtts://")
+            assert exports["EUCORA_AUTH_DIR"] == f"'{Path(d).resolve() / 'auth'}'"
+            assert exports["EUCORA_CA_FILE"].endswith("/ca/ca.pem'")
+            assert "EUCORA_MQTT_ADMIN_URL" not in exports
 
             again = eucora("stack", "up", "--dir", d, "--json")  # idempotent
             assert again.returncode == 0, again.stderr

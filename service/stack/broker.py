@@ -1,8 +1,8 @@
-"""A Mosquitto instance from the project's mosquitto/eucora.conf, in a folder of its own."""
+"""A Mosquitto instance from the project's mosquitto/eucora.conf, in a folder of its own,
+reading its accounts from the auth folder it shares with the other brokers of the host."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -12,7 +12,7 @@ from pathlib import Path
 from string import Template
 
 from schemas.topics import TopicTree
-from service import dynsec
+from service import identity
 from service.stack import tls
 from service.stack.process import (
     StackError,
@@ -27,22 +27,6 @@ from service.stack.process import (
 )
 
 CONFIG_TEMPLATE = Path(__file__).resolve().parents[2] / "mosquitto" / "eucora.conf"
-_PLUGIN_DIRS = (
-    "/usr/lib/x86_64-linux-gnu",
-    "/usr/lib/aarch64-linux-gnu",
-    "/usr/lib",
-    "/usr/local/lib",
-)
-
-
-def find_dynsec_plugin() -> str:
-    for d in _PLUGIN_DIRS:
-        candidate = Path(d) / "mosquitto_dynamic_security.so"
-        if candidate.exists():
-            return str(candidate)
-    raise StackError(
-        "mosquitto_dynamic_security.so not found: install the 'mosquitto' package (2.0+)"
-    )
 
 
 def find_mosquitto() -> str:
@@ -56,19 +40,36 @@ def find_mosquitto() -> str:
 
 @dataclass
 class Broker:
-    """One broker: its folder, port and accounts. `start()` is idempotent."""
+    """One broker: its folder, ports and service accounts. `start()` is idempotent.
+
+    `port` (and `tls_port`) is the agent listener, `service_port` the listener of the
+    bridge and operators (`url()`); the accounts are in `auth_dir` (default: `auth/`
+    beside `data_dir`), shared with the other brokers of the host.
+    """
 
     data_dir: Path
     port: int
     passwords: dict[str, str] = field(repr=False)
+    service_port: int = 0  # 0: port + 1000
     tree: TopicTree = field(default_factory=TopicTree)
     bind: str = "127.0.0.1"
+    service_bind: str = "127.0.0.1"
+    auth_dir: Path | None = None
+    # The name of its pid record in the auth folder (several brokers share the folder).
+    name: str = "broker-1"
     # Extra config lines (tests use it to shrink limits, e.g. max_queued_messages).
     extra: str = ""
     # A TLS (mqtts) listener on this port, with a server certificate from the CA in
     # `ca_dir` (created there the first time); None: plain MQTT only.
     tls_port: int | None = None
     ca_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.service_port = self.service_port or self.port + 1000
+
+    @property
+    def auth(self) -> identity.AuthDir:
+        return identity.AuthDir(self.auth_dir or self.data_dir.parent / "auth")
 
     @property
     def config_file(self) -> Path:
@@ -83,7 +84,20 @@ class Broker:
         return self.data_dir / "mosquitto.pid"
 
     def url(self, user: str) -> str:
-        return f"mqtt://{user}:{self.passwords[user]}@{self.bind}:{self.port}"
+        """A service account's URL (the service listener), with its password."""
+        return f"mqtt://{user}:{self.passwords[user]}@{self.service_bind}:{self.service_port}"
+
+    @property
+    def service_endpoint(self) -> str:
+        """The service listener without credentials (the `brokers` table's url)."""
+        return f"mqtt://{self.service_bind}:{self.service_port}"
+
+    @property
+    def agent_url(self) -> str:
+        """What agents are given: the TLS listener when there is one, no credentials."""
+        if self.tls_port is not None:
+            return self.tls_url()
+        return f"mqtt://{self._client_host}:{self.port}"
 
     def tls_url(self, user: str | None = None) -> str:
         """The mqtts:// URL (with `user`'s credentials when given); needs `tls_port`."""
@@ -118,49 +132,29 @@ class Broker:
         return alive(self.pid)
 
     def prepare(self) -> None:
-        """Write the config and, the first time only, the accounts file."""
+        """Write the config, and the auth folder's ACLs and service accounts."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         user = service_user("mosquitto")
+        auth = self.auth
         text = Template(CONFIG_TEMPLATE.read_text()).substitute(
             port=self.port,
             bind=self.bind,
+            service_port=self.service_port,
+            service_bind=self.service_bind,
+            auth_dir=str(auth.path),
             data_dir=str(self.data_dir),
-            dynsec_plugin=find_dynsec_plugin(),
             user=user.pw_name if user else _current_user(),
             tls_listener=self._tls_listener(),
             extra=self.extra,
         )
         self.config_file.write_text(text)
-        accounts = self.accounts_file
-        if not accounts.exists():
-            accounts.write_text(json.dumps(dynsec.initial_config(self.tree, self.passwords)))
-            os.chmod(accounts, 0o600)
-        self._backup_accounts()
+        auth.prepare(self.tree, self.passwords, owner=user.pw_uid if user else None)
         if user:
             check_reachable(self.data_dir.parent, user)
+            check_reachable(auth.path.parent, user)
             chown_tree(self.data_dir, user)
-
-    def _backup_accounts(self) -> None:
-        """Keep a copy of the last good accounts file, and refuse to start on a damaged one.
-
-        Mosquitto 2.0.11's plugin rewrites dynamic-security.json in place (truncate,
-        write), so a crash in the middle of a save leaves half a file, and a broker
-        that starts on it has no accounts at all.
-        """
-        backup = self.accounts_file.with_suffix(".json.bak")
-        data = self.accounts_file.read_bytes()
-        try:
-            json.loads(data)
-        except ValueError:
-            raise StackError(
-                f"{self.accounts_file} is damaged (the broker stopped in the middle of "
-                f"saving it?); the copy from the last good start is {backup}: check it, "
-                "copy it over the damaged file, then start again"
-            ) from None
-        backup.unlink(missing_ok=True)
-        backup.touch(mode=0o600)
-        backup.write_bytes(data)
+            chown_tree(auth.path, user)
 
     def _tls_listener(self) -> str:
         if self.tls_port is None:
@@ -175,37 +169,29 @@ class Broker:
             f"keyfile {files.key_file}",
             # Minimum version: TLS 1.0/1.1 are deprecated (RFC 8996).
             "tls_version tlsv1.2",
+            # per_listener_settings: the agent listener's security, again.
+            "allow_anonymous false",
+            "use_username_as_clientid true",
+            f"password_file {self.auth.agents_file}",
+            f"acl_file {self.auth.agents_acl}",
         ])  # fmt: skip
-
-    @property
-    def accounts_file(self) -> Path:
-        return self.data_dir / "dynamic-security.json"
-
-    def seed_agents(self, passwords: dict[str, str]) -> None:
-        """Add agent accounts while the broker is stopped (bulk enrolment, O(N))."""
-        if self.running:
-            raise StackError("stop the broker before seeding accounts into its file")
-        self.prepare()
-        config = json.loads(self.accounts_file.read_text())
-        dynsec.add_agents(config, self.tree, passwords)
-        tmp = self.accounts_file.with_suffix(".json.new")
-        tmp.unlink(missing_ok=True)
-        tmp.touch(mode=0o600)
-        tmp.write_text(json.dumps(config))
-        owner = self.accounts_file.stat()
-        os.chown(tmp, owner.st_uid, owner.st_gid)
-        os.replace(tmp, self.accounts_file)  # atomic: the broker never sees half a file
 
     def start(self, timeout: float = 10.0) -> None:
         if self.running:
             return
         self.prepare()
-        ports = [self.port] + ([self.tls_port] if self.tls_port is not None else [])
-        for port, option in zip(ports, ("--mqtt-port", "--mqtts-port"), strict=False):
+        ports = [self.port, self.service_port]
+        options = ["--mqtt-port", "--service-port"]
+        if self.tls_port is not None:
+            ports.append(self.tls_port)
+            options.append("--mqtts-port")
+        for port, option in zip(ports, options, strict=True):
             if port_open(self._client_host, port):
                 raise StackError(f"port {port} is already in use: choose another {option}")
         proc = spawn([find_mosquitto(), "-c", str(self.config_file)], self.data_dir / "stdout.log")
         self.pid_file.write_text(str(proc.pid))
+        # Where `eucora agents provision/revoke` find every broker to reload.
+        self.auth.pid_file(self.name).write_text(str(proc.pid))
         try:
             wait_for(
                 lambda: (
@@ -227,10 +213,19 @@ class Broker:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM: the broker writes its store (sessions, queues, retained) and exits."""
         stop_pid(self.pid, timeout=timeout)
+        self.auth.pid_file(self.name).unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL: everything since the last autosave is lost, as in a crash."""
         stop_pid(self.pid, sig=signal.SIGKILL)
+        self.auth.pid_file(self.name).unlink(missing_ok=True)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the account files (as `eucora agents provision` does)."""
+        pid = self.pid
+        if alive(pid):
+            assert pid is not None
+            os.kill(pid, signal.SIGHUP)
 
     def wipe_store(self) -> None:
         """Remove the persistence file, as on a broker that comes back empty."""

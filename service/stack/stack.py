@@ -1,8 +1,15 @@
-"""The local stack: broker + database + bridge in one folder (`eucora stack up/down/status`).
+"""The local stack: broker(s) + database + bridge in one folder (`eucora stack up/down/status`).
 
 The README's demo and the test fixtures both go through this module, so what the
 tests start is what a user starts. State lives in the folder: `stack.json` (ports,
-pids) and `secrets.json` (generated passwords, mode 0600, never printed in logs).
+pids), `secrets.json` (generated passwords, mode 0600, never printed in logs) and
+`auth/` (the account files every broker of the stack reads, service/identity.py).
+
+With `--brokers N` the stack runs N brokers (shards of one fleet) from the same
+config: broker i (1..N) listens for agents on mqtt_port + i - 1 (and on its own TLS
+port), for the bridge and operators on service_port + i - 1 (default mqtt_port +
+1000), keeps its data in `mosquitto/` (broker 1) or `mosquitto-i/`, and is
+registered in the database's `brokers` table, where each agent has its home.
 """
 
 from __future__ import annotations
@@ -17,8 +24,7 @@ from typing import Any
 
 from schemas.config import DEFAULT_TOPIC_ROOT
 from schemas.topics import TopicTree
-from service import dynsec
-from service.config import ADMIN_URL_ENV
+from service import identity
 from service.stack.broker import Broker
 from service.stack.database import Cluster
 from service.stack.process import StackError, alive, free_port, spawn, stop_pid, wait_for
@@ -27,6 +33,8 @@ DEFAULT_DIR = Path(".stack")
 DEFAULT_MQTT_PORT = 11883
 DEFAULT_MQTTS_PORT = 18883
 DEFAULT_DB_PORT = 15432
+# Service listeners: this far above the agent ports (11883 -> 12883).
+SERVICE_PORT_OFFSET = 1000
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -66,26 +74,42 @@ class Stack:
         """Generated once per stack folder, then reused so accounts keep working."""
         path = self.dir / "secrets.json"
         data = _load_json(path)
-        wanted = [dynsec.ADMIN_USER, dynsec.BRIDGE_USER, dynsec.OPERATOR_USER, "database"]
+        wanted = [*identity.SERVICE_USERS, "database"]
         if not all(k in data for k in wanted):
-            data = {k: data.get(k) or dynsec.new_password() for k in wanted}
+            data = {k: data.get(k) or identity.new_password() for k in wanted}
             self.dir.mkdir(parents=True, exist_ok=True)
             _write_private(path, data)
         return data
 
     # --- parts --------------------------------------------------------------
-    def broker(self, port: int | None = None, extra: str = "") -> Broker:
+    @property
+    def auth_dir(self) -> Path:
+        return self.dir / "auth"
+
+    def broker(self, number: int = 1) -> Broker:
+        """Broker `number` (1..N) of the stack."""
         st = self.state()
+        port = (st.get("mqtt_port") or DEFAULT_MQTT_PORT) + number - 1
+        tls_ports: list[int] = st.get("mqtts_ports") or (
+            [st["mqtts_port"]] if st.get("mqtts_port") else []
+        )
+        service_base = st.get("service_port") or port - number + 1 + SERVICE_PORT_OFFSET
         return Broker(
-            data_dir=self.dir / "mosquitto",
-            port=port or st.get("mqtt_port") or DEFAULT_MQTT_PORT,
-            passwords=self.secrets(),
+            data_dir=self.dir / ("mosquitto" if number == 1 else f"mosquitto-{number}"),
+            port=port,
+            service_port=service_base + number - 1,
+            passwords={u: self.secrets()[u] for u in identity.SERVICE_USERS},
             tree=TopicTree(st.get("topic_root", DEFAULT_TOPIC_ROOT)),
-            extra=extra or st.get("broker_extra", ""),
-            tls_port=st.get("mqtts_port"),
+            extra=st.get("broker_extra", ""),
+            tls_port=tls_ports[number - 1] if len(tls_ports) >= number else None,
             ca_dir=self.dir / "ca",
             bind=st.get("mqtt_bind", "127.0.0.1"),
+            auth_dir=self.auth_dir,
+            name=f"broker-{number}",
         )
+
+    def brokers(self) -> list[Broker]:
+        return [self.broker(i) for i in range(1, int(self.state().get("brokers", 1)) + 1)]
 
     def cluster(self, port: int | None = None, durable: bool | None = None) -> Cluster:
         st = self.state()
@@ -100,7 +124,7 @@ class Stack:
     def bridge_log(self) -> Path:
         return self.dir / "bridge.log"
 
-    def mqtt_url(self, user: str = dynsec.OPERATOR_USER) -> str:
+    def mqtt_url(self, user: str = identity.OPERATOR_USER) -> str:
         return self.broker().url(user)
 
     def database_url(self) -> str:
@@ -124,24 +148,38 @@ class Stack:
         bridge: bool = True,
         durable: bool = True,
         broker_extra: str = "",
+        brokers: int | None = None,
+        service_port: int | None = None,
     ) -> dict[str, Any]:
-        """Start whatever is not running yet; return the URLs to use."""
+        """Start whatever is not running yet; return the URLs to use. `brokers` only
+        ever adds brokers: agents keep their home broker."""
         from service.db import migrate  # the database layer is only needed here
 
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)  # noqa: S103 (the broker and database accounts walk through it)
         st = self.state()
         mqtt_port = mqtt_port or st.get("mqtt_port") or DEFAULT_MQTT_PORT
+        count = max(brokers or 1, int(st.get("brokers", 1)))
+        tls_ports: list[int] = st.get("mqtts_ports") or (
+            [st["mqtts_port"]] if st.get("mqtts_port") else []
+        )
+        if mqtts_port:
+            tls_ports[:1] = [mqtts_port]
+        while len(tls_ports) < count:
+            # TLS listeners: 18883... beside the default 11883...; a stack moved to
+            # another plain port (a second stack, a test) gets free TLS ports instead
+            # of colliding. `stack env` and `agents provision` tell which.
+            first = tls_ports[0] if tls_ports else None
+            default = mqtt_port == DEFAULT_MQTT_PORT or first == DEFAULT_MQTTS_PORT
+            tls_ports.append(DEFAULT_MQTTS_PORT + len(tls_ports) if default else free_port())
         self._save_state(
             dir=str(self.dir),
             mqtt_port=mqtt_port,
             mqtt_bind=bind or st.get("mqtt_bind", "127.0.0.1"),
-            # TLS listener: 18883 beside the default 11883; a stack moved to another
-            # plain port (a second stack, a test) gets a free TLS port instead of
-            # colliding on 18883. `stack env` tells which.
-            mqtts_port=mqtts_port
-            or st.get("mqtts_port")
-            or (DEFAULT_MQTTS_PORT if mqtt_port == DEFAULT_MQTT_PORT else free_port()),
+            brokers=count,
+            mqtts_ports=tls_ports,
+            mqtts_port=tls_ports[0],
+            service_port=service_port or st.get("service_port") or mqtt_port + SERVICE_PORT_OFFSET,
             db_port=db_port or st.get("db_port") or DEFAULT_DB_PORT,
             metrics_port=metrics_port or st.get("metrics_port") or free_port(),
             external_database_url=database_url or st.get("external_database_url"),
@@ -149,43 +187,65 @@ class Stack:
             durable=durable,
             broker_extra=broker_extra,
         )
-        self.broker().start()
+        for broker in self.brokers():
+            broker.start()
         if not self.state().get("external_database_url"):
             self.cluster().start()
         migrate.upgrade(self.database_url())
+        self._register_brokers()
         if bridge:
             self.start_bridge()
         return self.urls()
 
+    def _register_brokers(self) -> None:
+        """Each broker in the `brokers` table (idempotent); and the agents file rebuilt
+        from the registry when this folder has none yet (e.g. a new host on an
+        existing database), then every broker reloaded."""
+        from service.db.connect import connect
+        from service.domains import accounts
+
+        with connect(self.database_url()) as conn, conn.transaction():
+            accounts.register_brokers(
+                conn,
+                [(i, b.service_endpoint, b.agent_url) for i, b in enumerate(self.brokers(), 1)],
+            )
+            auth = identity.AuthDir(self.auth_dir)
+            if not auth.agents():
+                hashes = accounts.account_hashes(conn)
+                if hashes:
+                    identity.add_agents(auth, hashes)
+
     def urls(self) -> dict[str, Any]:
+        brokers = self.brokers()
         return {
             "dir": str(self.dir),
             "mqtt_url": self.mqtt_url(),
+            # One per broker (the operator's credentials), the first being mqtt_url.
+            "mqtt_urls": [b.url(identity.OPERATOR_USER) for b in brokers],
             "database_url": self.database_url(),
             "metrics_url": self.metrics_url(),
         }
 
     def env(self) -> dict[str, str]:
-        """What an operator's shell needs (`eucora stack env`): the operator's broker URL,
-        the admin URL for `agents provision/revoke`, and the TLS endpoint and CA that
-        provisioned agents are given."""
+        """What an operator's shell needs (`eucora stack env`): the operator's broker URL
+        (broker 1's service listener), the database, the auth folder that `agents
+        provision/revoke` write, and the CA that provisioned agents are given."""
         st = self.state()
         broker = self.broker()
         env = {
-            "EUCORA_MQTT_URL": broker.url(dynsec.OPERATOR_USER),
-            ADMIN_URL_ENV: broker.url(dynsec.ADMIN_USER),
+            "EUCORA_MQTT_URL": broker.url(identity.OPERATOR_USER),
             "EUCORA_DATABASE_URL": self.database_url(),
             "EUCORA_TOPIC_ROOT": st.get("topic_root", DEFAULT_TOPIC_ROOT),
+            identity.AUTH_DIR_ENV: str(self.auth_dir),
         }
         if broker.tls_port is not None:
-            env["EUCORA_AGENT_MQTT_URL"] = broker.tls_url()
             env["EUCORA_CA_FILE"] = str(broker.ca.cert_file)
         return env
 
     def bridge_env(self) -> dict[str, str]:
         st = self.state()
         return {
-            "EUCORA_MQTT_URL": self.broker().url(dynsec.BRIDGE_USER),
+            "EUCORA_MQTT_URL": self.broker().url(identity.BRIDGE_USER),
             "EUCORA_DATABASE_URL": self.database_url(),
             "EUCORA_TOPIC_ROOT": st.get("topic_root", DEFAULT_TOPIC_ROOT),
             "EUCORA_METRICS_PORT": str(st["metrics_port"]),
@@ -226,9 +286,21 @@ class Stack:
 
     def down(self) -> None:
         self.stop_bridge()
-        self.broker().stop()
+        for broker in self.brokers():
+            broker.stop()
         if not self.state().get("external_database_url"):
             self.cluster().stop()
+
+    def _agent_counts(self) -> dict[int, int]:
+        """Agents with an account per home broker; empty when the database is down."""
+        from service.db.connect import DatabaseUnavailable, connect
+        from service.domains import accounts
+
+        try:
+            with connect(self.database_url(), connect_timeout=2) as conn:
+                return {b.broker_id: b.agents for b in accounts.brokers(conn)}
+        except (DatabaseUnavailable, OSError, psycopg_errors()):
+            return {}
 
     def status(self) -> dict[str, Any]:
         st = self.state()
@@ -236,8 +308,18 @@ class Stack:
         bridge_pid = st.get("bridge_pid")
         external = bool(st.get("external_database_url"))
         cluster = self.cluster()
+        counts = self._agent_counts()
         return {
             "broker": {"pid": broker.pid, "running": broker.running, "port": broker.port},
+            "brokers": [
+                {
+                    "mqtt_url": b.url(identity.OPERATOR_USER),
+                    "pid": b.pid,
+                    "running": b.running,
+                    "agents": counts.get(i),
+                }
+                for i, b in enumerate(self.brokers(), 1)
+            ],
             "database": {
                 "pid": None if external else cluster.pid,
                 "running": None if external else cluster.running,
@@ -251,3 +333,10 @@ class Stack:
                 "metrics_url": self.metrics_url(),
             },
         }
+
+
+def psycopg_errors() -> type[Exception]:
+    """psycopg's base error, imported only when the database is asked."""
+    import psycopg
+
+    return psycopg.Error
