@@ -12,8 +12,8 @@ them (SimulatedTasks); DEPLOY tasks take `deploy_duration` seconds and fail at
 `deploy_fail_rate`, and a deployment's also report on deployment-status.
 
 The simulator only connects: the agents' broker accounts are made on the server side
-(`eucora simulate` in cli/simulate.py, through service/broker_admin.py), which hands
-their passwords to `run`/`Fleet`.
+(`eucora simulate` in cli/simulate.py, as `eucora agents provision` makes them), which
+hands their passwords and home brokers to `run`/`Fleet`.
 """
 
 from __future__ import annotations
@@ -423,7 +423,7 @@ class Fleet:
     def __init__(
         self,
         options: FleetOptions,
-        broker: MqttUrl,
+        broker: MqttUrl | Mapping[str, MqttUrl],
         passwords: Mapping[str, str],
         *,
         loop: Loop | None = None,
@@ -456,7 +456,9 @@ class Fleet:
             rng = random.Random(options.seed * 1_000_003 + i)  # noqa: S311
             host = SimulatedHost(i, rng, options.platform)
             self.hosts.append(host)
-            url = replace(broker, username=agent_id, password=passwords[agent_id])
+            # One broker for all, or each agent's home broker (a sharded fleet).
+            home = broker if isinstance(broker, MqttUrl) else broker[agent_id]
+            url = replace(home, username=agent_id, password=passwords[agent_id])
             tasks = SimulatedTasks(
                 self.loop, agent_id, host.rng, seed=options.seed,
                 deploy_duration=options.deploy_duration,
@@ -561,7 +563,7 @@ def max_rss_bytes() -> int:
 
 def run(
     options: FleetOptions,
-    broker: MqttUrl,
+    broker: MqttUrl | Mapping[str, MqttUrl],
     passwords: Mapping[str, str],
     *,
     duration: float | None = None,

@@ -4,8 +4,8 @@ same N DEPLOY tasks created with `eucora tasks create`, in the same run.
     python -m bench.deployments [--agents 10000] [--deploy-duration 2] [--rounds 1]
 
 Starts its own stack (broker with the project's config, PostgreSQL, bridge) in a
-temporary folder, with the agents' accounts written before the broker starts (see
-bench/simulate.py: provisioning 10,000 accounts at run time costs the broker O(N^2)).
+temporary folder, with the agents' accounts provisioned in bulk up front
+(bench/simulate.py `preprovision`).
 The agents are the simulator's (agent.simulator.Fleet, one process, one thread, every
 agent `linux`), so both paths are played by the same code: a DEPLOY runs for
 `--deploy-duration` s (+-30 %) and succeeds; a deployment's DEPLOY also reports
@@ -41,7 +41,7 @@ import psutil
 import psycopg
 
 from agent.simulator import Fleet, FleetOptions
-from bench.simulate import preprovision
+from bench.simulate import AGENT_URL_ENV, agent_env, preprovision
 from schemas.config import MqttUrl
 from schemas.states import Platform
 from service.stack.process import free_port
@@ -61,7 +61,7 @@ def child(args: argparse.Namespace) -> None:
         telemetry_interval=120, heartbeat_interval=120, connect_rate=500,
         deploy_duration=args.deploy_duration,
     )  # fmt: skip
-    fleet = Fleet(options, MqttUrl.parse(os.environ["EUCORA_MQTT_URL"]), passwords,
+    fleet = Fleet(options, MqttUrl.parse(os.environ[AGENT_URL_ENV]), passwords,
                   on_progress=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     stopping = False
 
@@ -202,17 +202,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="eucora-bench-deploy-") as tmp:
         os.chmod(tmp, 0o755)  # noqa: S103 (the broker and database accounts must reach it)
         stack = Stack(Path(tmp) / "stack")
-        passwords = preprovision(stack, [n])
         stack.up(
-            mqtt_port=free_port(), mqtts_port=free_port(), db_port=free_port(),
-            metrics_port=free_port(), durable=False,
+            mqtt_port=free_port(), mqtts_port=free_port(), service_port=free_port(),
+            db_port=free_port(), metrics_port=free_port(), durable=False,
         )  # fmt: skip
+        passwords = preprovision(stack, [n])
         log = Path(tmp) / "simulate.log"
         with open(log, "ab") as out:
             sim = subprocess.Popen(
                 [sys.executable, "-m", "bench.deployments", "--child", "--agents", str(n),
                  "--passwords", str(passwords), "--deploy-duration", str(args.deploy_duration)],
-                env=os.environ | stack.env(), stdout=out, stderr=subprocess.STDOUT,
+                env=os.environ | agent_env(stack), stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )  # fmt: skip
         status = stack.status()

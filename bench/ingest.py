@@ -112,7 +112,8 @@ def publish(
 def run_c_subscriber(broker: Broker, creds: dict[str, str], n: int, round_no: int) -> float:
     """Messages/s a C subscriber takes at QoS 1 (it only discards)."""
     pw = broker.passwords[identity.BRIDGE_USER]
-    base = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.service_port), "-u", identity.BRIDGE_USER,
+    base = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.service_port),
+            "-u", identity.BRIDGE_USER,
             "-P", pw, "-q", "1", "-V", "5", "-x", "600", "-i", f"bench-c-sub-{round_no}",
             "-t", TREE.wildcard(Kind.TELEMETRY)]  # fmt: skip
     # -c -E: subscribe in a persistent session, wait for the SUBACK, exit. The session
@@ -374,7 +375,8 @@ def run_bridge(
 
 def forget_session(broker: Broker, client_id: str) -> None:
     subprocess.run(
-        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.service_port), "-u", identity.BRIDGE_USER,
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.service_port),
+         "-u", identity.BRIDGE_USER,
          "-P", broker.passwords[identity.BRIDGE_USER], "-V", "5", "-i", client_id,
          "-t", TREE.wildcard(Kind.TELEMETRY), "-E"],
         check=True, timeout=30, stdout=subprocess.DEVNULL,

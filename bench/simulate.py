@@ -10,11 +10,10 @@ every agent is connected, lets it settle, then samples the simulator's CPU time 
 RSS over `--seconds` (steady state: telemetry, heartbeats, keepalives), checks that
 the database sees N agents online, and stops the fleet. Prints one JSON line per N.
 
-Provisioning N accounts at run time costs the broker O(N^2) (the dynamic security
-plugin rewrites its whole file per control message), which dominates beyond ~1000
-agents. `--preprovisioned` writes every account into the plugin's file before the
-broker starts and runs the fleet (the same agent.simulator.Fleet) without
-provisioning, to measure what the simulator itself holds.
+`--preprovisioned` provisions every fleet's accounts up front (registry and password
+file, as `eucora agents provision` does) and runs the fleet (the same
+agent.simulator.Fleet) in a child process without `eucora simulate`, to measure what
+the simulator itself holds.
 """
 
 from __future__ import annotations
@@ -34,10 +33,10 @@ import psutil
 import psycopg
 
 from agent.simulator import Fleet, FleetOptions
+from cli.access import provision_fleet
 from schemas.config import MqttUrl
-from schemas.topics import TopicTree
-from service import dynsec
-from service.config import ADMIN_URL_ENV
+from service import identity
+from service.db.connect import connect
 from service.stack.process import free_port, wait_for
 from service.stack.stack import Stack
 
@@ -54,25 +53,23 @@ def online(database_url: str, prefix: str) -> int:
         return int(row[0]) if row else 0
 
 
+# What a pre-provisioned fleet's child process connects to: the plain agent listener.
+AGENT_URL_ENV = "EUCORA_BENCH_AGENT_URL"
+
+
 def preprovision(stack: Stack, counts: list[int]) -> Path:
-    """Write the accounts of every fleet into the plugin's file; returns a JSON file of
+    """Accounts for every fleet, in bulk, on the running stack; returns a JSON file of
     their passwords (agent_id -> password)."""
-    tree = TopicTree()
-    passwords = {f"pre{n}-{i:05d}": dynsec.new_password() for n in counts for i in range(n)}
-    config = dynsec.initial_config(tree, stack.secrets())
-    for agent_id, password in passwords.items():
-        role = dynsec.agent_role(tree, agent_id)
-        config["roles"].append(role)
-        config["clients"].append({
-            "username": agent_id, "clientid": agent_id, **dynsec.hash_password(password),
-            "roles": [{"rolename": role["rolename"]}],
-        })  # fmt: skip
-    broker_dir = stack.dir / "mosquitto"
-    broker_dir.mkdir(parents=True, exist_ok=True)
-    (broker_dir / "dynamic-security.json").write_bytes(orjson.dumps(config))
+    passwords = {f"pre{n}-{i:05d}": identity.new_password() for n in counts for i in range(n)}
+    with connect(stack.database_url()) as conn:
+        provision_fleet(conn, identity.AuthDir(stack.auth_dir), passwords)
     out = stack.dir / "passwords.json"
     out.write_bytes(orjson.dumps(passwords))
     return out
+
+
+def agent_env(stack: Stack) -> dict[str, str]:
+    return stack.env() | {AGENT_URL_ENV: f"mqtt://127.0.0.1:{stack.broker().port}"}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -82,7 +79,7 @@ def child(args: argparse.Namespace) -> None:
         agents=args.agents[0], prefix=f"pre{args.agents[0]}",
         telemetry_interval=args.telemetry_interval, connect_rate=500,
     )  # fmt: skip
-    fleet = Fleet(options, MqttUrl.parse(os.environ["EUCORA_MQTT_URL"]), passwords,
+    fleet = Fleet(options, MqttUrl.parse(os.environ[AGENT_URL_ENV]), passwords,
                   on_progress=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     stopping = False
 
@@ -104,7 +101,7 @@ def measure(
     log: Path,
     passwords: Path | None = None,
 ) -> dict[str, Any]:
-    env = os.environ | stack.env()
+    env = os.environ | agent_env(stack)
     prefix = f"pre{n}" if passwords else f"bench{n}"
     started = time.monotonic()
     if passwords:
@@ -168,12 +165,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="eucora-bench-sim-") as tmp:
         os.chmod(tmp, 0o755)  # noqa: S103 (the broker and database accounts must reach it)
         stack = Stack(Path(tmp) / "stack")
-        passwords = preprovision(stack, args.agents) if args.preprovisioned else None
         stack.up(
-            mqtt_port=free_port(), mqtts_port=free_port(), db_port=free_port(),
-            metrics_port=free_port(), durable=False,
+            mqtt_port=free_port(), mqtts_port=free_port(), service_port=free_port(),
+            db_port=free_port(), metrics_port=free_port(), durable=False,
         )  # fmt: skip
-        print(f"# stack up; {ADMIN_URL_ENV} set for the simulator", file=sys.stderr)
+        passwords = preprovision(stack, args.agents) if args.preprovisioned else None
+        print("# stack up; its `stack env` set for the simulator", file=sys.stderr)
         try:
             for n in args.agents:
                 log = Path(tmp) / f"simulate-{n}.log"

@@ -245,11 +245,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="eucora-bench-tasks-") as tmp:
         os.chmod(tmp, 0o755)  # noqa: S103 (the broker and database accounts must reach it)
         stack = Stack(Path(tmp) / "stack")
-        passwords = orjson.loads(preprovision(stack, [n]).read_bytes())
         stack.up(
-            mqtt_port=free_port(), mqtts_port=free_port(), db_port=free_port(),
-            metrics_port=free_port(), durable=False,
+            mqtt_port=free_port(), mqtts_port=free_port(), service_port=free_port(),
+            db_port=free_port(), metrics_port=free_port(), durable=False,
         )  # fmt: skip
+        passwords = orjson.loads(preprovision(stack, [n]).read_bytes())
         fleet = Fleet(stack.broker().port, passwords)
         try:
             fleet.start()

@@ -13,8 +13,9 @@ import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
@@ -24,6 +25,9 @@ from cli.db import DATABASE_URL_OPTION
 from schemas.topics import is_agent_id
 from service import identity
 from service.domains import accounts
+
+if TYPE_CHECKING:
+    import psycopg
 
 AuthDirOption = Annotated[
     Path | None,
@@ -36,7 +40,7 @@ AuthDirOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="print one JSON document")]
 
 
-def _auth(auth_dir: Path | None) -> identity.AuthDir:
+def auth_folder(auth_dir: Path | None) -> identity.AuthDir:
     if auth_dir is None:
         fail(f"{identity.AUTH_DIR_ENV} is not set (`eucora stack env` prints it)")
     if not auth_dir.is_dir():
@@ -156,7 +160,7 @@ def provision(
     Passwords are shown (or written) once: the registry and the brokers keep hashes.
     """
     ids = read_ids(agent_ids or [], from_file)
-    auth = _auth(auth_dir)
+    auth = auth_folder(auth_dir)
     passwords = {a: identity.new_password() for a in ids}
     hashes = {a: identity.hash_password(p) for a, p in passwords.items()}
     docs: dict[str, dict[str, Any]] = {}
@@ -245,7 +249,7 @@ def revoke(
     refuses it from then on; the registry shows it disconnected (revoked) at once.
     Its records stay."""
     _check_id(agent_id)
-    auth = _auth(auth_dir)
+    auth = auth_folder(auth_dir)
     conn = open_database(database_url)
     try:
         with conn, conn.transaction():
@@ -271,7 +275,7 @@ def delete(
     """Revoke an agent and remove it from the registry, with its inventory and tasks.
     Its telemetry, status history and security events stay."""
     _check_id(agent_id)
-    auth = _auth(auth_dir)
+    auth = auth_folder(auth_dir)
     conn = open_database(database_url)
     try:
         with conn, conn.transaction():
@@ -284,3 +288,21 @@ def delete(
         emit_json({"agent_id": agent_id, "deleted": True})
     else:
         typer.echo(f"agent {agent_id} deleted from the registry and the brokers")
+
+
+def provision_fleet(
+    conn: psycopg.Connection[Any], auth: identity.AuthDir, passwords: Mapping[str, str]
+) -> dict[str, str]:
+    """Accounts for a whole fleet, whether or not its agents had one before (the
+    simulator's, a benchmark's): one transaction, one file write, one reload of every
+    broker. Returns agent_id -> the home broker's agent URL."""
+    hashes = {a: identity.hash_password(p) for a, p in passwords.items()}
+    with conn.transaction():
+        have = accounts.account_hashes(conn, hashes)
+        done = accounts.provision(conn, {a: h for a, h in hashes.items() if a not in have})
+        if have:
+            done += accounts.provision(conn, {a: hashes[a] for a in have}, rotate=True)
+            identity.replace_agents(auth, hashes)
+        else:
+            identity.add_agents(auth, hashes)
+    return {p.agent_id: p.agent_url for p in done}

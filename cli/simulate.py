@@ -1,32 +1,27 @@
 """`eucora simulate --agents N`: a fleet of simulated agents, for demos and load.
 
-The server side of the simulation: the fleet's broker accounts are provisioned here
-(service/broker_admin.py) and their passwords handed to agent/simulator.py, which
-only connects.
+The server side of the simulation: the fleet's broker accounts are provisioned here,
+in bulk, as `eucora agents provision` does (registry + the brokers' password file,
+cli/access.py), and their passwords and home brokers handed to agent/simulator.py,
+which only connects.
 
 Registered by cli/main.py as a command: `app.command("simulate")(simulate)`.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Annotated
 
 import typer
 
-from cli.common import emit_json, fail
+from cli.access import AuthDirOption
+from cli.common import emit_json, fail, open_database
+from cli.db import DATABASE_URL_OPTION
 from schemas.config import DEFAULT_TOPIC_ROOT, ConfigError, MqttUrl, check_topic_root
 from schemas.states import Platform
-from schemas.topics import TopicTree, is_agent_id
-from service.config import ADMIN_URL_ENV
-
-
-def admin_url_from_env(env: Mapping[str, str] | None = None) -> str | None:
-    """The broker admin account's URL (EUCORA_MQTT_ADMIN_URL, see `eucora stack env`)."""
-    return (os.environ if env is None else env).get(ADMIN_URL_ENV) or None
+from schemas.topics import is_agent_id
 
 
 def simulate(
@@ -61,14 +56,8 @@ def simulate(
     deploy_fail_rate: Annotated[
         float, typer.Option(min=0, max=1, help="fraction of DEPLOY tasks that fail (seeded)")
     ] = 0.0,
-    mqtt_url: Annotated[
-        str | None,
-        typer.Option(envvar="EUCORA_MQTT_URL", help="the broker (its credentials are not used)"),
-    ] = None,
-    admin_url: Annotated[
-        str | None,
-        typer.Option(help=f"broker admin account, to provision the agents [env: {ADMIN_URL_ENV}]"),
-    ] = None,
+    database_url: str | None = DATABASE_URL_OPTION,
+    auth_dir: AuthDirOption = None,
     topic_root: Annotated[str, typer.Option(envvar="EUCORA_TOPIC_ROOT")] = DEFAULT_TOPIC_ROOT,
     ca_file: Annotated[str | None, typer.Option(envvar="EUCORA_CA_FILE")] = None,
     json_output: Annotated[
@@ -77,23 +66,18 @@ def simulate(
 ) -> None:
     """Run N simulated agents (varied platforms, tags, metrics) until --duration or Ctrl-C."""
     from agent import simulator
-    from service import dynsec
-    from service.broker_admin import BrokerAdmin
+    from cli.access import auth_folder, provision_fleet
+    from service import identity
+    from service.domains.accounts import AccountError
     from service.stack.process import StackError
 
-    admin = admin_url or admin_url_from_env()
-    if not mqtt_url:
-        fail("EUCORA_MQTT_URL is not set (the broker to connect the agents to)")
-    if not admin:
-        fail(f"{ADMIN_URL_ENV} is not set: the simulator provisions its agents' accounts")
     if not is_agent_id(simulator.FleetOptions(agents, prefix=prefix).agent_ids()[-1]):
         fail(f"--prefix {prefix!r} does not make valid agent ids (letters, digits, _ . -)")
     try:
-        broker = MqttUrl.parse(mqtt_url)
-        admin_mqtt = MqttUrl.parse(admin, var=ADMIN_URL_ENV)
-        tree = TopicTree(check_topic_root(topic_root))
+        check_topic_root(topic_root)
     except ConfigError as exc:
         fail(str(exc))
+    auth = auth_folder(auth_dir)
     options = simulator.FleetOptions(
         agents=agents, prefix=prefix, telemetry_interval=telemetry_interval,
         heartbeat_interval=heartbeat_interval, keepalive=keepalive, churn=churn,
@@ -105,16 +89,18 @@ def simulate(
         typer.echo(message, err=True)
 
     try:
-        # The accounts are made here, on the server side; the simulator only connects.
+        # The accounts are made here, on the server side; the simulator only connects,
+        # each agent to its home broker.
         started = time.monotonic()
-        passwords = {a: dynsec.new_password() for a in options.agent_ids()}
-        with BrokerAdmin(admin_mqtt, tree=tree, timeout=60, ca_file=ca_file) as broker_admin:
-            broker_admin.provision_or_reset(passwords)
+        passwords = {a: identity.new_password() for a in options.agent_ids()}
+        with open_database(database_url) as conn:
+            homes = provision_fleet(conn, auth, passwords)
         say(f"provisioned {agents} agents in {time.monotonic() - started:.1f} s")
-        report = simulator.run(options, broker, passwords, duration=duration, on_progress=say)
-    except (ConnectionError, TimeoutError, StackError, OSError) as exc:
+        urls = {a: MqttUrl.parse(u) for a, u in homes.items()}
+        report = simulator.run(options, urls, passwords, duration=duration, on_progress=say)
+    except (ConnectionError, TimeoutError, StackError, OSError, AccountError) as exc:
         fail(f"simulation failed: {exc}")
-    except Exception as exc:  # DynsecError and the like: one line, not a traceback
+    except Exception as exc:  # one line, not a traceback
         fail(f"simulation failed: {type(exc).__name__}: {exc}")
     if json_output:
         emit_json(asdict(report))

@@ -18,10 +18,6 @@ from schemas.config import (
     redact_url,
 )
 
-# The broker's admin account (dynamic security $CONTROL only), used by
-# `eucora agents provision/revoke`: mqtt://eucora-admin:PASSWORD@host:port.
-ADMIN_URL_ENV = "EUCORA_MQTT_ADMIN_URL"
-
 
 def check_database_url(url: str) -> str:
     parts = urlsplit(url)

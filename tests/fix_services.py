@@ -71,6 +71,16 @@ def broker(broker_factory: Callable[..., Broker]) -> Broker:
     return broker_factory()
 
 
+def register_broker(broker: Broker, database_url: str, broker_id: int = 1) -> None:
+    """The broker in the registry's `brokers` table, as `eucora stack up` does, so that
+    `eucora agents provision` can give agents a home on it."""
+    from service.db.connect import connect
+    from service.domains import accounts
+
+    with connect(database_url) as conn, conn.transaction():
+        accounts.register_brokers(conn, [(broker_id, broker.service_endpoint, broker.agent_url)])
+
+
 @dataclass
 class BridgeProcess:
     env: dict[str, str]

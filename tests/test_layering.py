@@ -80,7 +80,7 @@ def test_every_agent_module_imports_without_the_server(endpoint_env: dict[str, s
 import importlib, pkgutil, sys
 import agent
 
-for blocked in ("psycopg", "typer", "service.broker_admin", "cli.agent"):
+for blocked in ("psycopg", "typer", "service.identity", "cli.agent"):
     try:
         importlib.import_module(blocked)
     except ImportError:

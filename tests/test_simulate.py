@@ -24,9 +24,8 @@ from agent.simulator import SimulatedTasks
 from cli.agents import app as agents_app
 from cli.deployments import app as deployments_app
 from cli.tasks import app as tasks_app
-from service import identity
 from service.stack.broker import Broker
-from tests.fix_services import BridgeProcess
+from tests.fix_services import BridgeProcess, register_broker
 from tests.test_agents_support import LoopThread, loop_thread, query, wait
 
 __all__ = ["loop_thread"]  # fixture
@@ -34,10 +33,14 @@ __all__ = ["loop_thread"]  # fixture
 SIMULATE = [sys.executable, "-c", "from cli.simulate import app; app()"]
 
 
-def start_simulator(broker: Broker, log: Path, *args: str) -> subprocess.Popen[bytes]:
+def start_simulator(
+    broker: Broker, database: str, log: Path, *args: str
+) -> subprocess.Popen[bytes]:
+    """`eucora simulate` as an operator runs it after `eval "$(eucora stack env)"`."""
+    register_broker(broker, database)
     env = os.environ | {
-        "EUCORA_MQTT_URL": broker.url(identity.OPERATOR_USER),
-        "EUCORA_MQTT_ADMIN_URL": broker.url(dynsec.ADMIN_USER),
+        "EUCORA_DATABASE_URL": database,
+        "EUCORA_AUTH_DIR": str(broker.auth.path),
     }
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -72,7 +75,15 @@ def run_fleet(
     log = tmp_path / "simulate.log"
     started = time.monotonic()
     proc = start_simulator(
-        broker, log, "--agents", str(agents), "--telemetry-interval", "5", "--connect-rate", "500"
+        broker,
+        database,
+        log,
+        "--agents",
+        str(agents),
+        "--telemetry-interval",
+        "5",
+        "--connect-rate",
+        "500",
     )
     try:
         wait(lambda: online(database) == agents or proc.poll() is not None, timeout, "all online")
@@ -237,7 +248,7 @@ def linux_fleet(
     def start(n: int, *args: str) -> subprocess.Popen[bytes]:
         log = tmp_path / "simulate.log"
         options = ["--agents", str(n), "--platform", "linux", "--telemetry-interval", "30"]
-        proc = start_simulator(broker, log, *options, "--connect-rate", "500", *args)
+        proc = start_simulator(broker, database, log, *options, "--connect-rate", "500", *args)
         procs.append(proc)
         wait(lambda: online(database) == n or proc.poll() is not None, 60, "all online")
         assert proc.poll() is None, log.read_text()

@@ -95,6 +95,8 @@ def provision(conn: Conn, hashes: Mapping[str, str], *, rotate: bool = False) ->
     account and keeps its home. Raises AccountError, changing nothing, when an agent
     already has an account (without `rotate`) or has none (with it).
     """
+    if not hashes:
+        return []
     lock(conn)
     known = {r.broker_id: r for r in brokers(conn)}
     if not known:
@@ -102,6 +104,7 @@ def provision(conn: Conn, hashes: Mapping[str, str], *, rotate: bool = False) ->
             "no broker is registered in the database: `eucora stack up` registers its "
             "brokers (docs/broker.md)"
         )
+    conn.execute("DROP TABLE IF EXISTS pg_temp.new_accounts, pg_temp.new_homes")
     conn.execute(
         "CREATE TEMP TABLE new_accounts (agent_id text PRIMARY KEY, password_hash text NOT NULL,"
         " broker_id integer) ON COMMIT DROP"

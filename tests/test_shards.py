@@ -1,0 +1,125 @@
+"""A fleet on several brokers (`eucora stack up --brokers N`): every agent has a home
+broker, accounts are valid on every broker of the host (one auth folder), and a
+revocation reaches every broker. A small version of bench/provision.py."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.stack import app as stack_app
+from schemas.config import MqttUrl
+from service.db.connect import connect
+from service.stack.process import free_port, port_open
+from service.stack.stack import Stack
+from tests.fix_services import service_dir
+from tests.test_security import Probe, cli
+
+runner = CliRunner()
+FLEET = 2000
+
+
+def free_ports(n: int) -> int:
+    """A first port with the n - 1 after it free too (brokers take consecutive ports)."""
+    while True:
+        first = free_port()
+        if first + n < 65536 and not any(port_open("127.0.0.1", first + i) for i in range(n)):
+            return first
+
+
+@pytest.fixture
+def shards(database: str) -> Iterator[Stack]:
+    """A stack of 2 brokers on the test database, without a bridge."""
+    with service_dir("shards") as root:
+        stack = Stack(root / "s")
+        try:
+            stack.up(mqtt_port=free_ports(3), service_port=free_ports(3), database_url=database,
+                     bridge=False, brokers=2)  # fmt: skip
+            yield stack
+        finally:
+            stack.down()
+
+
+@pytest.fixture
+def probes() -> Iterator[list[Probe]]:
+    made: list[Probe] = []
+    yield made
+    for p in made:
+        p.close()
+
+
+def connect_agent(probes: list[Probe], doc: dict[str, Any], url: str | None = None) -> Probe:
+    """The agent as it runs: its config's URL (or another broker's), TLS with its CA."""
+    target = MqttUrl.parse(url or doc["mqtt_url"])
+    p = Probe(target.port, doc["username"], doc["password"], doc["agent_id"],
+              tls=target.tls, ca_file=doc["ca_file"])  # fmt: skip
+    probes.append(p)
+    return p
+
+
+def homes(database: str) -> dict[str, int]:
+    with connect(database) as conn:
+        return dict(conn.execute("SELECT agent_id, broker_id FROM agents").fetchall())
+
+
+def test_a_fleet_on_two_brokers_provision_connect_revoke(
+    shards: Stack, database: str, probes: list[Probe], tmp_path: Path
+) -> None:
+    env = shards.env()
+    ids = tmp_path / "fleet.txt"
+    ids.write_text("".join(f"pc-{i:05d}\n" for i in range(FLEET)))
+    result = runner.invoke(cli, ["provision", "--from-file", str(ids), "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    docs = {d["agent_id"]: d for d in json.loads(result.stdout)}
+    assert len(docs) == FLEET
+    # Level shards: each broker is home to half the fleet, named by its agent URL.
+    agent_urls = [b.agent_url for b in shards.brokers()]
+    assert Counter(d["mqtt_url"] for d in docs.values()) == {u: FLEET // 2 for u in agent_urls}
+    assert Counter(homes(database).values()) == {1: FLEET // 2, 2: FLEET // 2}
+
+    # Agents connect to their home broker; their accounts are valid on every broker.
+    on_2 = [a for a, d in docs.items() if d["mqtt_url"] == agent_urls[1]]
+    target, bystander = docs[on_2[0]], docs[on_2[1]]
+    victim = connect_agent(probes, target)
+    assert victim.connect(clean_start=False, session_expiry=3600) == "Success"
+    other = connect_agent(probes, bystander)
+    assert other.connect() == "Success"
+    elsewhere = connect_agent(probes, docs[on_2[2]], agent_urls[0])
+    assert elsewhere.connect() == "Success"
+
+    status = runner.invoke(stack_app, ["status", "--dir", str(shards.dir), "--json"])
+    brokers = json.loads(status.stdout)["brokers"]
+    assert [(b["running"], b["agents"]) for b in brokers] == [(True, FLEET // 2)] * 2
+
+    # Revoked: dropped from its home broker at once, refused by every broker.
+    result = runner.invoke(cli, ["revoke", target["agent_id"]], env=env)
+    assert result.exit_code == 0, result.output
+    assert victim.disconnected.wait(5), "the revoked agent is still connected"
+    for url in agent_urls:
+        assert connect_agent(probes, target, url).connect() == "Not authorized"
+    assert not other.disconnected.is_set() and not elsewhere.disconnected.is_set()
+    assert other.publish(f"eucora/v1/agents/{bystander['agent_id']}/heartbeat") == "Success"
+
+
+def test_adding_a_broker_keeps_every_agent_home(shards: Stack, database: str) -> None:
+    env = shards.env()
+    first = runner.invoke(cli, ["provision", "a-1", "a-2", "a-3", "a-4", "--json"], env=env)
+    assert first.exit_code == 0, first.output
+    before = homes(database)
+    # A second `stack up` with more brokers adds them; nobody moves.
+    shards.up(brokers=3, bridge=False)
+    assert len(shards.brokers()) == 3 and all(b.running for b in shards.brokers())
+    assert homes(database) == before
+    again = runner.invoke(cli, ["provision", "a-5", "--json"], env=env)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["mqtt_url"] == shards.broker(3).agent_url  # the emptiest
+    with connect(database) as conn:
+        rows = conn.execute("SELECT broker_id, url FROM brokers ORDER BY broker_id").fetchall()
+    assert [r[0] for r in rows] == [1, 2, 3]
+    assert all("@" not in url for _, url in rows)  # no credentials in the registry
