@@ -165,13 +165,17 @@ class Stack:
         )
         if mqtts_port:
             tls_ports[:1] = [mqtts_port]
+        service_base = service_port or st.get("service_port") or mqtt_port + SERVICE_PORT_OFFSET
+        taken = {p + i for p in (mqtt_port, service_base) for i in range(count)}
         while len(tls_ports) < count:
             # TLS listeners: 18883... beside the default 11883...; a stack moved to
             # another plain port (a second stack, a test) gets free TLS ports instead
             # of colliding. `stack env` and `agents provision` tell which.
             first = tls_ports[0] if tls_ports else None
             default = mqtt_port == DEFAULT_MQTT_PORT or first == DEFAULT_MQTTS_PORT
-            tls_ports.append(DEFAULT_MQTTS_PORT + len(tls_ports) if default else free_port())
+            port = DEFAULT_MQTTS_PORT + len(tls_ports) if default else free_port()
+            if port not in taken:
+                tls_ports.append(port)
         self._save_state(
             dir=str(self.dir),
             mqtt_port=mqtt_port,
@@ -179,7 +183,7 @@ class Stack:
             brokers=count,
             mqtts_ports=tls_ports,
             mqtts_port=tls_ports[0],
-            service_port=service_port or st.get("service_port") or mqtt_port + SERVICE_PORT_OFFSET,
+            service_port=service_base,
             db_port=db_port or st.get("db_port") or DEFAULT_DB_PORT,
             metrics_port=metrics_port or st.get("metrics_port") or free_port(),
             external_database_url=database_url or st.get("external_database_url"),
