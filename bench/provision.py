@@ -12,11 +12,13 @@ real `eucora` commands (a separate process each, Python start-up included):
    same number of mosquitto `$7$` lines hashed and written by one Python loop
    (the least any file-based provisioning costs).
 2. One more agent with the fleet in place: the command's time and the time from its
-   start until the agent's first connection succeeds; baseline: `mosquitto_passwd -b`
-   adding one user to a copy of the same file.
-3. `eucora agents revoke` of a connected agent at home on the last broker: the time
-   until that connection is dropped, and until a new connection with its password
-   is refused by every broker.
+   start until the agent's first connection succeeds, both as a process and run
+   in-process (the same Typer app through CliRunner: what the command costs after
+   Python's start-up, which `eucora --version` measures alone); baseline:
+   `mosquitto_passwd -b` adding one user to a copy of the same file.
+3. `eucora agents revoke` of a connected agent at home on the last broker (as a
+   process, and in-process for a second one): the time until that connection is
+   dropped, and until a new connection with its password is refused by every broker.
 4. Each broker's RSS (VmRSS from /proc) with the fleet's file loaded.
 
 Prints one JSON document. Speed depends on the machine: compare ratios.
@@ -52,6 +54,20 @@ def rss_mib(pid: int | None) -> float | None:
         if line.startswith("VmRSS:"):
             return round(int(line.split()[1]) / 1024, 1)
     return None
+
+
+def in_process(env: dict[str, str], *args: str) -> tuple[float, str]:
+    """The same command through the Typer app in this process (no interpreter start)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(app, list(args), env=env)
+    took = time.perf_counter() - t0
+    if result.exit_code != 0:
+        raise RuntimeError(f"eucora {' '.join(args)}: {result.output.strip()}")
+    return took, result.stdout
 
 
 def eucora(env: dict[str, str], *args: str, stdin: str | None = None) -> tuple[float, str]:
@@ -173,6 +189,13 @@ def main() -> None:
             poll(lambda: attempt(extra["mqtt_url"], extra))
             usable_s = time.perf_counter() - one_t0
             passwd_s = baseline_passwd(stack.auth_dir / "agents.passwd", root)
+            start_s = min(eucora(env, "--version")[0] for _ in range(3))
+            in_process(env, "agents", "provision", "warm-up", "--json")  # imports loaded
+            two_t0 = time.perf_counter()
+            two_s, out = in_process(env, "agents", "provision", "extra-2", "--json")
+            extra2 = json.loads(out)
+            poll(lambda: attempt(extra2["mqtt_url"], extra2))
+            usable2_s = time.perf_counter() - two_t0
 
             last = stack.brokers()[-1].agent_url
             victim_doc = next(d for d in docs if d["mqtt_url"] == last)
@@ -187,18 +210,35 @@ def main() -> None:
                 poll(lambda b=b: not attempt(b.agent_url, victim_doc))
             refused_s = time.perf_counter() - rev_t0
             victim.close()
+            second = next(d for d in reversed(docs) if d["mqtt_url"] == last)
+            victim = Client(last, second["username"], second["password"], second["ca_file"])
+            assert victim.connect(), "the second victim could not connect"
+            rev_t0 = time.perf_counter()
+            revoke2_s, _ = in_process(env, "agents", "revoke", second["agent_id"])
+            victim.dropped.wait(60)
+            dropped2_s = time.perf_counter() - rev_t0
+            for b in stack.brokers():
+                poll(lambda b=b: not attempt(b.agent_url, second))
+            refused2_s = time.perf_counter() - rev_t0
+            victim.close()
             result = {
                 "agents": n,
                 "brokers": args.brokers,
                 "provision_fleet_s": round(fleet_s, 2),
                 "baseline_hash_and_write_s": round(base_s, 2),
                 "fleet_vs_baseline": round(fleet_s / base_s, 2),
+                "python_start_eucora_version_ms": round(start_s * 1000),
                 "one_more_command_ms": round(one_s * 1000),
                 "one_more_until_it_connects_ms": round(usable_s * 1000),
+                "one_more_in_process_ms": round(two_s * 1000),
+                "one_more_in_process_until_it_connects_ms": round(usable2_s * 1000),
                 "baseline_mosquitto_passwd_ms": round(passwd_s * 1000),
                 "revoke_command_ms": round(revoke_s * 1000),
                 "revoke_until_dropped_ms": round(dropped_s * 1000),
                 "revoke_until_refused_everywhere_ms": round(refused_s * 1000),
+                "revoke_in_process_ms": round(revoke2_s * 1000),
+                "revoke_in_process_until_dropped_ms": round(dropped2_s * 1000),
+                "revoke_in_process_until_refused_everywhere_ms": round(refused2_s * 1000),
                 "broker_rss_mib": [rss_mib(b.pid) for b in stack.brokers()],
                 "password_file_mib": round(
                     (stack.auth_dir / "agents.passwd").stat().st_size / 2**20, 1
