@@ -55,13 +55,16 @@ def register_brokers(conn: Conn, brokers: Sequence[tuple[int, str, str]]) -> Non
 
 
 def brokers(conn: Conn) -> list[BrokerRecord]:
+    # One pass over the partial index of agents with an account (migration 0007), not
+    # a scan of the agents table per broker: this runs for every provisioning.
     rows = conn.execute(
         """
-        SELECT b.broker_id, b.url, b.agent_url, b.accepting,
-               (SELECT count(*) FROM agents a
-                 WHERE a.password_hash IS NOT NULL
-                   AND coalesce(a.broker_id, 1) = b.broker_id)
-          FROM brokers b ORDER BY b.broker_id
+        SELECT b.broker_id, b.url, b.agent_url, b.accepting, coalesce(n.agents, 0)
+          FROM brokers b
+          LEFT JOIN (SELECT coalesce(broker_id, 1) AS broker_id, count(*) AS agents
+                       FROM agents WHERE password_hash IS NOT NULL
+                      GROUP BY 1) n USING (broker_id)
+         ORDER BY b.broker_id
         """
     ).fetchall()
     return [BrokerRecord(*r) for r in rows]

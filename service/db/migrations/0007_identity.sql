@@ -22,5 +22,8 @@ ALTER TABLE agents ADD COLUMN IF NOT EXISTS password_hash text;
 ALTER TABLE agents ADD COLUMN IF NOT EXISTS provisioned_at timestamptz;
 ALTER TABLE agents ADD COLUMN IF NOT EXISTS revoked_at timestamptz;
 
--- Choosing a home broker counts agents per broker.
+-- Choosing a home broker counts the agents with an account per broker (an index-only
+-- pass over this index); the foreign key's lookups use it too.
+CREATE INDEX IF NOT EXISTS agents_account_broker_idx ON agents ((coalesce(broker_id, 1)))
+    WHERE password_hash IS NOT NULL;
 CREATE INDEX IF NOT EXISTS agents_broker_idx ON agents (broker_id);
