@@ -11,6 +11,7 @@ of them never pick home brokers from the same counts or write the files crosswis
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ class BrokerRecord:
     url: str
     agent_url: str
     accepting: bool
-    agents: int  # agents whose home it is (NULL home counts for broker 1)
+    agents: int  # agents with an account whose home it is (NULL home: broker 1)
 
 
 class AccountError(RuntimeError):
@@ -42,7 +43,8 @@ def lock(conn: Conn) -> None:
 
 def register_brokers(conn: Conn, brokers: Sequence[tuple[int, str, str]]) -> None:
     """(broker_id, url, agent_url) of brokers that run: added, or their URLs updated
-    (a stack restarted on other ports). Agents keep their home broker."""
+    (a stack restarted on other ports); every broker's agent count recounted. Agents
+    keep their home broker."""
     for broker_id, url, agent_url in brokers:
         conn.execute(
             """
@@ -52,22 +54,32 @@ def register_brokers(conn: Conn, brokers: Sequence[tuple[int, str, str]]) -> Non
             """,
             (broker_id, url, agent_url),
         )
+    conn.execute(
+        """
+        UPDATE brokers b SET agents = coalesce(n.agents, 0)
+          FROM brokers b2
+          LEFT JOIN (SELECT coalesce(broker_id, 1) AS broker_id, count(*) AS agents
+                       FROM agents WHERE password_hash IS NOT NULL GROUP BY 1) n
+                 USING (broker_id)
+         WHERE b.broker_id = b2.broker_id
+        """
+    )
 
 
 def brokers(conn: Conn) -> list[BrokerRecord]:
-    # One pass over the partial index of agents with an account (migration 0007), not
-    # a scan of the agents table per broker: this runs for every provisioning.
     rows = conn.execute(
-        """
-        SELECT b.broker_id, b.url, b.agent_url, b.accepting, coalesce(n.agents, 0)
-          FROM brokers b
-          LEFT JOIN (SELECT coalesce(broker_id, 1) AS broker_id, count(*) AS agents
-                       FROM agents WHERE password_hash IS NOT NULL
-                      GROUP BY 1) n USING (broker_id)
-         ORDER BY b.broker_id
-        """
+        "SELECT broker_id, url, agent_url, accepting, agents FROM brokers ORDER BY broker_id"
     ).fetchall()
     return [BrokerRecord(*r) for r in rows]
+
+
+def _count(conn: Conn, changes: Mapping[int, int]) -> None:
+    """Keep brokers.agents: +n / -n agents with an account at home there."""
+    for broker_id, n in changes.items():
+        if n:
+            conn.execute(
+                "UPDATE brokers SET agents = agents + %s WHERE broker_id = %s", (n, broker_id)
+            )
 
 
 def assign_homes(counts: Mapping[int, int], n: int) -> list[int]:
@@ -115,6 +127,7 @@ def provision(conn: Conn, hashes: Mapping[str, str], *, rotate: bool = False) ->
     with conn.cursor().copy("COPY new_accounts (agent_id, password_hash) FROM STDIN") as copy:
         for agent_id, hashed in hashes.items():
             copy.write_row((agent_id, hashed))
+    conn.execute("ANALYZE new_accounts")  # a few rows join by index, a fleet by hash
     rows = conn.execute(
         """
         SELECT n.agent_id, a.agent_id IS NOT NULL, a.password_hash IS NOT NULL, a.broker_id
@@ -148,6 +161,8 @@ def provision(conn: Conn, hashes: Mapping[str, str], *, rotate: bool = False) ->
                provisioned_at = now(), revoked_at = NULL, updated_at = now()
         """
     )
+    if not rotate:
+        _count(conn, Counter(homes.values()))
     event = "credentials_rotated" if rotate else "provisioned"
     conn.execute(
         """
@@ -212,6 +227,7 @@ def revoke(conn: Conn, agent_id: str, *, reason: str = "revoked") -> int | None:
         """,
         (agent_id,),
     )
+    _count(conn, {broker_id: -1})
     security_event(conn, agent_id, "credentials_revoked", {"broker_id": broker_id, "by": reason})
     return int(broker_id)
 
