@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +45,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from schemas.config import MqttUrl
 from service import identity
-from service.stack.process import free_port, port_open
+from service.stack.process import free_port
 from service.stack.stack import Stack
 
 
@@ -154,10 +156,21 @@ def baseline_passwd(agents_file: Path, tmp: Path) -> float:
 
 
 def consecutive_free(n: int) -> int:
+    """n consecutive free ports below the ephemeral range (outgoing connections)."""
+    rng = random.Random()
     while True:
-        first = free_port()
-        if first + n < 65536 and not any(port_open("127.0.0.1", first + i) for i in range(n)):
+        first = rng.randrange(20000, 32000)
+        if all(bindable(first + i) for i in range(n)):
             return first
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ revocation reaches every broker. A small version of bench/provision.py."""
 from __future__ import annotations
 
 import json
+import random
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,6 @@ from typer.testing import CliRunner
 from cli.stack import app as stack_app
 from schemas.config import MqttUrl
 from service.db.connect import connect
-from service.stack.process import free_port, port_open
 from service.stack.stack import Stack
 from tests.fix_services import service_dir
 from tests.test_security import Probe, cli
@@ -26,11 +27,22 @@ FLEET = 2000
 
 
 def free_ports(n: int) -> int:
-    """A first port with the n - 1 after it free too (brokers take consecutive ports)."""
+    """A first port with the n - 1 after it free too (brokers take consecutive ports),
+    below the ephemeral range, where outgoing connections could take one meanwhile."""
+    rng = random.Random()
     while True:
-        first = free_port()
-        if first + n < 65536 and not any(port_open("127.0.0.1", first + i) for i in range(n)):
+        first = rng.randrange(20000, 32000)
+        if all(bindable(first + i) for i in range(n)):
             return first
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @pytest.fixture
@@ -123,3 +135,36 @@ def test_adding_a_broker_keeps_every_agent_home(shards: Stack, database: str) ->
         rows = conn.execute("SELECT broker_id, url FROM brokers ORDER BY broker_id").fetchall()
     assert [r[0] for r in rows] == [1, 2, 3]
     assert all("@" not in url for _, url in rows)  # no credentials in the registry
+
+
+def test_accounts_in_the_registry_in_both_schema_modes(
+    db_mode: Any, empty_database: str, broker: Any, probes: list[Probe]
+) -> None:
+    """Provision, revoke and delete on plain PostgreSQL and on TimescaleDB (where
+    security_events and agent_status_events are hypertables)."""
+    from service.db import migrate
+    from tests.fix_services import register_broker
+
+    migrate.upgrade(empty_database, mode=db_mode)
+    register_broker(broker, empty_database)
+    env = {"EUCORA_DATABASE_URL": empty_database, "EUCORA_AUTH_DIR": str(broker.auth.path)}
+    result = runner.invoke(cli, ["provision", "m-1", "m-2", "m-3", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    docs = {d["agent_id"]: d for d in json.loads(result.stdout)}
+    assert connect_agent(probes, docs["m-1"]).connect() == "Success"
+    assert runner.invoke(cli, ["revoke", "m-2"], env=env).exit_code == 0
+    assert runner.invoke(cli, ["delete", "m-3"], env=env).exit_code == 0
+    with connect(empty_database) as conn:
+        agents = conn.execute(
+            "SELECT agent_id, password_hash IS NOT NULL, status FROM agents ORDER BY 1"
+        ).fetchall()
+        (count,) = conn.execute("SELECT agents FROM brokers WHERE broker_id = 1").fetchone() or ()
+        events = conn.execute(
+            "SELECT agent_id, event FROM security_events ORDER BY time, agent_id"
+        ).fetchall()
+    assert agents == [("m-1", True, "unknown"), ("m-2", False, "offline")]
+    assert count == 1
+    assert [e for e in events if e[1] != "provisioned"] == [
+        ("m-2", "credentials_revoked"), ("m-3", "credentials_revoked"), ("m-3", "deleted")
+    ]  # fmt: skip
+    assert broker.auth.agents() == {"m-1"}

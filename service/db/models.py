@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from psycopg.rows import BaseRowFactory, RowMaker, no_result
 from pydantic import PlainSerializer, field_validator
-from sqlalchemy import BigInteger, DateTime, Double, SmallInteger, Text
+from sqlalchemy import BigInteger, DateTime, Double, Integer, SmallInteger, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
@@ -135,6 +135,11 @@ class Agent(AgentDetailBase, table=True):
     registration_ts: UtcTime | None = Field(default=None, sa_type=_TS)
     inventory_ts: UtcTime | None = Field(default=None, sa_type=_TS)
     inventory_updated_at: UtcTime | None = Field(default=None, sa_type=_TS)
+    # 0007: the broker account (docs/broker.md): home broker, hash, provisioned/revoked.
+    broker_id: int | None = Field(default=None, sa_type=Integer)
+    password_hash: str | None = Field(default=None, sa_type=Text, repr=False)
+    provisioned_at: UtcTime | None = Field(default=None, sa_type=_TS)
+    revoked_at: UtcTime | None = Field(default=None, sa_type=_TS)
 
 
 class AgentHealth(SQLModel):
