@@ -40,6 +40,9 @@ from service.stack.broker import Broker
 from service.stack.process import free_port, wait_for
 from service.stack.stack import Stack
 from tests.fix_services import BridgeProcess, service_dir
+from tests.test_agents_support import LoopThread, loop_thread, wait
+
+__all__ = ["loop_thread"]  # fixture
 
 TREE = TopicTree()
 TIMEOUT = 5.0
@@ -775,3 +778,26 @@ def test_stack_env_provisions_agents_for_its_tls_listener(
             assert agent.connect() == "Success"
         finally:
             stack.down()
+
+
+def test_a_provisioned_agents_first_connection_fills_in_its_registry_row(
+    broker: Broker, registry: str, bridge: BridgeProcess, loop_thread: LoopThread
+) -> None:
+    """Provisioned: listed before it ever connects; its registration (through the
+    bridge) then fills the same row, keeping its account and home broker."""
+    doc = provision(broker, registry, "fresh-1")
+    before = query(registry, "SELECT status, registered_at FROM agents WHERE agent_id = %s",
+                   "fresh-1")  # fmt: skip
+    assert before == [("unknown", None)]
+    loop_thread.session(broker, "fresh-1", doc["password"])
+    row = wait(
+        lambda: query(
+            registry,
+            "SELECT status, hostname IS NOT NULL, broker_id, password_hash IS NOT NULL,"
+            " provisioned_at IS NOT NULL FROM agents"
+            " WHERE agent_id = 'fresh-1' AND registered_at IS NOT NULL AND status = 'online'",
+        ),
+        20,
+        "the agent to register",
+    )
+    assert row == [("online", True, 1, True, True)]
