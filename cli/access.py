@@ -181,7 +181,7 @@ def provision(
                 os.replace(staged.pop(a), path)
     except accounts.AccountError as exc:
         fail(str(exc), code=1)
-    except (identity.IdentityError, OSError) as exc:
+    except (identity.IdentityError, OSError, psycopg_error()) as exc:
         fail(f"cannot provision: {exc}", code=1)
     finally:
         for tmp in staged.values():
@@ -258,7 +258,7 @@ def revoke(
             identity.remove_agents(auth, [agent_id])
     except accounts.AccountError as exc:
         fail(str(exc), code=1)
-    except (identity.IdentityError, OSError) as exc:
+    except (identity.IdentityError, OSError, psycopg_error()) as exc:
         fail(f"cannot revoke {agent_id!r}: {exc}", code=1)
     if json:
         emit_json({"agent_id": agent_id, "revoked": True})
@@ -282,7 +282,7 @@ def delete(
             if not accounts.delete(conn, agent_id):
                 fail(f"no agent {agent_id!r} in the registry", code=1)
             identity.remove_agents(auth, [agent_id])
-    except (identity.IdentityError, OSError) as exc:
+    except (identity.IdentityError, OSError, psycopg_error()) as exc:
         fail(f"cannot delete {agent_id!r}: {exc}", code=1)
     if json:
         emit_json({"agent_id": agent_id, "deleted": True})
@@ -306,3 +306,10 @@ def provision_fleet(
         else:
             identity.add_agents(auth, hashes)
     return {p.agent_id: p.agent_url for p in done}
+
+
+def psycopg_error() -> type[Exception]:
+    """The database driver's base error (imported when a command runs, not at start)."""
+    import psycopg
+
+    return psycopg.Error

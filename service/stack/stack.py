@@ -297,13 +297,15 @@ class Stack:
 
     def _agent_counts(self) -> dict[int, int]:
         """Agents with an account per home broker; empty when the database is down."""
-        from service.db.connect import DatabaseUnavailable, connect
+        import psycopg
+
+        from service.db.connect import connect
         from service.domains import accounts
 
         try:
             with connect(self.database_url(), connect_timeout=2) as conn:
                 return {b.broker_id: b.agents for b in accounts.brokers(conn)}
-        except (DatabaseUnavailable, OSError, psycopg_errors()):
+        except (OSError, psycopg.Error):  # DatabaseUnavailable is a ConnectionError
             return {}
 
     def status(self) -> dict[str, Any]:
@@ -337,10 +339,3 @@ class Stack:
                 "metrics_url": self.metrics_url(),
             },
         }
-
-
-def psycopg_errors() -> type[Exception]:
-    """psycopg's base error, imported only when the database is asked."""
-    import psycopg
-
-    return psycopg.Error
