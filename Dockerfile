@@ -1,4 +1,4 @@
-# The EUCORA image: Debian's Mosquitto (with the dynamic security plugin) and the
+# The EUCORA image: Debian's Mosquitto (accounts in password and ACL files) and the
 # project with its `server` extra, as `scripts/setup.sh` installs them on a machine.
 # compose.yaml runs it. (Endpoints install only the agent: `pip install .`, README.)
 FROM python:3.11-slim-bookworm
