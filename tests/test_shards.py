@@ -100,6 +100,9 @@ def test_a_fleet_on_two_brokers_provision_connect_revoke(
     target, bystander = docs[on_2[0]], docs[on_2[1]]
     victim = connect_agent(probes, target)
     assert victim.connect(clean_start=False, session_expiry=3600) == "Success"
+    # The same agent on the other broker as well: a revoke must reach that one too.
+    victim_on_1 = connect_agent(probes, target, agent_urls[0])
+    assert victim_on_1.connect() == "Success"
     other = connect_agent(probes, bystander)
     assert other.connect() == "Success"
     elsewhere = connect_agent(probes, docs[on_2[2]], agent_urls[0])
@@ -113,6 +116,7 @@ def test_a_fleet_on_two_brokers_provision_connect_revoke(
     result = runner.invoke(cli, ["revoke", target["agent_id"]], env=env)
     assert result.exit_code == 0, result.output
     assert victim.disconnected.wait(5), "the revoked agent is still connected"
+    assert victim_on_1.disconnected.wait(5), "still connected to the other broker"
     for url in agent_urls:
         assert connect_agent(probes, target, url).connect() == "Not authorized"
     assert not other.disconnected.is_set() and not elsewhere.disconnected.is_set()
