@@ -172,3 +172,35 @@ def test_accounts_in_the_registry_in_both_schema_modes(
         ("m-2", "credentials_revoked"), ("m-3", "credentials_revoked"), ("m-3", "deleted")
     ]  # fmt: skip
     assert broker.auth.agents() == {"m-1"}
+
+
+def test_a_lost_password_file_is_rebuilt_from_the_registry(
+    shards: Stack, database: str, probes: list[Probe]
+) -> None:
+    """The registry is the source of truth: a stack that starts without the agents'
+    password file writes it again from the database (revoked agents left out)."""
+    env = shards.env()
+    result = runner.invoke(cli, ["provision", "r-1", "r-2", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    docs = {d["agent_id"]: d for d in json.loads(result.stdout)}
+    assert runner.invoke(cli, ["revoke", "r-2"], env=env).exit_code == 0
+    shards.down()
+    (shards.auth_dir / "agents.passwd").unlink()
+    shards.up(bridge=False)
+    assert connect_agent(probes, docs["r-1"]).connect() == "Success"
+    assert connect_agent(probes, docs["r-2"]).connect() == "Not authorized"
+
+
+def test_a_broker_that_does_not_accept_gets_no_new_agents(shards: Stack, database: str) -> None:
+    with connect(database) as conn:
+        conn.execute("UPDATE brokers SET accepting = false WHERE broker_id = 1")
+        conn.commit()
+    result = runner.invoke(cli, ["provision", "n-1", "n-2", "n-3", "--json"], env=shards.env())
+    assert result.exit_code == 0, result.output
+    assert {d["mqtt_url"] for d in json.loads(result.stdout)} == {shards.broker(2).agent_url}
+    with connect(database) as conn:
+        conn.execute("UPDATE brokers SET accepting = false")
+        conn.commit()
+    refused = runner.invoke(cli, ["provision", "n-4"], env=shards.env())
+    assert refused.exit_code == 1
+    assert "no broker accepts new agents" in refused.stderr
