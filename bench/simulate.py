@@ -139,7 +139,7 @@ def measure(
             proc.kill()
     return {
         "agents": n,
-        "provisioned": "before the broker started" if passwords else "by eucora simulate",
+        "provisioned": "up front, in bulk" if passwords else "by eucora simulate",
         "online_in_db": still,
         "seconds_to_all_online": round(ready, 1),
         "telemetry_interval_s": interval,
