@@ -135,11 +135,11 @@ class Agent(AgentDetailBase, table=True):
     registration_ts: UtcTime | None = Field(default=None, sa_type=_TS)
     inventory_ts: UtcTime | None = Field(default=None, sa_type=_TS)
     inventory_updated_at: UtcTime | None = Field(default=None, sa_type=_TS)
-    # 0007: the broker account (docs/broker.md): home broker, hash, provisioned/revoked.
+    # 0007: the broker account (docs/broker.md): home broker, hash, when provisioned
+    # (revoked_at, shown by `agents show`, is in AgentDetailBase).
     broker_id: int | None = Field(default=None, sa_type=Integer)
     password_hash: str | None = Field(default=None, sa_type=Text, repr=False)
     provisioned_at: UtcTime | None = Field(default=None, sa_type=_TS)
-    revoked_at: UtcTime | None = Field(default=None, sa_type=_TS)
 
 
 class AgentHealth(SQLModel):
