@@ -36,7 +36,7 @@ from typer.testing import CliRunner
 
 from cli.agents import app as agents_app
 from cli.tasks import app as tasks_app
-from service import dynsec
+from service import identity
 from service.db import migrate
 from service.stack.database import Cluster
 from service.stack.process import free_port
@@ -155,7 +155,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="eucora-bench-") as tmp:
         root = Path(tmp)
         os.chmod(root, 0o755)  # noqa: S103 (the database account walks through it)
-        cluster = Cluster(root=root / "pg", port=free_port(), password=dynsec.new_password())
+        cluster = Cluster(root=root / "pg", port=free_port(), password=identity.new_password())
         cluster.start()
         try:
             url = cluster.url
