@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import socket
 import sqlite3
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +23,7 @@ from agent.buffer import DurableBuffer, FallbackBuffer, TelemetryBuffer, open_bu
 from agent.protocol import Metrics
 from agent.session import AgentSession, Timing
 from cli.agents import app as agents_app
+from cli.tasks import app as tasks_app
 from schemas.config import MqttUrl
 from schemas.payloads import TelemetrySample
 from service.stack.broker import Broker
@@ -31,6 +34,7 @@ from tests.test_agents_support import (
     LoopThread,
     Proxy,
     agent_factory,
+    agent_status,
     agent_url,
     loop_thread,
     provision,
@@ -231,3 +235,83 @@ def _dropped(path: Path) -> int:
     with contextlib.closing(sqlite3.connect(path)) as db:
         row = db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
         return int(row[0]) if row else 0
+
+
+# --- a link that goes half-open ---------------------------------------------------
+
+KEEPALIVE = 5
+INTERVAL = 1.0
+
+
+def gaps(database: str, agent_id: str) -> tuple[int, float]:
+    """(samples stored, the longest gap between consecutive samples, seconds)."""
+    rows = query(
+        database,
+        "SELECT count(*), coalesce(max(gap), 0) FROM (SELECT extract(epoch FROM time - lag(time)"
+        " OVER (ORDER BY time)) AS gap FROM telemetry WHERE agent_id = %s) g",
+        (agent_id,),
+    )
+    return int(rows[0][0]), float(rows[0][1])
+
+
+@pytest.mark.parametrize("outage", ["half-open", "connects-unanswered"])
+def test_an_outage_on_a_dead_link_loses_no_sample_and_no_task(
+    outage: str, broker: Broker, bridge: BridgeProcess, database: str,
+    agent_factory: Callable[..., AgentProcess], tmp_path: Path,
+) -> None:  # fmt: skip
+    """half-open: the link stays up but carries nothing for 2.5 x keepalive (a laptop lid
+    closed, a NAT mapping gone); connects-unanswered: the agent is cut off, then every
+    connection attempt for 30 s is accepted and never answered."""
+    agent_id = f"link-{outage}"
+    pw = provision(broker, agent_id)[agent_id]
+    proxy = Proxy(broker.port)
+    agent = agent_factory(
+        broker, agent_id, pw,
+        "--telemetry-interval", str(INTERVAL), "--keepalive", str(KEEPALIVE),
+        "--reconnect-max", "2", "--state-dir", str(tmp_path / "state"),
+        "--allow-list", str(_allow(tmp_path)),
+        EUCORA_MQTT_URL=f"mqtt://{agent_id}:{pw}@127.0.0.1:{proxy.port}",
+    )  # fmt: skip
+    wait(lambda: gaps(database, agent_id)[0] >= 3, 20, "live telemetry")
+    before = (agent_status(database, agent_id) or ("", None, False))[1]
+    proxy.black_hole()
+    if outage == "connects-unanswered":
+        # Make the agent notice, so what follows are fresh attempts that get no answer.
+        wait(lambda: "disconnected" in agent.log(), 3 * KEEPALIVE, "the agent to notice")
+        length = 30.0
+    else:
+        length = 2.5 * KEEPALIVE
+    began = time.monotonic()
+    # A task created during the outage.
+    created = CliRunner().invoke(tasks_app, ["create", "--agent", agent_id, "--type",
+                                             "HEALTHCHECK", "--json", "--database-url",
+                                             database])  # fmt: skip
+    assert created.exit_code == 0, created.output
+    task_id = json.loads(created.stdout)[0]["task_id"]
+    wait(lambda: time.monotonic() - began >= length, length + 1, "the outage to last")
+    proxy.restore()
+
+    # Online again, in a new session (a new epoch), within a few seconds.
+    def back_online() -> bool:
+        st = agent_status(database, agent_id)
+        return st is not None and st[0] == "online" and (st[1] or 0) > (before or 0)
+
+    wait(back_online, 20, "online again")
+    wait(lambda: query(database, "SELECT status FROM tasks WHERE task_id = %s",
+                       (task_id,))[0][0] == "COMPLETED", 30, "the task done")  # fmt: skip
+    # Every sample measured during the outage arrives: no gap longer than 1.5 intervals
+    # (duplicates are impossible: (agent, time) is the key).
+    time.sleep(2 * INTERVAL)  # the samples of the last moment are committed
+    count, longest = gaps(database, agent_id)
+    assert longest <= 1.5 * INTERVAL, (count, longest)
+    runs = query(database, "SELECT count(*) FROM task_events WHERE task_id = %s"
+                           " AND status = 'COMPLETED' AND accepted", (task_id,))  # fmt: skip
+    assert runs == [(1,)]
+    assert agent.stop() == 0
+    proxy.close()
+
+
+def _allow(tmp_path: Path) -> Path:
+    path = tmp_path / "allow.json"
+    path.write_text(json.dumps({"commands": []}))
+    return path

@@ -264,6 +264,8 @@ class Proxy:
         self.port = free_port()
         self._conns: list[Any] = []
         self._listener: Any = None
+        self.flowing = threading.Event()
+        self.flowing.set()
         self._lock = threading.Lock()
         self.start()
 
@@ -292,17 +294,26 @@ class Proxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: Any, dst: Any) -> None:
+    def _pump(self, src: Any, dst: Any) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if self.flowing.is_set():
+                    dst.sendall(data)
+                # else: black-holed, as on a dead path: nothing gets through either way
         except OSError:
             pass
         finally:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.close()
+
+    def black_hole(self) -> None:
+        """Half-open: every connection stays open and new ones are accepted, but no
+        byte gets through either way (no FIN, no RST), until `restore`."""
+        self.flowing.clear()
+
+    def restore(self) -> None:
+        self.flowing.set()
 
     def cut(self) -> None:
         """Refuse new connections and drop the open ones (both sides see them close)."""
