@@ -335,7 +335,30 @@ class AgentSession:
             )
             self._schedule_reconnect(self._next_backoff())
             return
+        self._tune_socket()
         self._connack_timer = self.loop.call_later(self.timing.connack_timeout, self._no_connack)
+
+    def _tune_socket(self) -> None:
+        """Let the kernel find a dead link too: TCP keepalive probes after `keepalive` s of
+        silence, and (Linux) TCP_USER_TIMEOUT, which aborts a connection whose sent data
+        stays unacknowledged for 1.5 x keepalive, so telemetry on a half-open link ends
+        it without waiting for MQTT's ping. Options a platform lacks are skipped."""
+        sock = self.client.socket()
+        if not isinstance(sock, socket.socket):
+            return
+        ka = max(1, self.timing.keepalive)
+        options = [
+            (socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
+            (socket.IPPROTO_TCP, "TCP_KEEPIDLE", ka),
+            (socket.IPPROTO_TCP, "TCP_KEEPINTVL", max(1, ka // 3)),
+            (socket.IPPROTO_TCP, "TCP_KEEPCNT", 3),
+            (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", int(1500 * ka)),
+        ]
+        for level, name, value in options:
+            option = getattr(socket, name, None)
+            if option is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(level, option, value)
 
     def _no_connack(self) -> None:
         if not self.connected and not self.stopping:

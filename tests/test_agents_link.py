@@ -315,3 +315,18 @@ def _allow(tmp_path: Path) -> Path:
     path = tmp_path / "allow.json"
     path.write_text(json.dumps({"commands": []}))
     return path
+
+
+def test_the_agents_socket_lets_the_kernel_find_a_dead_link(
+    broker: Broker, loop_thread: LoopThread
+) -> None:
+    pw = provision(broker, "probed")["probed"]
+    s = loop_thread.session(broker, "probed", pw)  # keepalive 5 s
+    wait(lambda: loop_thread.call(lambda: s.connected), 10, "connected")
+    sock = loop_thread.call(lambda: s.client.socket())
+    assert isinstance(sock, socket.socket)
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
+    # Sent data unacknowledged for 1.5 x keepalive aborts the connection (Linux).
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 7500
+    loop_thread.call(s.stop)
