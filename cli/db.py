@@ -1,7 +1,8 @@
 """`eucora db ...`: schema migrations.
 
-Exit codes: 0 done; 1 a migration failed (rolled back); 2 configuration or connection
-error. Errors are one line on stderr, never with a password.
+Exit codes (cli/common.py): 0 done; 1 a migration failed (rolled back); 2 configuration
+error; 4 the database cannot be reached. Errors are one line on stderr, never with a
+password.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from enum import StrEnum
 import orjson
 import typer
 
+from cli.common import EXIT_NOT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from schemas.config import ConfigError, redact_url
 from service.config import check_database_url
 from service.db import migrate
@@ -26,8 +28,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
+EXIT_FAILED = EXIT_NOT_OK
+EXIT_CONFIG = EXIT_USAGE
 
 DATABASE_URL_OPTION = typer.Option(
     None,
@@ -111,7 +113,7 @@ def upgrade(
             version = migrate.current_version(conn)
             db_mode = migrate.database_mode(conn)
     except DatabaseUnavailable as exc:
-        raise fail(str(exc), EXIT_CONFIG) from None
+        raise fail(str(exc), EXIT_UNREACHABLE) from None
     except migrate.MigrationError as exc:
         raise fail(str(exc), EXIT_FAILED) from None
 

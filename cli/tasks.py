@@ -25,6 +25,8 @@ import psycopg
 import typer
 
 from cli.common import (
+    EXIT_NOT_OK,
+    EXIT_WAIT_TIMEOUT,
     check_target,
     count_more,
     emit_json,
@@ -52,8 +54,6 @@ app = typer.Typer(
 
 WAIT_POLL_S = 0.5
 
-EXIT_NOT_DONE = 1
-EXIT_WAIT_TIMEOUT = 3
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
 # Lifecycle order, for counts and tables.
@@ -64,7 +64,7 @@ def _task_id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        fail(f"{value!r} is not a task id (a UUID)", EXIT_NOT_DONE)
+        fail(f"{value!r} is not a task id (a UUID)", EXIT_NOT_OK)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -183,7 +183,7 @@ def create(
     try:
         made = in_transaction(database_url, create_all)
     except tasks.TaskError as exc:
-        fail(str(exc), EXIT_NOT_DONE)
+        fail(str(exc), EXIT_NOT_OK)
     if wait:
         with open_database(database_url) as conn:
             _wait(conn, made, wait_timeout, json_output)
@@ -253,7 +253,7 @@ def _wait(
         typer.echo(f"error: not finished after {wait_timeout:g} s", err=True)
         raise typer.Exit(EXIT_WAIT_TIMEOUT)
     if any(r.status != TaskStatus.COMPLETED for r in rows):
-        raise typer.Exit(EXIT_NOT_DONE)
+        raise typer.Exit(EXIT_NOT_OK)
 
 
 @app.command("list")
@@ -314,7 +314,7 @@ def list_tasks(
         if after is not None:
             found = conn.execute("SELECT 1 FROM tasks WHERE task_id = %(after)s", params)
             if found.fetchone() is None:
-                fail(f"--after: task {after} not found", EXIT_NOT_DONE)
+                fail(f"--after: task {after} not found", EXIT_NOT_OK)
         rows = (
             conn.cursor(row_factory=model_row(TaskPublic))
             .execute(
@@ -402,7 +402,7 @@ def show(
     with open_database(database_url) as conn:
         doc = task_document(conn, tid)
     if doc is None:
-        fail(f"no task {task_id}", EXIT_NOT_DONE)
+        fail(f"no task {task_id}", EXIT_NOT_OK)
     shown = doc.model_dump(mode="json")
     if json_output:
         emit_json(shown)
@@ -483,7 +483,7 @@ def cancel(
         else:
             typer.echo(f"cancelled {len(done_all)} task(s) of command {cid}")
         if not done_all:
-            fail(f"no unfinished task of command {cid} was cancelled", EXIT_NOT_DONE)
+            fail(f"no unfinished task of command {cid} was cancelled", EXIT_NOT_OK)
         return
     assert task_id is not None
     tid = _task_id(task_id)
@@ -494,7 +494,7 @@ def cancel(
     try:
         done = in_transaction(database_url, do)
     except tasks.TaskError as exc:
-        fail(str(exc), EXIT_NOT_DONE)
+        fail(str(exc), EXIT_NOT_OK)
     if json_output:
         emit_json(_cancelled_doc(done))
         return

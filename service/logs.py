@@ -45,5 +45,5 @@ def setup(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
+    root.setLevel(level.upper())  # first: an unknown level (ValueError) changes nothing
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
