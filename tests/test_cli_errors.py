@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import pytest
 from service.stack.process import free_port
 
 OK, NOT_OK, USAGE, WAIT_TIMEOUT, UNREACHABLE = 0, 1, 2, 3, 4
-ANY_ID = str(uuid.uuid4())
+ANY_ID = "0b5e2c1e-8a43-4f0e-9d0c-5d2f6b1a7c11"  # no such task or deployment
 
 # Every command that reads or writes the database.
 DATABASE_COMMANDS = [
