@@ -184,6 +184,9 @@ def create(
         made = in_transaction(database_url, create_all)
     except tasks.TaskError as exc:
         fail(str(exc), EXIT_NOT_OK)
+    if not json_output:
+        # First, and with --wait too: the id to find these tasks in the logs and events.
+        typer.echo(f"created {len(made)} task(s), correlation id {correlation_id}")
     if wait:
         with open_database(database_url) as conn:
             _wait(conn, made, wait_timeout, json_output)
@@ -191,7 +194,6 @@ def create(
     if json_output:
         emit_json(made)
         return
-    typer.echo(f"created {len(made)} task(s), correlation id {correlation_id}")
     typer.echo(
         _table(
             ["TASK", "AGENT", "STATUS"], [[m["task_id"], m["agent_id"], m["status"]] for m in made]
