@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from service.stack.process import free_port
@@ -178,3 +179,29 @@ def test_agent_state_dir_not_writable(tmp_path: Path) -> None:
     )  # fmt: skip
     line = error_line(result, USAGE)
     assert str(tmp_path / "state") in line and "--state-dir" in line
+
+
+def test_database_lost_in_the_middle_of_a_command(database: str) -> None:
+    """`tasks create --wait` follows its task when the database ends its connection."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("INSERT INTO agents (agent_id, status) VALUES ('web-01', 'online')")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EUCORA_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "tasks", "create", "--agent", "web-01",
+         "--type", "HEALTHCHECK", "--wait", "--wait-timeout", "60"],
+        env=clean | {"EUCORA_DATABASE_URL": database},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    first = proc.stderr.readline()  # the progress line: it is waiting now
+    assert first.startswith("0/1 finished"), first
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'eucora'"
+            " AND pid <> pg_backend_pid()"
+        )
+    out, err = proc.communicate(timeout=60)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    line = error_line(result, UNREACHABLE)
+    assert "lost the database" in line
