@@ -103,12 +103,27 @@ def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat() if value is not None else None
 
 
+def require_url(database_url: str | None) -> str:
+    """--database-url / EUCORA_DATABASE_URL, checked, or a one-line error (exit 2)."""
+    from schemas.config import ConfigError
+    from service.config import check_database_url
+
+    if not database_url:
+        fail(
+            "EUCORA_DATABASE_URL is not set and --database-url was not given "
+            "(e.g. postgresql://eucora@127.0.0.1:5432/eucora)"
+        )
+    try:
+        return check_database_url(database_url)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
 def open_database(database_url: str | None, *, autocommit: bool = False) -> psycopg.Connection[Any]:
     """The database from --database-url / EUCORA_DATABASE_URL with its schema current,
     or a one-line error (unreachable: 4; schema not current: 2)."""
     import psycopg
 
-    from cli.db import require_url
     from service.db import migrate
     from service.db.connect import DatabaseUnavailable, connect
 
@@ -140,7 +155,6 @@ def in_transaction(
 
     import psycopg
 
-    from cli.db import require_url
     from service.db import migrate
     from service.db.connect import connect_async, describe_connection_error
 

@@ -14,9 +14,8 @@ from enum import StrEnum
 import orjson
 import typer
 
-from cli.common import EXIT_NOT_OK, EXIT_UNREACHABLE, EXIT_USAGE
-from schemas.config import ConfigError, redact_url
-from service.config import check_database_url
+from cli.common import EXIT_NOT_OK, EXIT_UNREACHABLE, EXIT_USAGE, require_url
+from schemas.config import redact_url
 from service.db import migrate
 from service.db.connect import DatabaseUnavailable, connect
 from service.logs import scrub
@@ -57,19 +56,6 @@ def fail(message: str, code: int) -> typer.Exit:
     first = scrub(message).strip().splitlines() or ["unknown error"]
     typer.echo(f"error: {first[0]}", err=True)
     return typer.Exit(code)
-
-
-def require_url(database_url: str | None) -> str:
-    if not database_url:
-        raise fail(
-            "EUCORA_DATABASE_URL is not set and --database-url was not given "
-            "(e.g. postgresql://eucora@127.0.0.1:5432/eucora)",
-            EXIT_CONFIG,
-        )
-    try:
-        return check_database_url(database_url)
-    except ConfigError as exc:
-        raise fail(str(exc), EXIT_CONFIG) from None
 
 
 class _StderrNotices(logging.Handler):
