@@ -252,6 +252,8 @@ class BridgeApp:
             await claim_client_id(self.settings.database_url, self.settings.client_id)
         except ClientIdTaken as exc:
             raise ConfigError(str(exc)) from None
+        except (psycopg.Error, OSError) as exc:  # the database went away just now
+            raise Unreachable(f"cannot read the bridges' heartbeats: {_one_line(exc)}") from None
         self.health.database_ok = True
         background: list[asyncio.Task[None]] = []
         try:
