@@ -26,6 +26,7 @@ ANY_ID = "0b5e2c1e-8a43-4f0e-9d0c-5d2f6b1a7c11"  # no such task or deployment
 DATABASE_COMMANDS = [
     ["agents", "list"],
     ["agents", "show", "web-01"],
+    ["agents", "label", "web-01", "owner=ops"],
     ["tasks", "list"],
     ["tasks", "show", ANY_ID],
     ["tasks", "create", "--agent", "web-01", "--type", "HEALTHCHECK"],
