@@ -98,11 +98,11 @@ def test_unreachable_database(command: list[str], unreachable_database: str) -> 
 
 
 def test_bridge_unreachable_database(broker, unreachable_database: str) -> None:  # type: ignore[no-untyped-def]
-    from service import dynsec
+    from service import identity
 
     result = eucora(
         "bridge", "run", "--metrics-port", "0",
-        EUCORA_MQTT_URL=broker.url(dynsec.BRIDGE_USER),
+        EUCORA_MQTT_URL=broker.url(identity.BRIDGE_USER),
         EUCORA_DATABASE_URL=unreachable_database,
         EUCORA_CONNECT_TIMEOUT="1",
     )  # fmt: skip
@@ -111,11 +111,11 @@ def test_bridge_unreachable_database(broker, unreachable_database: str) -> None:
 
 
 def test_bridge_unmigrated_database(broker, empty_database: str) -> None:  # type: ignore[no-untyped-def]
-    from service import dynsec
+    from service import identity
 
     result = eucora(
         "bridge", "run", "--metrics-port", "0",
-        EUCORA_MQTT_URL=broker.url(dynsec.BRIDGE_USER), EUCORA_DATABASE_URL=empty_database,
+        EUCORA_MQTT_URL=broker.url(identity.BRIDGE_USER), EUCORA_DATABASE_URL=empty_database,
     )  # fmt: skip
     assert "run `eucora db upgrade`" in error_line(result, USAGE, logs=True)
 
