@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psycopg
@@ -27,6 +28,8 @@ DATABASE_COMMANDS = [
     ["agents", "list"],
     ["agents", "show", "web-01"],
     ["agents", "label", "web-01", "owner=ops"],
+    ["agents", "provision", "web-02"],
+    ["agents", "revoke", "web-01"],
     ["tasks", "list"],
     ["tasks", "show", ANY_ID],
     ["tasks", "create", "--agent", "web-01", "--type", "HEALTHCHECK"],
@@ -42,6 +45,8 @@ DATABASE_COMMANDS = [
 
 def eucora(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EUCORA_")}
+    # provision/revoke check the broker's account folder first: one that exists.
+    clean["EUCORA_AUTH_DIR"] = tempfile.gettempdir()
     return subprocess.run(
         [sys.executable, "-m", "cli", *args],
         env=clean | env,
