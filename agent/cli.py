@@ -36,11 +36,14 @@ def start(
     agent until it stops; returns the exit code. A refused configuration is one
     `error: ...` line on stderr (secrets masked) and 2."""
     try:
+        level = log_level or os.environ.get(LOG_LEVEL_ENV) or "INFO"
         try:
-            logs.setup(log_level or os.environ.get(LOG_LEVEL_ENV) or "INFO")
-        except ValueError as exc:
-            raise ConfigError(f"log level: {exc}") from None
+            logs.setup(level)
+        except ValueError:
+            raise ConfigError(f"--log-level {level!r}: use DEBUG, INFO, WARNING or ERROR") from None
         cfg = config.load(flags, config_file=config_file)
+        if cfg.state_dir is not None:
+            config.prepare_state_dir(cfg.state_dir)
     except ConfigError as exc:
         print(f"error: {logs.scrub(' '.join(str(exc).split()))}", file=sys.stderr)
         return 2

@@ -165,6 +165,13 @@ def load(
         sources = tuple(s for s in sources if s != "none")
     state_dir = pick("state_dir")
     allow_list = pick("allow_list")
+    ca_file = pick("ca_file")
+    if ca_file and not Path(str(ca_file)).is_file():
+        where = "EUCORA_CA_FILE" if "ca_file" not in doc or env.get(ENV["ca_file"]) else path
+        raise ConfigError(
+            f"CA file {ca_file} (from {where}) not found: copy the broker's CA certificate"
+            " to this host and set ca_file in the config file (or EUCORA_CA_FILE) to its path"
+        )
     if allow_list and not Path(str(allow_list)).is_file():
         raise ConfigError(f"allow-list file not found: {allow_list}")
     mqtt_version = str(pick("mqtt_version") or "5")
@@ -178,7 +185,7 @@ def load(
         mqtt=mqtt,
         password=str(password),
         topic_root=check_topic_root(str(pick("topic_root") or DEFAULT_TOPIC_ROOT)),
-        ca_file=str(pick("ca_file")) if pick("ca_file") else None,
+        ca_file=str(ca_file) if ca_file else None,
         timing=timing,
         tags=parse_tags(pick("tags")),
         buffer_size=int(number("buffer_size", 10_000, minimum=1)),
@@ -187,3 +194,17 @@ def load(
         state_dir=Path(state_dir) if state_dir else None,
         allow_list=Path(str(allow_list)) if allow_list else None,
     )
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Create the state folder and prove it writable now, not at the first task."""
+    probe = path / ".write-test"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"state folder {path} is not writable ({exc.strerror or exc}): give --state-dir"
+            " (EUCORA_AGENT_STATE_DIR) a folder this user may write"
+        ) from None

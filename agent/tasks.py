@@ -66,9 +66,10 @@ from typing import Any, Final
 import orjson
 import psutil
 
+from agent import logs
 from agent.protocol import Metrics
 from schemas.payloads import DeploymentStatusReport, TaskCancel, TaskCommand, TaskStatusReport
-from schemas.states import DeploymentAgentStatus, TaskStatus, TaskType
+from schemas.states import TERMINAL, DeploymentAgentStatus, TaskStatus, TaskType
 from schemas.topics import Kind
 from schemas.validate import PayloadError, dump, parse
 
@@ -333,6 +334,21 @@ class TaskExecutor:
         self._send(task_id, TaskStatus.REJECTED, error=f"invalid task: {exc}")
 
     def _accept(self, task: TaskCommand) -> None:
+        with logs.context(**self._log_fields(task)):
+            log.info("task received", extra={"type": task.type.value, "attempt": task.attempt})
+            self._accept_in_context(task)
+
+    def _log_fields(self, task: TaskCommand) -> dict[str, Any]:
+        """The ids every log line about this task carries (SPEC "Logs")."""
+        deployment = task.payload.get("deployment_id")
+        return {
+            "agent_id": self.agent_id,
+            "task_id": task.task_id,
+            "correlation_id": task.correlation_id,
+            "deployment_id": deployment if isinstance(deployment, str) else None,
+        }
+
+    def _accept_in_context(self, task: TaskCommand) -> None:
         task_id = str(task.task_id)
         rejection: str | None = None
         deployment: dict[str, Any] | None = None
@@ -415,6 +431,10 @@ class TaskExecutor:
 
     # --- running -------------------------------------------------------------------
     def _run(self, task: TaskCommand) -> None:
+        with logs.context(**self._log_fields(task)):  # a pool thread: a context of its own
+            self._run_in_context(task)
+
+    def _run_in_context(self, task: TaskCommand) -> None:
         task_id = str(task.task_id)
         corr = task.correlation_id
         with self._lock:
@@ -554,6 +574,18 @@ class TaskExecutor:
     ) -> None:
         doc = report_document(task_id, status, progress=progress, result=result, error=error,
                               correlation_id=corr)  # fmt: skip
+        # The outcome at INFO, the steps before it at DEBUG; the ids also outside a
+        # context (a repeat of an old report, an invalid task).
+        with self._lock:
+            record = self._records.get(task_id)
+        ids = {"agent_id": self.agent_id, "task_id": task_id,
+               "correlation_id": corr or (record.correlation_id if record else None),
+               "deployment_id": record.deployment_id if record else None}  # fmt: skip
+        log.log(
+            logging.INFO if status in TERMINAL else logging.DEBUG,
+            "task report",
+            extra={**{k: v for k, v in ids.items() if v is not None}, "status": status.value},
+        )
         try:
             self.report(doc)
         except Exception:

@@ -1,4 +1,12 @@
-"""What every command shares: one-line errors on stderr, JSON output."""
+"""What every command shares: one-line errors on stderr, exit codes, JSON output.
+
+Exit codes, the same for every `eucora` command (README.md, "Exit codes"):
+0 done; 1 done but not OK (a failed task or deployment, an unhealthy status, a request
+that cannot be done such as an unknown id); 2 usage or configuration error (a bad
+option, a missing setting or file, a database schema that needs `eucora db upgrade`);
+3 `--wait` gave up (`--wait-timeout`); 4 a service (database or broker) cannot be
+reached: trying again later may work.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +26,14 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+EXIT_OK = 0
+EXIT_NOT_OK = 1
+EXIT_USAGE = 2
+EXIT_WAIT_TIMEOUT = 3
+EXIT_UNREACHABLE = 4
 
-def fail(message: str, code: int = 2) -> NoReturn:
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print `error: ...` on one line of stderr (secrets scrubbed) and exit non-zero."""
     typer.echo(f"error: {scrub(' '.join(message.split()))}", err=True)
     raise typer.Exit(code)
@@ -89,16 +103,46 @@ def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat() if value is not None else None
 
 
+def require_url(database_url: str | None) -> str:
+    """--database-url / EUCORA_DATABASE_URL, checked, or a one-line error (exit 2)."""
+    from schemas.config import ConfigError
+    from service.config import check_database_url
+
+    if not database_url:
+        fail(
+            "EUCORA_DATABASE_URL is not set and --database-url was not given "
+            "(e.g. postgresql://eucora@127.0.0.1:5432/eucora)"
+        )
+    try:
+        return check_database_url(database_url)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
 def open_database(database_url: str | None, *, autocommit: bool = False) -> psycopg.Connection[Any]:
-    """The database from --database-url / EUCORA_DATABASE_URL, or a one-line error."""
-    from cli.db import require_url
+    """The database from --database-url / EUCORA_DATABASE_URL with its schema current,
+    or a one-line error (unreachable: 4; schema not current: 2)."""
+    import psycopg
+
+    from service.db import migrate
     from service.db.connect import DatabaseUnavailable, connect
 
     url = require_url(database_url)
     try:
-        return connect(url, autocommit=autocommit)
+        conn = connect(url, autocommit=autocommit)
     except DatabaseUnavailable as exc:
+        fail(str(exc), EXIT_UNREACHABLE)
+    try:
+        migrate.require_current(conn)
+        if not autocommit:
+            conn.rollback()  # the command's own transaction starts clean
+    except migrate.SchemaNotCurrent as exc:
+        conn.close()
         fail(str(exc))
+    except psycopg.Error as exc:  # e.g. no permission to read the schema's version
+        conn.close()
+        fail(f"cannot read the database schema: {exc.diag.message_primary or exc}")
+    return conn
 
 
 def in_transaction(
@@ -111,7 +155,7 @@ def in_transaction(
 
     import psycopg
 
-    from cli.db import require_url
+    from service.db import migrate
     from service.db.connect import connect_async, describe_connection_error
 
     url = require_url(database_url)
@@ -120,8 +164,16 @@ def in_transaction(
         try:
             conn = await connect_async(url, application_name="eucora")
         except psycopg.OperationalError as exc:
-            fail(describe_connection_error(url, exc))
-        async with conn, conn.transaction():
-            return await work(conn)
+            fail(describe_connection_error(url, exc), EXIT_UNREACHABLE)
+        async with conn:
+            try:
+                await migrate.require_current_async(conn)
+                await conn.rollback()
+            except migrate.SchemaNotCurrent as exc:
+                fail(str(exc))
+            except psycopg.Error as exc:
+                fail(f"cannot read the database schema: {exc.diag.message_primary or exc}")
+            async with conn.transaction():
+                return await work(conn)
 
     return asyncio.run(run())

@@ -1,7 +1,8 @@
 """`eucora db ...`: schema migrations.
 
-Exit codes: 0 done; 1 a migration failed (rolled back); 2 configuration or connection
-error. Errors are one line on stderr, never with a password.
+Exit codes (cli/common.py): 0 done; 1 a migration failed (rolled back); 2 configuration
+error; 4 the database cannot be reached. Errors are one line on stderr, never with a
+password.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from enum import StrEnum
 import orjson
 import typer
 
-from schemas.config import ConfigError, redact_url
-from service.config import check_database_url
+from cli.common import EXIT_NOT_OK, EXIT_UNREACHABLE, EXIT_USAGE, require_url
+from schemas.config import redact_url
 from service.db import migrate
 from service.db.connect import DatabaseUnavailable, connect
 from service.logs import scrub
@@ -26,8 +27,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
+EXIT_FAILED = EXIT_NOT_OK
+EXIT_CONFIG = EXIT_USAGE
 
 DATABASE_URL_OPTION = typer.Option(
     None,
@@ -55,19 +56,6 @@ def fail(message: str, code: int) -> typer.Exit:
     first = scrub(message).strip().splitlines() or ["unknown error"]
     typer.echo(f"error: {first[0]}", err=True)
     return typer.Exit(code)
-
-
-def require_url(database_url: str | None) -> str:
-    if not database_url:
-        raise fail(
-            "EUCORA_DATABASE_URL is not set and --database-url was not given "
-            "(e.g. postgresql://eucora@127.0.0.1:5432/eucora)",
-            EXIT_CONFIG,
-        )
-    try:
-        return check_database_url(database_url)
-    except ConfigError as exc:
-        raise fail(str(exc), EXIT_CONFIG) from None
 
 
 class _StderrNotices(logging.Handler):
@@ -111,7 +99,7 @@ def upgrade(
             version = migrate.current_version(conn)
             db_mode = migrate.database_mode(conn)
     except DatabaseUnavailable as exc:
-        raise fail(str(exc), EXIT_CONFIG) from None
+        raise fail(str(exc), EXIT_UNREACHABLE) from None
     except migrate.MigrationError as exc:
         raise fail(str(exc), EXIT_FAILED) from None
 

@@ -21,7 +21,16 @@ import orjson
 import psycopg
 import typer
 
-from cli.common import check_target, emit_json, fail, in_transaction, iso, parse_tag
+from cli.common import (
+    EXIT_NOT_OK,
+    EXIT_WAIT_TIMEOUT,
+    check_target,
+    emit_json,
+    fail,
+    in_transaction,
+    iso,
+    parse_tag,
+)
 from cli.db import DATABASE_URL_OPTION
 from cli.tasks import _user
 from schemas.constants import DEPLOYMENT_ABORT_MIN_FINISHED, TASK_DEFAULT_EXPIRES_IN_S
@@ -35,8 +44,6 @@ app = typer.Typer(
     help="Deployments: one software change rolled out to many agents.", no_args_is_help=True
 )
 
-EXIT_NOT_DONE = 1
-EXIT_WAIT_TIMEOUT = 3
 WAIT_POLL_S = 0.5
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
@@ -46,7 +53,7 @@ def _id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        fail(f"{value!r} is not a deployment id (a UUID)", EXIT_NOT_DONE)
+        fail(f"{value!r} is not a deployment id (a UUID)", EXIT_NOT_OK)
 
 
 def parse_abort_after(text: str) -> tuple[int | None, float | None]:
@@ -116,7 +123,7 @@ def _describe(
 
     view = in_transaction(database_url, read)
     if view is None:
-        fail(f"no deployment {deployment_id}", EXIT_NOT_DONE)
+        fail(f"no deployment {deployment_id}", EXIT_NOT_OK)
     return view
 
 
@@ -197,7 +204,7 @@ def create(
     try:
         made = in_transaction(database_url, make)
     except deployments.DeploymentError as exc:
-        fail(str(exc), EXIT_NOT_DONE)
+        fail(str(exc), EXIT_NOT_OK)
     if wait:
         _wait(database_url, uuid.UUID(made["deployment_id"]), wait_timeout, json_output)
         return
@@ -243,7 +250,7 @@ def _wait(
         typer.echo(f"error: not finished after {wait_timeout:g} s", err=True)
         raise typer.Exit(EXIT_WAIT_TIMEOUT)
     if view.status != DeploymentState.COMPLETED:
-        raise typer.Exit(EXIT_NOT_DONE)
+        raise typer.Exit(EXIT_NOT_OK)
 
 
 def _print(view: DeploymentView) -> None:
@@ -337,7 +344,7 @@ def abort(
     try:
         previous = in_transaction(database_url, do)
     except deployments.DeploymentError as exc:
-        fail(str(exc), EXIT_NOT_DONE)
+        fail(str(exc), EXIT_NOT_OK)
     doc = {
         "deployment_id": str(did),
         "status": DeploymentState.ABORTED.value,
@@ -365,7 +372,7 @@ def rollback(
     try:
         n = in_transaction(database_url, do)
     except deployments.DeploymentError as exc:
-        fail(str(exc), EXIT_NOT_DONE)
+        fail(str(exc), EXIT_NOT_OK)
     doc = {
         "deployment_id": str(did),
         "status": DeploymentState.ROLLING_BACK.value,

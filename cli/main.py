@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cli import access, agent, agents, bridge, deployments, stack, tasks, telemetry
+from cli.common import EXIT_UNREACHABLE
 from cli.db import app as db_app
 from cli.simulate import simulate
 from cli.status import status
@@ -50,4 +51,24 @@ app.command("simulate")(simulate)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:
+        lost = _database_failure(exc)
+        if lost is None:
+            raise
+        typer.echo(f"error: {lost}", err=True)
+        raise SystemExit(EXIT_UNREACHABLE) from None
+
+
+def _database_failure(exc: Exception) -> str | None:
+    """One line for a database that went away in the middle of a command (its
+    connection was checked when the command started): the same exit code as a
+    database that cannot be reached at all."""
+    import psycopg
+
+    from service.db.connect import connection_error_reason
+
+    if not isinstance(exc, psycopg.OperationalError):
+        return None
+    return f"lost the database in the middle of the command: {connection_error_reason(exc)}"

@@ -5,9 +5,10 @@ never raises and returns what it found, with `reachable` true or false. The brid
 found through the database: every running bridge writes a heartbeat there
 (`bridges`), so status needs no address for it.
 
-Exit code: 0 when every section is healthy (each reachable; the schema up to date; a
-bridge ready), 1 otherwise (the report is printed either way, so scripts can read the
-details from --json).
+Exit code (cli/common.py): 0 when every section is healthy (each reachable; the schema
+up to date; a bridge ready); 4 when the database or the broker cannot be reached (one
+line on stderr says which); 1 otherwise. The report is printed either way, so scripts
+can read the details from --json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import orjson
 import psycopg
 import typer
 
+from cli.common import EXIT_NOT_OK, EXIT_UNREACHABLE, fail
 from cli.db import DATABASE_URL_OPTION
 from schemas.config import ConfigError, MqttUrl, redact_url
 from service.config import check_database_url
@@ -46,6 +48,7 @@ class SectionReport:
     data: dict[str, Any]  # the section's object in --json
     healthy: bool
     lines: list[tuple[str, str]]  # (label, value) rows for the readable output
+    unreachable: bool = False  # configured, but no answer (exit 4, not 1)
 
 
 SectionFn = Callable[[StatusContext], SectionReport]
@@ -61,6 +64,7 @@ def database_section(ctx: StatusContext) -> SectionReport:
         "pending": None,
         "error": None,
     }
+    unreachable = False
     try:
         if not ctx.database_url:
             raise ConfigError("EUCORA_DATABASE_URL is not set")
@@ -70,8 +74,11 @@ def database_section(ctx: StatusContext) -> SectionReport:
             data["mode"] = migrate.database_mode(conn)
             data["schema_version"] = migrate.current_version(conn)
             data["pending"] = len(migrate.pending(conn))
-    except (ConfigError, DatabaseUnavailable) as exc:
+    except ConfigError as exc:
         data["error"] = str(exc)
+    except DatabaseUnavailable as exc:
+        data["error"] = str(exc)
+        unreachable = True
     except psycopg.Error as exc:  # reachable, but e.g. no permission to read the schema
         data["error"] = str(exc.diag.message_primary or exc)
 
@@ -93,7 +100,7 @@ def database_section(ctx: StatusContext) -> SectionReport:
     ]
     if data["error"]:
         lines.append(("error", data["error"]))
-    return SectionReport(data=data, healthy=bool(healthy), lines=lines)
+    return SectionReport(data=data, healthy=bool(healthy), lines=lines, unreachable=unreachable)
 
 
 def broker_section(ctx: StatusContext) -> SectionReport:
@@ -139,7 +146,12 @@ def broker_section(ctx: StatusContext) -> SectionReport:
             lines.append(
                 (f"broker {b['broker_id']}", f"{b['mqtt_url']}, {b['agents']} agents: {state}")
             )
-    return SectionReport(data=data, healthy=healthy, lines=lines)
+    return SectionReport(
+        data=data,
+        healthy=healthy,
+        lines=lines,
+        unreachable=data["url"] is not None and not data["reachable"],
+    )
 
 
 def _shards(ctx: StatusContext) -> list[tuple[int, MqttUrl, int]]:
@@ -272,8 +284,12 @@ def status(
         typer.echo(orjson.dumps({name: r.data for name, r in reports.items()}).decode())
     else:
         typer.echo(render(reports))
+
+    unreachable = [name for name, r in reports.items() if r.unreachable]
+    if unreachable:
+        fail(f"cannot reach the {' and the '.join(unreachable)}", EXIT_UNREACHABLE)
     if not all(r.healthy for r in reports.values()):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_NOT_OK)
 
 
 # For tests and for running this command alone; cli/main.py registers `status` itself.

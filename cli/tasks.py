@@ -25,6 +25,8 @@ import psycopg
 import typer
 
 from cli.common import (
+    EXIT_NOT_OK,
+    EXIT_WAIT_TIMEOUT,
     check_target,
     count_more,
     emit_json,
@@ -52,8 +54,6 @@ app = typer.Typer(
 
 WAIT_POLL_S = 0.5
 
-EXIT_NOT_DONE = 1
-EXIT_WAIT_TIMEOUT = 3
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
 # Lifecycle order, for counts and tables.
@@ -64,7 +64,7 @@ def _task_id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        fail(f"{value!r} is not a task id (a UUID)", EXIT_NOT_DONE)
+        fail(f"{value!r} is not a task id (a UUID)", EXIT_NOT_OK)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -183,7 +183,10 @@ def create(
     try:
         made = in_transaction(database_url, create_all)
     except tasks.TaskError as exc:
-        fail(str(exc), EXIT_NOT_DONE)
+        fail(str(exc), EXIT_NOT_OK)
+    if not json_output:
+        # First, and with --wait too: the id to find these tasks in the logs and events.
+        typer.echo(f"created {len(made)} task(s), correlation id {correlation_id}")
     if wait:
         with open_database(database_url) as conn:
             _wait(conn, made, wait_timeout, json_output)
@@ -191,7 +194,6 @@ def create(
     if json_output:
         emit_json(made)
         return
-    typer.echo(f"created {len(made)} task(s), correlation id {correlation_id}")
     typer.echo(
         _table(
             ["TASK", "AGENT", "STATUS"], [[m["task_id"], m["agent_id"], m["status"]] for m in made]
@@ -253,7 +255,7 @@ def _wait(
         typer.echo(f"error: not finished after {wait_timeout:g} s", err=True)
         raise typer.Exit(EXIT_WAIT_TIMEOUT)
     if any(r.status != TaskStatus.COMPLETED for r in rows):
-        raise typer.Exit(EXIT_NOT_DONE)
+        raise typer.Exit(EXIT_NOT_OK)
 
 
 @app.command("list")
@@ -314,7 +316,7 @@ def list_tasks(
         if after is not None:
             found = conn.execute("SELECT 1 FROM tasks WHERE task_id = %(after)s", params)
             if found.fetchone() is None:
-                fail(f"--after: task {after} not found", EXIT_NOT_DONE)
+                fail(f"--after: task {after} not found", EXIT_NOT_OK)
         rows = (
             conn.cursor(row_factory=model_row(TaskPublic))
             .execute(
@@ -402,7 +404,7 @@ def show(
     with open_database(database_url) as conn:
         doc = task_document(conn, tid)
     if doc is None:
-        fail(f"no task {task_id}", EXIT_NOT_DONE)
+        fail(f"no task {task_id}", EXIT_NOT_OK)
     shown = doc.model_dump(mode="json")
     if json_output:
         emit_json(shown)
@@ -483,7 +485,7 @@ def cancel(
         else:
             typer.echo(f"cancelled {len(done_all)} task(s) of command {cid}")
         if not done_all:
-            fail(f"no unfinished task of command {cid} was cancelled", EXIT_NOT_DONE)
+            fail(f"no unfinished task of command {cid} was cancelled", EXIT_NOT_OK)
         return
     assert task_id is not None
     tid = _task_id(task_id)
@@ -494,7 +496,7 @@ def cancel(
     try:
         done = in_transaction(database_url, do)
     except tasks.TaskError as exc:
-        fail(str(exc), EXIT_NOT_DONE)
+        fail(str(exc), EXIT_NOT_OK)
     if json_output:
         emit_json(_cancelled_doc(done))
         return

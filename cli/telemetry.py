@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.common import emit_json, fail, iso, open_database, parse_duration
+from cli.common import EXIT_NOT_OK, emit_json, fail, iso, open_database, parse_duration
 from cli.db import DATABASE_URL_OPTION
 from schemas.constants import TELEMETRY_METRICS
 
@@ -132,7 +132,7 @@ def show(
     with open_database(database_url, autocommit=True) as conn:
         known = conn.execute("SELECT 1 FROM agents WHERE agent_id = %s", (agent_id,)).fetchone()
         if known is None:
-            fail(f"agent {agent_id!r} not found", 1)
+            fail(f"agent {agent_id!r} not found", EXIT_NOT_OK)
         rows = fetch(conn, agent_id, window, width)
     if json_output:
         emit_json([r.model_dump(mode="json") for r in rows])

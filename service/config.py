@@ -34,6 +34,9 @@ class Settings:
     database_url: str = field(repr=False)
     topic_root: str = DEFAULT_TOPIC_ROOT
     metrics_port: int = 9108  # 0 disables the HTTP endpoint
+    # The address /metrics, /healthz, /readyz listen on: loopback unless asked (a
+    # container publishes the port, so compose.yaml sets 0.0.0.0).
+    metrics_bind: str = "127.0.0.1"
     client_id: str = "eucora-bridge"
     # How long the bridge keeps retrying a broker or database that is down at start.
     connect_timeout_s: float = 30.0
@@ -104,6 +107,7 @@ class Settings:
                 pick("topic_root", "EUCORA_TOPIC_ROOT", DEFAULT_TOPIC_ROOT) or DEFAULT_TOPIC_ROOT
             ),
             metrics_port=metrics_port,
+            metrics_bind=pick("metrics_bind", "EUCORA_METRICS_BIND", "127.0.0.1") or "127.0.0.1",
             client_id=pick("client_id", "EUCORA_BRIDGE_CLIENT_ID", "eucora-bridge")
             or "eucora-bridge",
             connect_timeout_s=timeout,

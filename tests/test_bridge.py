@@ -60,7 +60,7 @@ def test_wrong_database_url_is_one_line_error(broker: Broker) -> None:
         "EUCORA_MQTT_URL": broker.url(identity.BRIDGE_USER),
         "EUCORA_DATABASE_URL": f"postgresql://nobody:hunter2@127.0.0.1:{free_port()}/nothing",
     })  # fmt: skip
-    assert done.returncode != 0
+    assert done.returncode == 4  # unreachable (README.md, "Exit codes")
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, done.stderr
     assert "cannot use database" in errors[0] and "still failing after" in errors[0]
@@ -146,7 +146,7 @@ def test_status_reports_database_broker_and_bridge(
     code, doc = status()
     assert code == 1 and doc["bridge"]["reachable"] is False
     assert doc["database"]["reachable"] and doc["broker"]["reachable"]
-    # The broker gone too.
+    # The broker gone too: unreachable (README.md, "Exit codes").
     broker.kill()
     code, doc = status()
-    assert code == 1 and doc["broker"]["reachable"] is False and doc["broker"]["error"]
+    assert code == 4 and doc["broker"]["reachable"] is False and doc["broker"]["error"]

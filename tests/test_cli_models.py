@@ -151,7 +151,7 @@ def test_wait_rows_are_the_public_model(full: str, capsys: pytest.CaptureFixture
     """`tasks create --wait --json`: the rows printed once the tasks finished."""
     with psycopg.connect(full) as conn, pytest.raises(typer.Exit) as failed:
         tasks_cli._wait(conn, [{"task_id": str(TASK)}], None, json_output=True)
-    assert failed.value.exit_code == tasks_cli.EXIT_NOT_DONE  # FAILED, not COMPLETED
+    assert failed.value.exit_code == tasks_cli.EXIT_NOT_OK  # FAILED, not COMPLETED
     (row,) = orjson.loads(capsys.readouterr().out)
     assert_is(row, models.TaskProgressPublic, "wait")
     assert row["task_id"] == str(TASK) and row["error"] == "exit 1"

@@ -78,7 +78,7 @@ def test_upgrade_unreachable_database_is_one_line_without_password() -> None:
         timeout=60,
         check=False,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 4  # unreachable (README.md, "Exit codes")
     assert proc.stdout == ""
     assert proc.stderr == (
         "error: cannot connect to database postgresql://nobody:***@127.0.0.1:1/x:"
@@ -134,7 +134,7 @@ def test_status_json_reports_mode_and_version(
 
 def test_status_unreachable_database() -> None:
     result = runner.invoke(status_app, ["--database-url", BAD_URL, "--json"])
-    assert result.exit_code == 1
+    assert result.exit_code == 4  # unreachable, as for every other command
     db = json.loads(result.stdout)["database"]
     assert db["reachable"] is False
     assert db["url"] == "postgresql://nobody:***@127.0.0.1:1/x"

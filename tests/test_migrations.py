@@ -231,7 +231,8 @@ def test_require_current(empty_database: str) -> None:
         with pytest.raises(migrate.SchemaNotCurrent) as err:
             migrate.require_current(conn)
         assert str(err.value) == (
-            f"database schema is at version 0, {len(VERSIONS)} pending: run `eucora db upgrade`"
+            f"database schema is at version 0, this eucora needs {LATEST}"
+            f" ({len(VERSIONS)} pending): run `eucora db upgrade`"
         )
     migrate.upgrade(empty_database)
     with connect(empty_database) as conn:

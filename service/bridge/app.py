@@ -9,10 +9,11 @@ Nothing registers itself at import time; this module is where the parts meet
   Outbox (outbox.py)  <-- tasks table --  domains (service/domains/: agents,
   Sweeps (sweeps.py)  --------------------> inventory, tasks, telemetry, dead letters)
 
-Start-up checks everything before it takes traffic: a wrong URL or a database without
-the current migrations is a configuration error (exit 2, one line on stderr); a broker
+Start-up checks everything before it takes traffic: a wrong URL, a database without
+the current migrations, a /metrics port in use or another running bridge with the same
+client id is a configuration error (ConfigError: exit 2, one line on stderr); a broker
 or database that is merely down is retried with back-off until the connect budget
-(`connect_timeout_s`) is spent.
+(`connect_timeout_s`) is spent (Unreachable: exit 4).
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ from service.bridge.outbox import Outbox
 from service.bridge.rollouts import RolloutEngine
 from service.bridge.routes import Routes, default_routes
 from service.bridge.store import Store
-from service.bridge.sweeps import heartbeat, last_heartbeat, stale_sweeper, task_sweeper
+from service.bridge.sweeps import (
+    ClientIdTaken,
+    claim_client_id,
+    heartbeat,
+    last_heartbeat,
+    stale_sweeper,
+    task_sweeper,
+)
 from service.config import Settings
 from service.db import migrate
 from service.db.connect import connect_async
@@ -58,6 +66,10 @@ _FATAL_DB_HINTS = (
     "invalid connection option",
     'missing "="',
 )
+
+
+class Unreachable(Exception):
+    """A broker or database still down when the connect budget is spent (exit 4)."""
 
 
 class Backoff:
@@ -95,7 +107,7 @@ async def retry(
                 raise ConfigError(f"{what}: {_one_line(exc)}") from exc
             log.warning("%s failed, retrying", what, extra={"error": _one_line(exc)})
             if not await backoff.wait():
-                raise ConfigError(
+                raise Unreachable(
                     f"{what}: still failing after {budget:.0f} s: {_one_line(exc)}"
                 ) from exc
 
@@ -243,6 +255,17 @@ class BridgeApp:
                 )
                 bridge.brokers.keep_connecting(link)
 
+    async def _serve_health(self) -> asyncio.Server:
+        s = self.settings
+        try:
+            return await health_http.serve(self.health, s.metrics_port, host=s.metrics_bind)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve /metrics on {s.metrics_bind}:{s.metrics_port}:"
+                f" {exc.strerror or exc}; choose another --metrics-port (EUCORA_METRICS_PORT,"
+                " 0 = off) or --metrics-bind (EUCORA_METRICS_BIND)"
+            ) from None
+
     async def run(self, *, signals: bool = True) -> None:
         loop = asyncio.get_running_loop()
         if signals:
@@ -251,7 +274,7 @@ class BridgeApp:
         bridge = self.bridge
         server = None
         if self.settings.metrics_port:
-            server = await health_http.serve(self.health, self.settings.metrics_port)
+            server = await self._serve_health()
         log.info(
             "bridge starting",
             extra={
@@ -261,6 +284,12 @@ class BridgeApp:
             },
         )
         await check_database(self.settings)
+        try:
+            await claim_client_id(self.settings.database_url, self.settings.client_id)
+        except ClientIdTaken as exc:
+            raise ConfigError(str(exc)) from None
+        except (psycopg.Error, OSError) as exc:  # the database went away just now
+            raise Unreachable(f"cannot read the bridges' heartbeats: {_one_line(exc)}") from None
         self.health.database_ok = True
         background: list[asyncio.Task[None]] = []
         try:

@@ -22,3 +22,10 @@ class Inbound:
     payload: bytes | bytearray = b""
     received: float = field(default_factory=time.monotonic)
     link: int = 0  # which broker link it came on (its index in the bridge's links)
+
+    def log_fields(self) -> dict[str, object]:
+        """The ids a log line about this message carries (service/logs.py context)."""
+        fields: dict[str, object] = {"agent_id": self.agent_id}
+        for name in ("task_id", "deployment_id", "correlation_id"):
+            fields[name] = getattr(self.model, name, None)
+        return fields

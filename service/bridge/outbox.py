@@ -200,9 +200,12 @@ class Outbox:
             if expired:
                 n = await tasks.expire(conn, expired)
                 metrics.TASKS_SWEPT.labels(TaskStatus.EXPIRED.value).inc(n)
+        by_id = {row["task_id"]: row for row in rows}
         for m in sending:
             if m.task_id in ok:
                 metrics.TASKS_PUBLISHED.labels(m.what).inc()
+                fields = tasks.task_log_fields(by_id[m.task_id])
+                log.info("task message published", extra={**fields, "what": m.what})
         if len(ok) < len(sending):
             metrics.OUTBOX_FAILURES.inc()
             log.warning(

@@ -30,7 +30,7 @@ from schemas.payloads import Heartbeat
 from schemas.states import DeadLetterReason
 from schemas.topics import Kind
 from schemas.validate import telemetry_samples
-from service import metrics
+from service import logs, metrics
 from service.bridge.message import Inbound
 from service.bridge.routes import Rejected, Routes
 from service.db.connect import connect_async
@@ -231,21 +231,24 @@ class Store:
         if handler is None:  # Routes refuses such a table; never acknowledge silently
             reject(item, DeadLetterReason.UNSUPPORTED, f"no route for {item.kind.value}")
             return
-        try:
-            async with conn.transaction():  # a savepoint: a failure undoes this message only
-                await handler(conn, item)
-        except Rejected as exc:
-            reject(item, exc.reason, exc.detail)
-        except Exception as exc:
-            if is_connection_error(exc) or conn.broken:
-                raise
-            reason, detail = _failure(exc)
-            log.error(
-                "handler failed; message dead-lettered",
-                exc_info=True,
-                extra={"agent_id": item.agent_id, "kind": item.kind.value, "reason": reason},
-            )
-            reject(item, reason, detail)
+        # Every line logged while handling it (here, in the route, in the domain) names
+        # the message's agent and task or deployment.
+        with logs.context(**item.log_fields()):
+            try:
+                async with conn.transaction():  # a savepoint: a failure undoes this only
+                    await handler(conn, item)
+            except Rejected as exc:
+                reject(item, exc.reason, exc.detail)
+            except Exception as exc:
+                if is_connection_error(exc) or conn.broken:
+                    raise
+                reason, detail = _failure(exc)
+                log.error(
+                    "handler failed; message dead-lettered",
+                    exc_info=True,
+                    extra={"kind": item.kind.value, "reason": reason},
+                )
+                reject(item, reason, detail)
 
 
 async def _rollback(conn: Conn) -> None:

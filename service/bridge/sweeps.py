@@ -111,6 +111,62 @@ async def heartbeat(
     await periodically("heartbeat", database_url, HEARTBEAT_S, work)
 
 
+class ClientIdTaken(Exception):
+    """Another bridge with this client id is alive: str() is the line for the operator."""
+
+
+def _alive_here(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+async def _beat_of(database_url: str, client_id: str) -> tuple[Any, ...] | None:
+    """(hostname, pid, last_seen, fresh) of the row for client_id, or None."""
+    async with await connect_async(database_url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT hostname, pid, last_seen,"
+            " last_seen > now() - make_interval(secs => %s) AS fresh"
+            " FROM bridges WHERE client_id = %s",
+            (HEARTBEAT_FRESH_S, client_id),
+        )
+        return await cur.fetchone()
+
+
+async def claim_client_id(database_url: str, client_id: str, watch_s: float = HEARTBEAT_S) -> None:
+    """Raise ClientIdTaken when another bridge with `client_id` is running: two of them
+    would take the broker session from each other every second.
+
+    The rule never blocks a restart, even after kill -9: a heartbeat older than
+    HEARTBEAT_FRESH_S belongs to no one; on this host, a pid that no longer exists (or
+    is ours) is gone; otherwise the heartbeat is watched for `watch_s` plus a margin
+    and only one that moves belongs to a running bridge (a dead one cannot write)."""
+    row = await _beat_of(database_url, client_id)
+    if row is None or not row[3]:
+        return
+    host, pid, seen, _ = row
+    if host == socket.gethostname() and (pid == os.getpid() or not _alive_here(pid)):
+        return
+    log.info(
+        "another bridge with this client id looks alive; watching its heartbeat",
+        extra={"client_id": client_id, "hostname": host, "pid": pid},
+    )
+    await asyncio.sleep(watch_s * 1.5)
+    again = await _beat_of(database_url, client_id)
+    if again is None or again[2] == seen:
+        return
+    host, pid, seen, _ = again
+    raise ClientIdTaken(
+        f"a bridge with client id {client_id} is already running on {host} pid {pid}"
+        f" (last seen {seen.astimezone(UTC).isoformat(timespec='seconds')});"
+        " give this one another EUCORA_BRIDGE_CLIENT_ID"
+    )
+
+
 async def last_heartbeat(database_url: str, client_id: str) -> None:
     """On a clean stop: not ready any more (status need not wait for the heartbeat to age)."""
     async with await connect_async(database_url, autocommit=True) as conn:

@@ -209,7 +209,8 @@ def _not_current_message(version: int, waiting: int, latest: int) -> str | None:
         )
     if waiting:
         return (
-            f"database schema is at version {version}, {waiting} pending: run `eucora db upgrade`"
+            f"database schema is at version {version}, this eucora needs {latest}"
+            f" ({waiting} pending): run `eucora db upgrade`"
         )
     return None
 

@@ -33,7 +33,7 @@ from schemas.constants import (
 from schemas.payloads import TaskStatusReport
 from schemas.states import TERMINAL, UNSTARTED, Platform, TaskStatus, TaskType
 from schemas.states import task_transition_allowed as allowed
-from service import metrics
+from service import logs, metrics
 from service.domains.targets import Target, target_where
 
 log = logging.getLogger("eucora.tasks")
@@ -392,7 +392,7 @@ async def sweep(conn: Conn) -> dict[str, int]:
 # publications go into the agent's persistent session, online or not, and so do cancels.
 _CLAIM = f"""
 SELECT t.task_id, t.agent_id, t.type, t.payload, t.status, t.timeout_seconds,
-       {_EXPIRES} AS expires_at, t.correlation_id, t.created_at, t.attempts,
+       {_EXPIRES} AS expires_at, t.correlation_id, t.deployment_id, t.created_at, t.attempts,
        t.cancel_requested, {_EXPIRES} <= now() AS expired,
        greatest(1, ceil(extract(epoch FROM {_EXPIRES} - now())))::bigint AS expiry_s,
        coalesce(a.broker_id, %(default_broker)s) AS broker_id
@@ -467,7 +467,17 @@ async def mark_unpublishable(conn: Conn, row: dict[str, Any], why: str) -> None:
                       row["correlation_id"], reason, accepted=False)
         ],
     )  # fmt: skip
-    log.error("task cannot be published", extra={"task_id": str(row["task_id"]), "why": why})
+    log.error("task cannot be published", extra={**task_log_fields(row), "why": why})
+
+
+def task_log_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """The ids a log line about a task row carries (SPEC "Logs")."""
+    return {
+        "agent_id": row["agent_id"],
+        "task_id": str(row["task_id"]),
+        "correlation_id": row.get("correlation_id"),
+        "deployment_id": str(row["deployment_id"]) if row.get("deployment_id") else None,
+    }
 
 
 # What an agent that came back without its session is owed again: its open tasks that
@@ -600,6 +610,7 @@ async def apply_report(conn: Conn, agent_id: str, report: TaskStatusReport) -> R
         metrics.TASK_REPORTS.labels("unknown_task").inc()
         raise UnknownTask(f"task-status: no task {report.task_id}")
     owner, current_text, current_progress, task_correlation, deployment_id = row
+    logs.bind(task_id=report.task_id, correlation_id=task_correlation, deployment_id=deployment_id)
     agent_ts = report.ts.isoformat()
     # The very message already recorded: a QoS 1 redelivery, or the same report handled
     # by another bridge (plain subscriptions: each bridge gets every report). A new
@@ -661,6 +672,12 @@ async def apply_report(conn: Conn, agent_id: str, report: TaskStatusReport) -> R
             },
         )
     await record_events(conn, [event(verdict.applies, verdict.reason)])
+    # One line per task at INFO (its outcome); the steps before it at DEBUG.
+    log.log(
+        logging.INFO if verdict.applies and report.status in TERMINAL else logging.DEBUG,
+        "task report",
+        extra={"status": report.status.value, "outcome": verdict.outcome},
+    )
     return ReportOutcome(
         verdict.outcome, report.task_id, owner, deployment_id,
         report.status if verdict.applies else None,
