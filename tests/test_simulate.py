@@ -298,27 +298,47 @@ def linux_fleet(
                 proc.kill()
 
 
-def test_a_simulated_fleet_failing_30_percent_aborts_a_deployment_on_its_own(
+def test_a_simulated_fleet_failing_20_percent_aborts_at_10_percent_after_20_finished(
     database: str, linux_fleet: Callable[..., Any]
 ) -> None:
-    linux_fleet(40, "--deploy-fail-rate", "0.3", "--deploy-duration", "0.5")
+    """The issue's abort: fail rate 20 %, --abort-after 10 % (the default minimum of 20
+    finished agents): ABORTED, nobody started after the decision, the unstarted SKIPPED
+    with their tasks CANCELLED (or never sent)."""
+    linux_fleet(100, "--deploy-fail-rate", "0.2", "--deploy-duration", "0.5")
     doc = deployments(
         database, "create", "--platform", "linux", "--payload", '{"command": ["true"]}',
-        "--max-in-flight", "4", "--abort-after", "10%", "--abort-min-finished", "5",
+        "--max-in-flight", "10", "--abort-after", "10%",
         "--wait", "--wait-timeout", "120",
     )  # fmt: skip
-    assert doc["status"] == "ABORTED" and doc["targets"] == 40, doc
+    assert doc["status"] == "ABORTED" and doc["targets"] == 100, doc
     assert "failed" in doc["status_reason"]
     c = doc["counts"]
     assert c["SKIPPED"] > 0 and c["FAILED"] > 0 and c["PENDING"] == c["IN_PROGRESS"] == 0
-    assert sum(c.values()) == 40
+    assert sum(c.values()) == 100
+    assert c["SUCCESS"] + c["FAILED"] >= 20  # the percent applied only after 20 finished
+    did = doc["deployment_id"]
+    late = query(
+        database,
+        "SELECT count(*) FROM deployment_status ds JOIN deployments d USING (deployment_id)"
+        " WHERE ds.deployment_id = %s AND ds.started_at > d.finished_at",
+        (did,),
+    )[0][0]
+    assert late == 0  # nobody started after the abort decision
+    skipped = query(
+        database,
+        "SELECT coalesce(t.status, 'never sent'), count(*) FROM deployment_status ds"
+        " LEFT JOIN tasks t ON t.task_id = ds.task_id"
+        " WHERE ds.deployment_id = %s AND ds.status = 'SKIPPED' GROUP BY 1",
+        (did,),
+    )
+    assert {status for status, _ in skipped} <= {"CANCELLED", "never sent"}
     # The failures are the agents' own reports, with their message.
     failed = query(
         database,
         "SELECT count(*) FROM deployment_status_events WHERE deployment_id = %s"
         " AND source = 'agent' AND accepted AND status = 'FAILED'"
         " AND message LIKE '%%simulated failure%%'",
-        (doc["deployment_id"],),
+        (did,),
     )[0][0]
     assert failed == c["FAILED"]
 
