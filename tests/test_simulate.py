@@ -143,7 +143,7 @@ def test_a_fleet_over_two_processes_speaking_mqtt_311_is_online_and_takes_tasks(
 ) -> None:
     log = tmp_path / "simulate.log"
     proc = start_simulator(
-        broker, log, "--agents", "20", "--processes", "2", "--mqtt-version", "3.1.1",
+        broker, database, log, "--agents", "20", "--processes", "2", "--mqtt-version", "3.1.1",
         "--platform", "linux", "--telemetry-interval", "5", "--json",
     )  # fmt: skip
     try:

@@ -37,6 +37,10 @@ from service.bridge.store import Store, is_connection_error
 
 log = logging.getLogger("eucora.bridge.ingest")
 
+# Kinds whose order per agent matters (a state machine reads them); telemetry and
+# heartbeats are idempotent by key and may commit in any order.
+_ORDERED = frozenset({Kind.STATUS, Kind.REGISTER, Kind.TASK_STATUS, Kind.DEPLOYMENT_STATUS})
+
 # Retained online/offline must reach every bridge (a shared subscription gets no retained
 # messages), so status is always a plain subscription; its handling is idempotent by epoch.
 _UNSHARED = {Kind.STATUS}
@@ -150,20 +154,31 @@ class Ingest:
 
     async def run(self) -> None:
         """Batch, store, acknowledge, until stop() is called and the inbox is empty."""
-        flushing: set[asyncio.Task[None]] = set()
+        # Batches being stored, each with the agents whose order-sensitive messages it
+        # holds: two writers commit at once, but never two batches with such messages
+        # of the same agent, so an agent's states arrive in the order it sent them.
+        flushing: dict[asyncio.Task[None], set[str]] = {}
+
+        async def settle(tasks: set[asyncio.Task[None]]) -> None:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                del flushing[task]
+                task.result()
+
         try:
             while True:
                 if len(flushing) >= self.store.writers:
-                    done, flushing = await asyncio.wait(
-                        flushing, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    for task in done:
-                        task.result()
+                    await settle(set(flushing))
                     continue
                 batch = await self._gather()
                 if batch:
                     metrics.RECEIVED.inc(len(batch))
-                    flushing.add(asyncio.create_task(self._commit(batch)))
+                    ordered = {i.agent_id for i in batch if i.kind in _ORDERED and i.agent_id}
+                    while ordered and (
+                        earlier := {t for t, a in flushing.items() if not a.isdisjoint(ordered)}
+                    ):
+                        await settle(earlier)
+                    flushing[asyncio.create_task(self._commit(batch))] = ordered
                 elif self._stopping:
                     break
         finally:
