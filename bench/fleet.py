@@ -53,7 +53,7 @@ from cli.agents import app as agents_app
 from cli.tasks import app as tasks_app
 from schemas.topics import Kind, TopicTree
 from service import identity
-from service.stack.process import free_port, wait_for
+from service.stack.process import free_port, free_port_range, wait_for
 from service.stack.stack import Stack
 
 SIMULATE = [sys.executable, "-c", "from cli.simulate import app; app()"]
@@ -284,9 +284,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="eucora-bench-fleet-") as tmp:
         os.chmod(tmp, 0o755)  # noqa: S103 (the broker and database accounts must reach it)
         stack = Stack(Path(tmp) / "stack")
-        ports = free_ports(args.brokers)
         stack.up(
-            mqtt_port=ports, service_port=free_ports(args.brokers, above=ports + args.brokers),
+            mqtt_port=free_port_range(args.brokers),
+            service_port=free_port_range(args.brokers),
             db_port=free_port(), metrics_port=free_port(), durable=False, brokers=args.brokers,
         )  # fmt: skip
         database = stack.database_url()
@@ -350,23 +350,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sim.kill()
             stack.down()
     return report
-
-
-def free_ports(n: int, above: int = 20000) -> int:
-    """A first port with the n - 1 after it free too (brokers take consecutive ports),
-    below the ephemeral range."""
-    import socket
-
-    port = above
-    while port < 32000:
-        try:
-            for i in range(n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + i))
-            return port
-        except OSError:
-            port += n
-    raise RuntimeError("no free port range")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from schemas.config import MqttUrl
 from service import identity
-from service.stack.process import free_port
+from service.stack.process import free_port, free_port_range
 from service.stack.stack import Stack
 
 
@@ -176,24 +174,6 @@ def baseline_passwd(agents_file: Path, tmp: Path) -> float:
     return time.perf_counter() - t0
 
 
-def consecutive_free(n: int) -> int:
-    """n consecutive free ports below the ephemeral range (outgoing connections)."""
-    rng = random.Random()
-    while True:
-        first = rng.randrange(20000, 32000)
-        if all(bindable(first + i) for i in range(n)):
-            return first
-
-
-def bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--agents", type=int, default=100_000)
@@ -205,7 +185,7 @@ def main() -> None:
         root = Path(tmp)
         stack = Stack(root / "stack")
         stack.up(
-            mqtt_port=consecutive_free(args.brokers), service_port=consecutive_free(args.brokers),
+            mqtt_port=free_port_range(args.brokers), service_port=free_port_range(args.brokers),
             db_port=free_port(), metrics_port=free_port(), durable=False, bridge=False,
             brokers=args.brokers,
         )  # fmt: skip

@@ -300,8 +300,11 @@ def test_an_outage_on_a_dead_link_loses_no_sample_and_no_task(
     wait(lambda: query(database, "SELECT status FROM tasks WHERE task_id = %s",
                        (task_id,))[0][0] == "COMPLETED", 30, "the task done")  # fmt: skip
     # Every sample measured during the outage arrives: no gap longer than 1.5 intervals
-    # (duplicates are impossible: (agent, time) is the key).
-    time.sleep(2 * INTERVAL)  # the samples of the last moment are committed
+    # (duplicates are impossible: (agent, time) is the key). The buffered batch may
+    # commit just after the task's report: wait for it, then check.
+    reconnected = "SELECT count(*) FROM telemetry WHERE agent_id = %s AND time > now()"
+    wait(lambda: query(database, reconnected + " - interval '2 s'", (agent_id,))[0][0] > 0,
+         10, "live samples after the outage")  # fmt: skip
     count, longest = gaps(database, agent_id)
     assert longest <= 1.5 * INTERVAL, (count, longest)
     runs = query(database, "SELECT count(*) FROM task_events WHERE task_id = %s"

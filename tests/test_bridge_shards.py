@@ -16,11 +16,10 @@ from typer.testing import CliRunner
 
 from cli.status import app as status_app
 from service.stack.broker import Broker
-from service.stack.process import wait_for
+from service.stack.process import free_port_range, wait_for
 from service.stack.stack import Stack
 from tests.fix_services import service_dir
 from tests.test_security import cli as access_app
-from tests.test_shards import free_ports
 from tests.test_tasks import Db, SimAgent, create, db, metric, wait_online
 
 __all__ = ["db"]  # fixture
@@ -37,8 +36,8 @@ def up(root: Any, database: str, brokers: int, stack: Stack | None = None) -> St
     if stack.state().get("brokers"):
         stack.up(brokers=brokers)
     else:
-        stack.up(mqtt_port=free_ports(3), service_port=free_ports(3), database_url=database,
-                 brokers=brokers)  # fmt: skip
+        stack.up(mqtt_port=free_port_range(3), service_port=free_port_range(3),
+                 database_url=database, brokers=brokers)  # fmt: skip
     return stack
 
 

@@ -5,8 +5,6 @@ revocation reaches every broker. A small version of bench/provision.py."""
 from __future__ import annotations
 
 import json
-import random
-import socket
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ from typer.testing import CliRunner
 from cli.stack import app as stack_app
 from schemas.config import MqttUrl
 from service.db.connect import connect
+from service.stack.process import free_port_range
 from service.stack.stack import Stack
 from tests.fix_services import service_dir
 from tests.test_security import Probe, cli
@@ -26,33 +25,14 @@ runner = CliRunner()
 FLEET = 2000
 
 
-def free_ports(n: int) -> int:
-    """A first port with the n - 1 after it free too (brokers take consecutive ports),
-    below the ephemeral range, where outgoing connections could take one meanwhile."""
-    rng = random.Random()
-    while True:
-        first = rng.randrange(20000, 32000)
-        if all(bindable(first + i) for i in range(n)):
-            return first
-
-
-def bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.fixture
 def shards(database: str) -> Iterator[Stack]:
     """A stack of 2 brokers on the test database, without a bridge."""
     with service_dir("shards") as root:
         stack = Stack(root / "s")
         try:
-            stack.up(mqtt_port=free_ports(3), service_port=free_ports(3), database_url=database,
-                     bridge=False, brokers=2)  # fmt: skip
+            stack.up(mqtt_port=free_port_range(3), service_port=free_port_range(3),
+                     database_url=database, bridge=False, brokers=2)  # fmt: skip
             yield stack
         finally:
             stack.down()

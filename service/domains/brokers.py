@@ -14,7 +14,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from schemas.config import ConfigError, MqttUrl
+from schemas.config import MqttUrl
 from service.domains.accounts import BROKERS_SQL, BrokerRecord
 
 Conn = AsyncConnection[Any]
@@ -30,8 +30,5 @@ async def load(conn: Conn) -> list[BrokerRecord]:
 def with_credentials(record: BrokerRecord, credentials: MqttUrl) -> MqttUrl:
     """The broker's service URL with the account of `credentials` (the bridge's own:
     every broker reads the same account files)."""
-    try:
-        where = MqttUrl.parse(record.url, var=f"brokers.url of broker {record.broker_id}")
-    except ConfigError:
-        raise
+    where = MqttUrl.parse(record.url, var=f"brokers.url of broker {record.broker_id}")
     return replace(credentials, host=where.host, port=where.port, tls=where.tls)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import signal
 import socket
 import subprocess
@@ -22,6 +23,25 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def free_port_range(n: int) -> int:
+    """A first port with the n - 1 after it free too (brokers take consecutive ports),
+    below the ephemeral range, where outgoing connections could take one meanwhile."""
+    rng = random.Random()  # noqa: S311 (a port, not a secret)
+    while True:
+        first = rng.randrange(20000, 32000)
+        if all(_bindable(first + i) for i in range(n)):
+            return first
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def port_open(host: str, port: int) -> bool:
