@@ -14,7 +14,8 @@ mypy
 python -m schemas.generate --check
 
 set +e
-pytest "$@"
+# Two workers (EUCORA_TEST_WORKERS, 0 = in this process): each starts its own services.
+pytest -n "${EUCORA_TEST_WORKERS:-2}" "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then
