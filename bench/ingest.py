@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import psycopg
 
 from schemas.config import MqttUrl
@@ -201,7 +202,8 @@ def bare_consumer_main(url: str, n: int, receive_maximum: int, tx: Any) -> None:
     """(d): paho as the bridge builds it, orjson.loads and ack per message, no database.
 
     Sends ("ready",) on `tx` once the subscription is granted, then ("done", consumed,
-    duplicates) as soon as the n-th message has been parsed and acknowledged.
+    duplicates, cpu_s) as soon as the n-th message has been parsed and acknowledged
+    (cpu_s: this process's CPU seconds, all threads, since it was ready).
     """
     import threading
 
@@ -213,6 +215,7 @@ def bare_consumer_main(url: str, n: int, receive_maximum: int, tx: Any) -> None:
 
     got = 0
     dups = 0
+    cpu0 = 0.0
     finished = threading.Event()
     client = mqtt.make_client(MqttUrl.parse(url), BARE_CLIENT_ID, manual_ack=True)
 
@@ -240,6 +243,8 @@ def bare_consumer_main(url: str, n: int, receive_maximum: int, tx: Any) -> None:
             tx.send(("failed", f"subscribe: {reasons}"))
             finished.set()
         else:
+            nonlocal cpu0
+            cpu0 = time.process_time()
             tx.send(("ready",))
 
     def on_message(c: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
@@ -249,7 +254,7 @@ def bare_consumer_main(url: str, n: int, receive_maximum: int, tx: Any) -> None:
         got += 1
         dups += msg.dup
         if got == n:
-            tx.send(("done", got, dups))
+            tx.send(("done", got, dups, time.process_time() - cpu0))
             finished.set()
 
     client.on_connect = on_connect
@@ -269,8 +274,9 @@ def bare_consumer_main(url: str, n: int, receive_maximum: int, tx: Any) -> None:
     client.loop_stop()
 
 
-def run_bare(broker: Broker, db: str, creds: dict[str, str], n: int) -> float:
-    """Messages/s of (d), timed like (c): from the publishers' start to the last one."""
+def run_bare(broker: Broker, db: str, creds: dict[str, str], n: int) -> tuple[float, float]:
+    """Messages/s of (d), timed like (c): from the publishers' start to the last one,
+    and its CPU microseconds per message."""
     url = broker.url(identity.BRIDGE_USER)
     # The Receive Maximum the bridge announces (service/bridge/ingest.py), from the
     # environment the benchmark's bridge gets.
@@ -292,7 +298,7 @@ def run_bare(broker: Broker, db: str, creds: dict[str, str], n: int) -> float:
         elapsed = time.perf_counter() - t0
         msg = rx.recv()
         join()
-        assert msg == ("done", expected, 0), f"bare paho consumer: {msg}"
+        assert msg[:3] == ("done", expected, 0), f"bare paho consumer: {msg}"
         p.join(30)
         assert p.exitcode == 0, f"bare paho consumer exited with {p.exitcode}"
     finally:
@@ -302,7 +308,7 @@ def run_bare(broker: Broker, db: str, creds: dict[str, str], n: int) -> float:
         rx.close()
         # Like the bridge's: a persistent session would collect the later phases' messages.
         forget_session(broker, BARE_CLIENT_ID)
-    return expected / elapsed
+    return expected / elapsed, msg[3] / expected * 1e6
 
 
 def truncate(db: str) -> None:
@@ -346,9 +352,11 @@ def run_bridge(
         wait_for(lambda: _ready(port), 30, "bridge ready")
         go, join = publish(broker.port, creds, n, batch=batch, round_no=round_no)
         rows_expected = (n // len(creds)) * len(creds) * batch
+        cpu0 = _cpu_s(proc.pid)
         t0 = go()
         rows = wait_count(db, rows_expected, 900)
         elapsed = time.perf_counter() - t0
+        cpu = _cpu_s(proc.pid) - cpu0
         join()
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         dup = sum(
@@ -370,6 +378,7 @@ def run_bridge(
         "lost": rows_expected - rows,
         "duplicates": dup,
         "peak_rss_mb": rss / 1024,
+        "cpu_us": cpu / (rows_expected / batch) * 1e6,
     }
 
 
@@ -389,6 +398,12 @@ def _ready(port: int) -> bool:
             return bool(r.status == 200)
     except OSError:
         return False
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far."""
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
 
 
 def _peak_rss_kb(pid: int) -> float:
@@ -436,6 +451,7 @@ def main() -> None:
             a_rates: list[float] = []
             b_rates: list[float] = []
             d_rates: list[float] = []
+            d_cpu: list[float] = []
             c_runs: list[dict[str, float]] = []
             batch_runs: list[dict[str, float]] = []
             for r in range(args.rounds):
@@ -444,7 +460,9 @@ def main() -> None:
                     b_rates.append(run_naive(broker, cluster.url, pubs, args.naive_messages))
                 c_runs.append(run_bridge(broker, cluster.url, pubs, n, 1, r, root))
                 # Right after (c), so that both see the machine in much the same state.
-                d_rates.append(run_bare(broker, cluster.url, pubs, n))
+                d_rate, d_us = run_bare(broker, cluster.url, pubs, n)
+                d_rates.append(d_rate)
+                d_cpu.append(d_us)
                 batch_runs.append(
                     run_bridge(broker, cluster.url, pubs, max(n // 50, 4), 50, 100 + r, root)
                 )
@@ -456,7 +474,7 @@ def main() -> None:
                     f"batch50={b50:,.0f} rows/s",
                     file=sys.stderr,
                 )
-            report(n, args, a_rates, b_rates, c_runs, d_rates, batch_runs)
+            report(n, args, a_rates, b_rates, c_runs, d_rates, d_cpu, batch_runs)
         finally:
             broker.stop()
             cluster.stop()
@@ -469,6 +487,7 @@ def report(
     b: list[float],
     c: list[dict[str, float]],
     d: list[float],
+    d_cpu: list[float],
     batch: list[dict[str, float]],
 ) -> None:
     med = statistics.median
@@ -505,6 +524,12 @@ def report(
     # Per round: c and d ran back to back, so each round's ratio shares its noise.
     ratios = ", ".join(f"{x['rate'] / y:.2f}" for x, y in zip(c, d, strict=True))
     row("c/d", f"{c_m / d_m:.2f}", f"target >= 0.8; per round {ratios}")
+    # CPU per message: less sensitive to what else the machine runs than the rates.
+    c_cpu = [x["cpu_us"] for x in c]
+    row("(c) bridge process CPU per message", f"{med(c_cpu):.1f} us", runs(c_cpu))
+    row("(d) bare consumer CPU per message", f"{med(d_cpu):.1f} us", runs(d_cpu))
+    cpu_ratios = ", ".join(f"{y / x:.2f}" for x, y in zip(c_cpu, d_cpu, strict=True))
+    row("d/c CPU per message", f"{med(d_cpu) / med(c_cpu):.2f}", f"per round {cpu_ratios}")
     row("lost rows (all rounds)", f"{sum(x['lost'] for x in everything):.0f}", "must be 0")
     row(
         "duplicate rows (all rounds)",

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -84,6 +85,22 @@ class BufferedClient(paho.Client):
             rc = super().loop_read(max_packets)
         return rc
 
+    def ack_many(self, mids: Iterable[int]) -> None:
+        """PUBACK many QoS 1 messages as one queued write.
+
+        paho's ack() queues one 4-byte packet per message, and each costs a wake-up of
+        its loop and a send() of its own; after a committed batch of thousands that was
+        a measurable share of the bridge's CPU. MQTT is a byte stream, so the PUBACKs
+        concatenated are the same packets to the broker.
+        """
+        data = b"".join([_PUBACK.pack(_PUBACK_BYTE, 2, mid) for mid in mids])
+        if data:
+            self._packet_queue(_PUBACK_BYTE, data, 0, 0)
+
+
+_PUBACK = struct.Struct("!BBH")  # fixed header, remaining length 2, packet id
+_PUBACK_BYTE = 0x40
+
 
 def make_client(
     url: MqttUrl,
@@ -91,7 +108,7 @@ def make_client(
     *,
     manual_ack: bool = False,
     ca_file: str | None = None,
-) -> paho.Client:
+) -> BufferedClient:
     client = BufferedClient(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,

@@ -96,10 +96,9 @@ class BrokerLink:
     def ack(self, messages: Iterable[Ackable]) -> None:
         """Acknowledge QoS 1 messages that came on the current connection."""
         generation = self.generation
-        ack = self._client.ack
-        for m in messages:
-            if m.qos and m.generation == generation:
-                ack(m.mid, m.qos)
+        self._client.ack_many(
+            [m.mid for m in messages if m.qos == 1 and m.generation == generation]
+        )
 
     async def publish(
         self,
