@@ -264,6 +264,7 @@ class Proxy:
         self.port = free_port()
         self._conns: list[Any] = []
         self._listener: Any = None
+        self.accepted: list[float] = []  # time.monotonic() of each accepted connection
         self.flowing = threading.Event()
         self.flowing.set()
         self._lock = threading.Lock()
@@ -284,6 +285,7 @@ class Proxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            self.accepted.append(time.monotonic())
             try:
                 upstream = socket.create_connection((self.host, self.target))
             except OSError:
