@@ -60,7 +60,7 @@ TREE = TopicTree()
 # --- publishers -------------------------------------------------------------------
 # C publishers (mosquitto_pub -l: one message per stdin line) so that publishing costs
 # the two cores as little as possible and the consumers are what is measured.
-# mosquitto_pub -l at QoS 1 stops after 65,535 lines (FACTS.md): each gets fewer.
+# mosquitto_pub -l at QoS 1 stops after 65,535 lines (measured): each gets fewer.
 MAX_LINES = 65_000
 
 

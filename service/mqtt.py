@@ -1,6 +1,6 @@
 """paho-mqtt 2.x clients as the bridge, the CLI and the agents build them.
 
-paho is used (not aiomqtt) wherever messages flow in bulk: FACTS.md measured it at
+paho is used (not aiomqtt) wherever messages flow in bulk: measured on our machines at
 2-3 x aiomqtt's throughput, and it has the public manual ack the bridge needs to
 acknowledge a QoS 1 message only after its rows are committed.
 """
