@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ class Stack:
             tls_port=tls_ports[number - 1] if len(tls_ports) >= number else None,
             ca_dir=self.dir / "ca",
             bind=st.get("mqtt_bind", "127.0.0.1"),
+            tls_names=tuple(st.get("tls_names", ())),
             auth_dir=self.auth_dir,
             name=f"broker-{number}",
         )
@@ -150,9 +152,11 @@ class Stack:
         broker_extra: str = "",
         brokers: int | None = None,
         service_port: int | None = None,
+        tls_names: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Start whatever is not running yet; return the URLs to use. `brokers` only
-        ever adds brokers: agents keep their home broker."""
+        ever adds brokers: agents keep their home broker. `tls_names` are added to the
+        names the brokers' server certificate carries (kept for later `up`s)."""
         from service.db import migrate  # the database layer is only needed here
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +171,13 @@ class Stack:
             tls_ports[:1] = [mqtts_port]
         service_base = service_port or st.get("service_port") or mqtt_port + SERVICE_PORT_OFFSET
         taken = {p + i for p in (mqtt_port, service_base) for i in range(count)}
+        names = list(dict.fromkeys([*st.get("tls_names", []), *tls_names]))
+        if names != st.get("tls_names", []) and any(b.running for b in self.brokers()):
+            # The certificate is issued when a broker starts: a running one keeps its own.
+            raise StackError(
+                "the brokers are running with their certificate: `eucora stack down` first,"
+                " then `eucora stack up --tls-name ...`"
+            )
         while len(tls_ports) < count:
             # TLS listeners: 18883... beside the default 11883...; a stack moved to
             # another plain port (a second stack, a test) gets free TLS ports instead
@@ -190,6 +201,7 @@ class Stack:
             topic_root=topic_root,
             durable=durable,
             broker_extra=broker_extra,
+            tls_names=names,
         )
         for broker in self.brokers():
             broker.start()
