@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from schemas.payloads import ADAPTERS, DESCRIPTIONS, MODELS
+from schemas.payloads import ADAPTERS, DESCRIPTIONS, MODELS, TASK_PAYLOADS
+from schemas.states import TaskType
 from schemas.topics import Kind
 
 SCHEMA_DIR = Path(__file__).resolve().parent
@@ -22,6 +23,49 @@ BASE_ID = "https://eucora.example/schemas/v1/"
 
 def schema_path(kind: Kind, directory: Path = SCHEMA_DIR) -> Path:
     return directory / f"{kind.value}.schema.json"
+
+
+def task_payload_path(type_: TaskType, directory: Path = SCHEMA_DIR) -> Path:
+    return directory / f"task-payload-{type_.value.lower()}.schema.json"
+
+
+def _examples(model: type[Any]) -> list[Any]:
+    extra = model.model_config.get("json_schema_extra")
+    assert isinstance(extra, dict), f"{model.__name__} has no examples"
+    return list(extra["examples"])
+
+
+def build_task_payload(type_: TaskType) -> dict[str, Any]:
+    """The JSON Schema of the `payload` of a task of one type."""
+    model = TASK_PAYLOADS[type_]
+    schema = model.model_json_schema(mode="validation")
+    schema.update(
+        {
+            "$schema": DIALECT,
+            "$id": f"{BASE_ID}{task_payload_path(type_).name}",
+            "title": f"EUCORA {type_.value} task payload (the `payload` of a tasks message)",
+            "examples": _examples(model),
+        }
+    )
+    return schema
+
+
+def _with_task_payloads(schema: dict[str, Any]) -> None:
+    """tasks.schema.json: the command's `payload` checked by its `type`, the same rule
+    TaskCommand applies (if/then per type, each payload schema in $defs)."""
+    defs = schema["$defs"]
+    rules = []
+    for type_ in TaskType:
+        model = TASK_PAYLOADS[type_]
+        if model.__name__ not in defs:
+            defs[model.__name__] = model.model_json_schema(mode="validation")
+        rules.append(
+            {
+                "if": {"properties": {"type": {"const": type_.value}}, "required": ["type"]},
+                "then": {"properties": {"payload": {"$ref": f"#/$defs/{model.__name__}"}}},
+            }
+        )
+    defs["TaskCommand"]["allOf"] = rules
 
 
 def build(kind: Kind) -> dict[str, Any]:
@@ -36,11 +80,11 @@ def build(kind: Kind) -> dict[str, Any]:
         schema.update(
             {"if": {"required": [tag]}, "then": {"$ref": second}, "else": {"$ref": first}}
         )
+    if kind is Kind.TASKS:
+        _with_task_payloads(schema)
     examples: list[Any] = []
     for model in MODELS[kind]:
-        extra = model.model_config.get("json_schema_extra")
-        assert isinstance(extra, dict), f"{model.__name__} has no examples"
-        examples.extend(extra["examples"])  # type: ignore[arg-type]
+        examples.extend(_examples(model))
     schema.update(
         {
             "$schema": DIALECT,
@@ -53,9 +97,10 @@ def build(kind: Kind) -> dict[str, Any]:
     return schema
 
 
-def render(kind: Kind) -> str:
+def render(kind: Kind | TaskType) -> str:
     """Stable text: sorted keys, indent 2, trailing newline."""
-    return json.dumps(build(kind), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    schema = build(kind) if isinstance(kind, Kind) else build_task_payload(kind)
+    return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     stale = []
-    for kind in Kind:
-        path, text = schema_path(kind, args.dir), render(kind)
+    files: list[tuple[Path, Kind | TaskType]] = [(schema_path(k, args.dir), k) for k in Kind]
+    files += [(task_payload_path(t, args.dir), t) for t in TaskType]
+    for path, kind in files:
+        text = render(kind)
         current = path.read_text(encoding="utf-8") if path.exists() else None
         if current == text:
             continue
@@ -83,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     if not args.check:
-        print(f"wrote {len(stale)} of {len(Kind)} schema files in {args.dir}")
+        print(f"wrote {len(stale)} of {len(files)} schema files in {args.dir}")
     return 0
 
 

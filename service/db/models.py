@@ -358,6 +358,7 @@ class TaskProgressPublic(SQLModel):
     status: str
     progress: int | None
     error: str | None
+    correlation_id: str
 
 
 class TaskEventPublic(SQLModel):
