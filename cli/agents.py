@@ -249,6 +249,7 @@ def agent_document(
         InventoryChangePublic,
         InventoryPublic,
         InventorySummaryRow,
+        SecurityEventPublic,
         TelemetrySample,
         model_row,
     )
@@ -306,6 +307,17 @@ def agent_document(
     )
     if inventory is None:  # deleted meanwhile
         return None
+    # The audit trail: the newest security events (provisioning, registration,
+    # identity, refused credentials...), bounded like the other histories.
+    security_events = (
+        conn.cursor(row_factory=model_row(SecurityEventPublic))
+        .execute(
+            "SELECT time, event, detail FROM security_events"
+            " WHERE agent_id = %s ORDER BY time DESC LIMIT %s",
+            (agent_id, history),
+        )
+        .fetchall()
+    )
     inventory_changes = (
         conn.cursor(row_factory=model_row(InventoryChangePublic))
         .execute(
@@ -321,6 +333,7 @@ def agent_document(
         changes=changes,
         telemetry=telemetry,
         inventory=InventoryPublic(**dict(inventory), recent_changes=inventory_changes),
+        security_events=security_events,
     )
 
 
@@ -379,6 +392,11 @@ def render(doc: AgentDetailPublic) -> str:
         out.append("  changes: registration, labels (newest first)")
         for ch in doc.changes:
             out.append(f"    {iso(ch.time)}  {ch.field}: {ch.old_value} -> {ch.new_value}")
+    if doc.security_events:
+        out.append("  security events (newest first)")
+        for ev in doc.security_events:
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(ev.detail.items()) if v is not None)
+            out.append(f"    {iso(ev.time)}  {ev.event:<20} {detail}"[:200].rstrip())
     return "\n".join(out)
 
 
@@ -392,7 +410,8 @@ def show(
     database_url: str | None = DATABASE_URL_OPTION,
     json_output: JsonFlag = False,
 ) -> None:
-    """One agent: hardware, tags, status history, latest telemetry, software."""
+    """One agent: hardware, tags, status history, latest telemetry, software, and its
+    audit trail (security events)."""
     with open_database(database_url, autocommit=True) as conn:
         doc = agent_document(conn, agent_id, healthy_within, history)
     if doc is None:

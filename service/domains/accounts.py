@@ -14,7 +14,7 @@ import heapq
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -163,13 +163,10 @@ def provision(conn: Conn, hashes: Mapping[str, str], *, rotate: bool = False) ->
     )
     if not rotate:
         _count(conn, Counter(homes.values()))
-    event = "credentials_rotated" if rotate else "provisioned"
-    conn.execute(
-        """
-        INSERT INTO security_events (agent_id, event, detail)
-        SELECT agent_id, %s, jsonb_build_object('broker_id', broker_id) FROM new_accounts
-        """,
-        (event,),
+    security_event(
+        conn,
+        "credentials_rotated" if rotate else "provisioned",
+        [(a, {"broker_id": homes[a]}) for a in hashes],
     )
     return [Provisioned(a, homes[a], known[homes[a]].agent_url) for a in hashes]
 
@@ -228,7 +225,9 @@ def revoke(conn: Conn, agent_id: str, *, reason: str = "revoked") -> int | None:
         (agent_id,),
     )
     _count(conn, {broker_id: -1})
-    security_event(conn, agent_id, "credentials_revoked", {"broker_id": broker_id, "by": reason})
+    security_event(
+        conn, "credentials_revoked", [(agent_id, {"broker_id": broker_id, "by": reason})]
+    )
     return int(broker_id)
 
 
@@ -248,15 +247,53 @@ def delete(conn: Conn, agent_id: str) -> bool:
         revoke(conn, agent_id, reason="deleted")
     conn.execute("DELETE FROM tasks WHERE agent_id = %s", (agent_id,))
     conn.execute("DELETE FROM agents WHERE agent_id = %s", (agent_id,))
-    security_event(conn, agent_id, "deleted", {})
+    security_event(conn, "deleted", [(agent_id, {})])
     return True
 
 
-def security_event(conn: Conn, agent_id: str, event: str, detail: dict[str, Any]) -> None:
-    conn.execute(
-        "INSERT INTO security_events (agent_id, event, detail) VALUES (%s, %s, %s)",
-        (agent_id, event, Jsonb(detail)),
-    )
+# --- security events: the audit trail (`agents show`), written here and only here ----
+# Every row of security_events goes through `security_event` (the CLI's synchronous
+# connections) or its twin `security_event_async` (the bridge's), with the same SQL: one
+# INSERT for any number of rows (a bulk provisioning is one statement). Kinds:
+SecurityEventKind = Literal[
+    "provisioned",  # an account given (detail: broker_id)
+    "credentials_rotated",  # a new password (broker_id)
+    "credentials_revoked",  # the account taken away (broker_id, by: revoked | deleted)
+    "deleted",  # removed from the registry
+    "first_registration",  # the agent's first register message (hostname, platform...)
+    "re_registration",  # a later one that changed fields (fields, registration_ts)
+    "identity_mismatch",  # a payload naming another agent (topic, claimed, kind)
+    "foreign_task_report",  # a report on another agent's task (task_id, owner, status)
+    "credentials_refused",  # the broker refused a connection (listener, address, line)
+]
+SecurityEvent = tuple[str | None, dict[str, Any]]  # (agent_id or None: unknown, detail)
+
+_SECURITY_EVENT_SQL = """
+INSERT INTO security_events (time, agent_id, event, detail)
+SELECT now(), u.agent_id, %s, u.detail
+  FROM unnest(%s::text[], %s::jsonb[]) AS u(agent_id, detail)
+"""
+
+
+def _security_params(
+    event: SecurityEventKind, rows: Sequence[SecurityEvent]
+) -> tuple[str, list[str | None], list[Jsonb]]:
+    return event, [a for a, _ in rows], [Jsonb(d) for _, d in rows]
+
+
+def security_event(conn: Conn, event: SecurityEventKind, rows: Sequence[SecurityEvent]) -> None:
+    """Record one kind of security event for each (agent_id, detail) of `rows`, in the
+    caller's transaction."""
+    if rows:
+        conn.execute(_SECURITY_EVENT_SQL, _security_params(event, rows))
+
+
+async def security_event_async(
+    conn: psycopg.AsyncConnection[Any], event: SecurityEventKind, rows: Sequence[SecurityEvent]
+) -> None:
+    """`security_event` on an async connection (the bridge)."""
+    if rows:
+        await conn.execute(_SECURITY_EVENT_SQL, _security_params(event, rows))
 
 
 def account_hashes(conn: Conn, agent_ids: Iterable[str] | None = None) -> dict[str, str]:

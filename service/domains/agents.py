@@ -27,6 +27,7 @@ from schemas.constants import WILL_REASON
 from schemas.payloads import Register, Status
 from schemas.states import AgentState
 from service import metrics
+from service.domains import accounts
 
 log = logging.getLogger("eucora.agents")
 
@@ -210,6 +211,12 @@ async def apply_registration(conn: Conn, agent_id: str, reg: Register) -> None:
     )
     if registered_at is None:
         metrics.REGISTRATIONS.labels("new").inc()
+        await accounts.security_event_async(
+            conn,
+            "first_registration",
+            [(agent_id, {k: new[k] for k in ("hostname", "platform", "ip_address",
+                                             "agent_version")})],
+        )  # fmt: skip
         return
     if not changes:
         metrics.REGISTRATIONS.labels("unchanged").inc()
@@ -221,10 +228,10 @@ async def apply_registration(conn: Conn, agent_id: str, reg: Register) -> None:
             " VALUES (now(), %s, %s, %s, %s)",
             [(agent_id, f, Jsonb(old[f]), Jsonb(new[f])) for f in changes],
         )
-    await conn.execute(
-        "INSERT INTO security_events (time, agent_id, event, detail)"
-        " VALUES (now(), %s, 're_registration', %s)",
-        (agent_id, Jsonb({"fields": changes, "registration_ts": reg.ts.isoformat()})),
+    await accounts.security_event_async(
+        conn,
+        "re_registration",
+        [(agent_id, {"fields": changes, "registration_ts": reg.ts.isoformat()})],
     )
     log.info("agent re-registered with changes", extra={"agent_id": agent_id, "fields": changes})
 

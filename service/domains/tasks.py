@@ -34,6 +34,7 @@ from schemas.payloads import TaskStatusReport
 from schemas.states import TERMINAL, UNSTARTED, Platform, TaskStatus, TaskType
 from schemas.states import task_transition_allowed as allowed
 from service import logs, metrics
+from service.domains import accounts
 from service.domains.targets import Target, target_where
 
 log = logging.getLogger("eucora.tasks")
@@ -639,16 +640,12 @@ async def apply_report(conn: Conn, agent_id: str, report: TaskStatusReport) -> R
         await record_events(
             conn, [event(False, f"foreign: reported by {agent_id}, task of {owner}")]
         )
-        await conn.execute(
-            "INSERT INTO security_events (time, agent_id, event, detail)"
-            " VALUES (now(), %s, 'foreign_task_report', %s)",
-            (
-                agent_id,
-                Jsonb(
-                    {"task_id": str(report.task_id), "owner": owner, "status": report.status.value}
-                ),
-            ),
-        )
+        await accounts.security_event_async(
+            conn,
+            "foreign_task_report",
+            [(agent_id, {"task_id": str(report.task_id), "owner": owner,
+                         "status": report.status.value})],
+        )  # fmt: skip
         log.warning(
             "an agent reported on another agent's task",
             extra={"agent_id": agent_id, "task_id": str(report.task_id), "owner": owner},

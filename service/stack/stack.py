@@ -265,6 +265,8 @@ class Stack:
             "EUCORA_DATABASE_URL": self.database_url(),
             "EUCORA_TOPIC_ROOT": st.get("topic_root", DEFAULT_TOPIC_ROOT),
             "EUCORA_METRICS_PORT": str(st["metrics_port"]),
+            # Its brokers' logs, where refused credentials show (docs/broker.md).
+            "EUCORA_BROKER_LOGS": os.pathsep.join(str(b.log_file) for b in self.brokers()),
         }
 
     def start_bridge(self, timeout: float = 30.0) -> int:
