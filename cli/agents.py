@@ -27,6 +27,7 @@ from cli.common import (
     parse_tag,
 )
 from cli.db import DATABASE_URL_OPTION
+from cli.watch import watch
 from schemas.states import Platform
 from service.domains.targets import Target, target_where
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from service.db.models import AgentDetailPublic
 
 app = typer.Typer(help="The agents: status, health, hardware, history.", no_args_is_help=True)
+app.command("watch")(watch)
 
 HEALTHY_WITHIN_S = 180.0
 HealthyWithin = Annotated[
