@@ -421,6 +421,20 @@ UPDATE tasks t SET
 """
 
 
+BACKLOG_CAP: Final = 100_000  # a bounded count stays cheap whatever the backlog
+
+
+async def count_due(conn: Conn) -> int:
+    """How many task messages are due now (the outbox's backlog), up to BACKLOG_CAP:
+    an index range scan of tasks_outbox_idx."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE next_publish_at <= now() LIMIT %s) due",
+        (BACKLOG_CAP,),
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def claim_due(
     conn: Conn, limit: int, brokers: list[int] | None = None, default_broker: int | None = None
 ) -> list[dict[str, Any]]:

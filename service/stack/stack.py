@@ -75,7 +75,7 @@ class Stack:
         """Generated once per stack folder, then reused so accounts keep working."""
         path = self.dir / "secrets.json"
         data = _load_json(path)
-        wanted = [*identity.SERVICE_USERS, "database"]
+        wanted = [*identity.SERVICE_USERS, "database", "grafana"]
         if not all(k in data for k in wanted):
             data = {k: data.get(k) or identity.new_password() for k in wanted}
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -208,10 +208,21 @@ class Stack:
         if not self.state().get("external_database_url"):
             self.cluster().start()
         migrate.upgrade(self.database_url())
+        self._grafana_login()
         self._register_brokers()
         if bridge:
             self.start_bridge()
         return self.urls()
+
+    def _grafana_login(self) -> None:
+        """The dashboards' read-only role logs in with the stack's secret (or
+        EUCORA_GRAFANA_DB_PASSWORD: compose.yaml hands the same to Grafana)."""
+        from service.db import grafana
+        from service.db.connect import connect
+
+        password = os.environ.get(grafana.PASSWORD_ENV) or self.secrets()["grafana"]
+        with connect(self.database_url(), autocommit=True) as conn:
+            grafana.grant_login(conn, password)
 
     def _register_brokers(self) -> None:
         """Each broker in the `brokers` table (idempotent); and the agents file rebuilt
