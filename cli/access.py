@@ -15,12 +15,12 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import orjson
 import typer
 
-from cli.common import emit_json, fail, open_database
+from cli.common import EXIT_UNREACHABLE, emit_json, fail, open_database
 from cli.db import DATABASE_URL_OPTION
 from schemas.topics import is_agent_id
 from service import identity
@@ -181,7 +181,9 @@ def provision(
                 os.replace(staged.pop(a), path)
     except accounts.AccountError as exc:
         fail(str(exc), code=1)
-    except (identity.IdentityError, OSError, psycopg_error()) as exc:
+    except psycopg_error() as exc:
+        database_failed(exc, "cannot provision")
+    except (identity.IdentityError, OSError) as exc:
         fail(f"cannot provision: {exc}", code=1)
     finally:
         for tmp in staged.values():
@@ -258,7 +260,9 @@ def revoke(
             identity.remove_agents(auth, [agent_id])
     except accounts.AccountError as exc:
         fail(str(exc), code=1)
-    except (identity.IdentityError, OSError, psycopg_error()) as exc:
+    except psycopg_error() as exc:
+        database_failed(exc, f"cannot revoke {agent_id!r}")
+    except (identity.IdentityError, OSError) as exc:
         fail(f"cannot revoke {agent_id!r}: {exc}", code=1)
     if json:
         emit_json({"agent_id": agent_id, "revoked": True})
@@ -282,7 +286,9 @@ def delete(
             if not accounts.delete(conn, agent_id):
                 fail(f"no agent {agent_id!r} in the registry", code=1)
             identity.remove_agents(auth, [agent_id])
-    except (identity.IdentityError, OSError, psycopg_error()) as exc:
+    except psycopg_error() as exc:
+        database_failed(exc, f"cannot delete {agent_id!r}")
+    except (identity.IdentityError, OSError) as exc:
         fail(f"cannot delete {agent_id!r}: {exc}", code=1)
     if json:
         emit_json({"agent_id": agent_id, "deleted": True})
@@ -306,6 +312,24 @@ def provision_fleet(
         else:
             identity.add_agents(auth, hashes)
     return {p.agent_id: p.agent_url for p in done}
+
+
+def database_failed(exc: Exception, doing: str) -> NoReturn:
+    """A database error in the middle of a command: a lost connection is exit 4 (try
+    again later), like a database that cannot be reached at all; anything else 1. The
+    registry keeps what it had unless the connection went during COMMIT itself (then
+    `agents show` tells)."""
+    import psycopg
+
+    from service.db.connect import connection_error_reason
+
+    if isinstance(exc, psycopg.OperationalError):
+        fail(
+            f"lost the database in the middle of the command: {connection_error_reason(exc)};"
+            " run it again once the database is back",
+            EXIT_UNREACHABLE,
+        )
+    fail(f"{doing}: {exc}", code=1)
 
 
 def psycopg_error() -> type[Exception]:

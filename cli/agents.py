@@ -27,6 +27,7 @@ from cli.common import (
     parse_tag,
 )
 from cli.db import DATABASE_URL_OPTION
+from cli.watch import watch
 from schemas.states import Platform
 from service.domains.targets import Target, target_where
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from service.db.models import AgentDetailPublic
 
 app = typer.Typer(help="The agents: status, health, hardware, history.", no_args_is_help=True)
+app.command("watch")(watch)
 
 HEALTHY_WITHIN_S = 180.0
 HealthyWithin = Annotated[
@@ -249,6 +251,7 @@ def agent_document(
         InventoryChangePublic,
         InventoryPublic,
         InventorySummaryRow,
+        SecurityEventPublic,
         TelemetrySample,
         model_row,
     )
@@ -306,6 +309,17 @@ def agent_document(
     )
     if inventory is None:  # deleted meanwhile
         return None
+    # The audit trail: the newest security events (provisioning, registration,
+    # identity, refused credentials...), bounded like the other histories.
+    security_events = (
+        conn.cursor(row_factory=model_row(SecurityEventPublic))
+        .execute(
+            "SELECT time, event, detail FROM security_events"
+            " WHERE agent_id = %s ORDER BY time DESC LIMIT %s",
+            (agent_id, history),
+        )
+        .fetchall()
+    )
     inventory_changes = (
         conn.cursor(row_factory=model_row(InventoryChangePublic))
         .execute(
@@ -321,6 +335,7 @@ def agent_document(
         changes=changes,
         telemetry=telemetry,
         inventory=InventoryPublic(**dict(inventory), recent_changes=inventory_changes),
+        security_events=security_events,
     )
 
 
@@ -379,6 +394,11 @@ def render(doc: AgentDetailPublic) -> str:
         out.append("  changes: registration, labels (newest first)")
         for ch in doc.changes:
             out.append(f"    {iso(ch.time)}  {ch.field}: {ch.old_value} -> {ch.new_value}")
+    if doc.security_events:
+        out.append("  security events (newest first)")
+        for ev in doc.security_events:
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(ev.detail.items()) if v is not None)
+            out.append(f"    {iso(ev.time)}  {ev.event:<20} {detail}"[:200].rstrip())
     return "\n".join(out)
 
 
@@ -392,7 +412,8 @@ def show(
     database_url: str | None = DATABASE_URL_OPTION,
     json_output: JsonFlag = False,
 ) -> None:
-    """One agent: hardware, tags, status history, latest telemetry, software."""
+    """One agent: hardware, tags, status history, latest telemetry, software, and its
+    audit trail (security events)."""
     with open_database(database_url, autocommit=True) as conn:
         doc = agent_document(conn, agent_id, healthy_within, history)
     if doc is None:

@@ -34,8 +34,8 @@ from cli.common import (
 from cli.db import DATABASE_URL_OPTION
 from cli.tasks import _user
 from schemas.constants import DEPLOYMENT_ABORT_MIN_FINISHED, TASK_DEFAULT_EXPIRES_IN_S
-from schemas.payloads import TaskCommand
-from schemas.states import DeploymentAgentStatus, DeploymentState, Platform
+from schemas.payloads import TaskCommand, check_task_payload
+from schemas.states import DeploymentAgentStatus, DeploymentState, Platform, TaskType
 from schemas.validate import PayloadError, dump
 from service.domains import deployments
 from service.domains.deployments import DeploymentView, Rollout
@@ -81,6 +81,10 @@ def _check_payload(text: str) -> dict[str, Any]:
     for reserved in ("deployment_id", "rollback"):
         if reserved in payload:
             fail(f"--payload must not set {reserved!r}: the deployment sets it")
+    try:  # the DEPLOY payload schema (schemas/task-payload-deploy.schema.json)
+        check_task_payload(TaskType.DEPLOY, payload)
+    except ValueError as exc:
+        fail(f"--payload: {exc}")
     # The DEPLOY task each agent gets must be valid (size included) with what the
     # deployment adds: checked now, so the bridge never holds one it cannot publish.
     now = "2026-01-01T00:00:00+00:00"

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import emit_json, fail
+from service.stack import tls
 from service.stack.process import StackError, stop_pid
 from service.stack.stack import DEFAULT_DIR, Stack
 
@@ -66,9 +67,18 @@ def up(
     no_bridge: Annotated[
         bool, typer.Option("--no-bridge", help="start broker and database only")
     ] = False,
+    tls_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tls-name",
+            help="a DNS name or IP address agents dial, added to the brokers' TLS "
+            "certificate (repeatable; also EUCORA_TLS_NAMES=a,b; kept by later `up`s)",
+        ),
+    ] = None,
     json: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
 ) -> None:
     """Start broker, database (and migrations) and bridge; print the URLs to use."""
+    names = _tls_names([*(tls_name or []), *os.environ.get(TLS_NAMES_ENV, "").split(",")])
     try:
         urls = Stack(dir).up(
             mqtt_port=mqtt_port,
@@ -81,6 +91,7 @@ def up(
             database_url=database_url,
             bridge=not no_bridge,
             topic_root=os.environ.get("EUCORA_TOPIC_ROOT", "eucora/v1"),
+            tls_names=names,
         )
     except (StackError, OSError) as exc:
         fail(str(exc))
@@ -90,6 +101,21 @@ def up(
         _print_urls(urls)
     if foreground:
         _wait_then_down(Stack(dir))
+
+
+TLS_NAMES_ENV = "EUCORA_TLS_NAMES"
+
+
+def _tls_names(given: list[str]) -> list[str]:
+    """--tls-name and EUCORA_TLS_NAMES, checked (one line, exit 2, for a bad one)."""
+    names = []
+    for name in (n.strip() for n in given):
+        if name:
+            try:
+                names.append(tls.check_name(name))
+            except ValueError as exc:
+                fail(f"--tls-name / {TLS_NAMES_ENV}: {exc}")
+    return names
 
 
 def _wait_then_down(stack: Stack) -> None:

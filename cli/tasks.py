@@ -40,7 +40,7 @@ from cli.common import (
 )
 from cli.db import DATABASE_URL_OPTION
 from schemas.constants import TASK_DEFAULT_EXPIRES_IN_S, TASK_DEFAULT_TIMEOUT_S, TASK_MAX_TIMEOUT_S
-from schemas.payloads import TaskCommand
+from schemas.payloads import TaskCommand, check_task_payload
 from schemas.states import TERMINAL, Platform, TaskStatus, TaskType
 from schemas.validate import PayloadError, dump
 from service.domains import tasks
@@ -83,6 +83,10 @@ def _check_payload(text: str, type_: TaskType, timeout: int, correlation_id: str
         fail(f"--payload is not valid JSON: {exc}")
     if not isinstance(payload, dict):
         fail('--payload must be a JSON object, e.g. \'{"command": ["true"]}\'')
+    try:  # the type's payload schema (schemas/task-payload-<type>.schema.json)
+        check_task_payload(type_, payload)
+    except ValueError as exc:
+        fail(f"--payload: {exc}")
     now = datetime.now(UTC).isoformat()
     try:
         dump(
@@ -224,7 +228,7 @@ def _wait(
     cur = conn.cursor(row_factory=model_row(TaskProgressPublic))
     while True:
         rows = cur.execute(
-            "SELECT task_id, agent_id, status, progress, error FROM tasks"
+            "SELECT task_id, agent_id, status, progress, error, correlation_id FROM tasks"
             " WHERE task_id = ANY(%s) ORDER BY agent_id",
             (ids,),
         ).fetchall()

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from schemas import events
-from schemas.payloads import ADAPTERS, DESCRIPTIONS, MODELS
+from schemas.payloads import ADAPTERS, DESCRIPTIONS, MODELS, TASK_PAYLOADS
+from schemas.states import TaskType
 from schemas.topics import Kind
 
 SCHEMA_DIR = Path(__file__).resolve().parent
@@ -24,6 +25,49 @@ BASE_ID = "https://eucora.example/schemas/v1/"
 
 def schema_path(kind: Kind, directory: Path = SCHEMA_DIR) -> Path:
     return directory / f"{kind.value}.schema.json"
+
+
+def task_payload_path(type_: TaskType, directory: Path = SCHEMA_DIR) -> Path:
+    return directory / f"task-payload-{type_.value.lower()}.schema.json"
+
+
+def _examples(model: type[Any]) -> list[Any]:
+    extra = model.model_config.get("json_schema_extra")
+    assert isinstance(extra, dict), f"{model.__name__} has no examples"
+    return list(extra["examples"])
+
+
+def build_task_payload(type_: TaskType) -> dict[str, Any]:
+    """The JSON Schema of the `payload` of a task of one type."""
+    model = TASK_PAYLOADS[type_]
+    schema = model.model_json_schema(mode="validation")
+    schema.update(
+        {
+            "$schema": DIALECT,
+            "$id": f"{BASE_ID}{task_payload_path(type_).name}",
+            "title": f"EUCORA {type_.value} task payload (the `payload` of a tasks message)",
+            "examples": _examples(model),
+        }
+    )
+    return schema
+
+
+def _with_task_payloads(schema: dict[str, Any]) -> None:
+    """tasks.schema.json: the command's `payload` checked by its `type`, the same rule
+    TaskCommand applies (if/then per type, each payload schema in $defs)."""
+    defs = schema["$defs"]
+    rules = []
+    for type_ in TaskType:
+        model = TASK_PAYLOADS[type_]
+        if model.__name__ not in defs:
+            defs[model.__name__] = model.model_json_schema(mode="validation")
+        rules.append(
+            {
+                "if": {"properties": {"type": {"const": type_.value}}, "required": ["type"]},
+                "then": {"properties": {"payload": {"$ref": f"#/$defs/{model.__name__}"}}},
+            }
+        )
+    defs["TaskCommand"]["allOf"] = rules
 
 
 def build(kind: Kind) -> dict[str, Any]:
@@ -38,11 +82,11 @@ def build(kind: Kind) -> dict[str, Any]:
         schema.update(
             {"if": {"required": [tag]}, "then": {"$ref": second}, "else": {"$ref": first}}
         )
+    if kind is Kind.TASKS:
+        _with_task_payloads(schema)
     examples: list[Any] = []
     for model in MODELS[kind]:
-        extra = model.model_config.get("json_schema_extra")
-        assert isinstance(extra, dict), f"{model.__name__} has no examples"
-        examples.extend(extra["examples"])  # type: ignore[arg-type]
+        examples.extend(_examples(model))
     schema.update(
         {
             "$schema": DIALECT,
@@ -83,15 +127,17 @@ def _text(schema: dict[str, Any]) -> str:
     return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def render(kind: Kind) -> str:
-    return _text(build(kind))
+def render(kind: Kind | TaskType) -> str:
+    return _text(build(kind) if isinstance(kind, Kind) else build_task_payload(kind))
 
 
 def files(directory: Path) -> list[tuple[Path, str]]:
     """Every schema file and the text it should hold."""
-    return [(schema_path(k, directory), render(k)) for k in Kind] + [
-        (event_schema_path(k, directory), _text(build_event(k))) for k in events.EventKind
-    ]
+    return (
+        [(schema_path(k, directory), render(k)) for k in Kind]
+        + [(task_payload_path(t, directory), render(t)) for t in TaskType]
+        + [(event_schema_path(k, directory), _text(build_event(k))) for k in events.EventKind]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,11 @@ from pydantic import (
     StringConstraints,
     Tag,
     TypeAdapter,
+    ValidationError,
     WithJsonSchema,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from schemas.states import (
     AGENT_SETTABLE,
@@ -404,6 +407,121 @@ class Inventory(Payload):
     software: list[Software] = Field(max_length=MAX_SOFTWARE)
 
 
+# --- task payloads: what `payload` holds, per task type -------------------------------
+# Checked wherever a task is made or received: `eucora tasks create` and `deployments
+# create` before storing, the bridge's outbox before publishing, the agent on receipt
+# (a TaskCommand whose payload does not fit its type is invalid). Extra fields are kept,
+# as everywhere.
+
+Argv = Annotated[
+    list[Annotated[str, StringConstraints(max_length=4096)]],
+    Field(min_length=1, max_length=256),
+]
+
+
+class CommandTaskPayload(_Model):
+    """REMEDIATE and UPDATE: one declared command, run without a shell. The agent runs
+    it only if its local allow-list permits it (otherwise REJECTED)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"command": ["/opt/eucora/bin/restart-service", "cups"]}]}
+    )
+
+    command: Argv = Field(description="argv: the program and its arguments (no shell).")
+
+
+class DeployTaskPayload(CommandTaskPayload):
+    """DEPLOY: a command, as REMEDIATE; a deployment's DEPLOY tasks also carry its
+    deployment_id (set by the rollout engine), and a rollback task `rollback: true`
+    with the deployment's `rollback_command` to run instead."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"command": ["/usr/bin/apt-get", "install", "-y", "eucora-agent=1.4.3"]},
+                {
+                    "command": ["/opt/install", "2.1"],
+                    "rollback_command": ["/opt/install", "2.0"],
+                    "package": "eucora-agent",
+                    "version": "2.1",
+                    "deployment_id": "9a3c1f7e-2b4d-4e6f-8a1b-3c5d7e9f1a2b",
+                    "rollback": True,
+                },
+            ]
+        }
+    )
+
+    # Lax: the payload is checked as a Python dict, where a strict UUID is an object.
+    deployment_id: Annotated[uuid.UUID, Field(strict=False)] | None = Field(
+        default=None, description="The deployment (rollout) this task belongs to."
+    )
+    rollback: bool = Field(default=False, description="Run rollback_command instead of command.")
+    rollback_command: Argv | None = Field(
+        default=None, description="argv that undoes `command` (a deployment's rollback)."
+    )
+
+
+class HealthcheckTaskPayload(_Model):
+    """HEALTHCHECK: local checks against thresholds (percent); FAILED when one fails."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{}, {"disk_max_percent": 80, "paths": ["/", "/var"]}],
+        }
+    )
+
+    disk_max_percent: Percent | None = Field(default=None, description="Default 90.")
+    memory_max_percent: Percent | None = Field(default=None, description="Default 90.")
+    cpu_max_percent: Percent | None = Field(default=None, description="Default 95.")
+    paths: list[Annotated[str, StringConstraints(min_length=1, max_length=4096)]] | None = Field(
+        default=None, min_length=1, max_length=64, description="Mount points (default: /)."
+    )
+
+
+CollectorName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+
+
+class CollectTaskPayload(_Model):
+    """COLLECT: a snapshot of what `what` names (the agent knows `telemetry` and
+    `inventory`; an unknown name is REJECTED by the agent)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{}, {"what": ["telemetry", "inventory"]}]}
+    )
+
+    what: list[CollectorName] | CollectorName | None = Field(
+        default=None, description='Default ["telemetry"]; one name may be given as a string.'
+    )
+
+
+TASK_PAYLOADS: dict[TaskType, type[_Model]] = {
+    TaskType.DEPLOY: DeployTaskPayload,
+    TaskType.REMEDIATE: CommandTaskPayload,
+    TaskType.UPDATE: CommandTaskPayload,
+    TaskType.HEALTHCHECK: HealthcheckTaskPayload,
+    TaskType.COLLECT: CollectTaskPayload,
+}
+
+
+def _article(type_: TaskType) -> str:
+    return "an" if type_ is TaskType.UPDATE else "a"
+
+
+def check_task_payload(type_: TaskType, payload: dict[str, Any]) -> None:
+    """A ValueError (one line naming the field) when `payload` does not fit `type_`."""
+    try:
+        TASK_PAYLOADS[type_].model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        # Union branches appear in the location as e.g. "list[constrained-str]": left out.
+        loc = [str(p) for p in first["loc"] if isinstance(p, int) or p.isidentifier()]
+        where = ".".join(["payload", *loc])
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise PydanticCustomError(
+            "task_payload", f"{_article(type_)} {type_.value} task's {where}: {first['msg']}{more}"
+        ) from None
+
+
 class TaskCommand(Payload):
     """A task for the agent (bridge -> agent). task_id is an idempotency key."""
 
@@ -424,6 +542,7 @@ class TaskCommand(Payload):
                     "task_id": "6f7c4a52-3b1d-4c8e-a3f9-9e2d8b7c6a50",
                     "type": "DEPLOY",
                     "payload": {
+                        "command": ["/usr/bin/apt-get", "install", "-y", "eucora-agent=1.4.3"],
                         "deployment_id": "9a3c1f7e-2b4d-4e6f-8a1b-3c5d7e9f1a2b",
                         "package": "eucora-agent",
                         "version": "1.4.3",
@@ -440,7 +559,9 @@ class TaskCommand(Payload):
 
     task_id: uuid.UUID
     type: TaskType
-    payload: dict[str, Any] = Field(description="Type-specific parameters (may be {}).")
+    payload: dict[str, Any] = Field(
+        description="Type-specific parameters (may be {}): task-payload-<type>.schema.json."
+    )
     timeout_seconds: Integer = Field(
         ge=1,
         le=30 * 86_400,
@@ -452,6 +573,11 @@ class TaskCommand(Payload):
     correlation_id: CorrelationId
     created_at: Timestamp
     attempt: Integer = Field(ge=1, le=1_000_000, description="1 for the first publication.")
+
+    @model_validator(mode="after")
+    def _payload_fits_type(self) -> TaskCommand:
+        check_task_payload(self.type, self.payload)
+        return self
 
 
 class TaskCancel(Payload):
@@ -607,8 +733,13 @@ __all__ = [
     "MAX_SOFTWARE",
     "MAX_TAGS",
     "MODELS",
+    "TASK_PAYLOADS",
+    "CollectTaskPayload",
+    "CommandTaskPayload",
+    "DeployTaskPayload",
     "DeploymentStatusReport",
     "Hardware",
+    "HealthcheckTaskPayload",
     "Heartbeat",
     "Inventory",
     "Payload",
@@ -623,4 +754,5 @@ __all__ = [
     "TelemetryBatch",
     "TelemetrySample",
     "Timestamp",
+    "check_task_payload",
 ]

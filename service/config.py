@@ -62,6 +62,9 @@ class Settings:
     # shared subscription over a restart, dropping what agents send until it returns
     # (docs/ingest.md); a plain subscription keeps queuing.
     share_group: str | None = None
+    # Broker log files to follow for refused credentials (service/bridge/broker_logs.py);
+    # empty: none (the brokers run elsewhere).
+    broker_logs: tuple[str, ...] = ()
 
     @classmethod
     def from_env(
@@ -120,6 +123,9 @@ class Settings:
             task_sweep_interval_s=_positive_float("EUCORA_TASK_SWEEP_INTERVAL", task_sweep),
             rollout_interval_s=_positive_float("EUCORA_ROLLOUT_INTERVAL", rollout),
             share_group=_share_group(pick("share_group", "EUCORA_SHARE_GROUP")),
+            broker_logs=tuple(
+                p for p in (pick("broker_logs", "EUCORA_BROKER_LOGS") or "").split(os.pathsep) if p
+            ),
         )
 
 

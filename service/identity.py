@@ -49,6 +49,9 @@ AGENT_PUBLISH_KINDS = (
 )  # fmt: skip
 # What it may read: its tasks, and its own status (to repair a stale last will).
 AGENT_READ_KINDS = (Kind.TASKS, Kind.STATUS)
+# What operators may read: what `eucora agents watch` shows (telemetry stays in the
+# database: a fleet's samples are no operator's live stream).
+OPERATOR_READ_KINDS = (Kind.STATUS, Kind.REGISTER, Kind.TASK_STATUS, Kind.DEPLOYMENT_STATUS)
 
 
 class IdentityError(RuntimeError):
@@ -89,7 +92,8 @@ def agent_acl(tree: TopicTree) -> str:
 
 def service_acl(tree: TopicTree) -> str:
     """The bridge reads every agent topic (also through `$share/GROUP/...`, which the
-    broker checks against the topic itself) and writes tasks; operators read status."""
+    broker checks against the topic itself) and writes tasks; operators read status,
+    registrations and task and deployment reports (`eucora agents watch`)."""
     return "\n".join([
         "# Written by eucora (service/identity.py): the service listener's accounts.",
         f"user {BRIDGE_USER}",
@@ -97,7 +101,7 @@ def service_acl(tree: TopicTree) -> str:
         f"topic write {tree.wildcard(Kind.TASKS)}",
         "",
         f"user {OPERATOR_USER}",
-        f"topic read {tree.wildcard(Kind.STATUS)}",
+        *(f"topic read {tree.wildcard(k)}" for k in OPERATOR_READ_KINDS),
     ]) + "\n"  # fmt: skip
 
 

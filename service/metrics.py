@@ -43,6 +43,10 @@ TASKS_SWEPT = Counter("eucora_tasks_swept", "Tasks the sweep moved, by new statu
 TASKS_OWED_AGAIN = Counter(
     "eucora_tasks_owed_again", "Tasks queued for republishing to an agent that lost its session"
 )
+OUTBOX_BACKLOG = Gauge(
+    "eucora_outbox_backlog",
+    "Task messages due now and not yet published (counted every few seconds, capped)",
+)
 OUTBOX_FAILURES = Counter(
     "eucora_outbox_failures", "Outbox rounds that failed (database or broker) and were retried"
 )

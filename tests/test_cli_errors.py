@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from service.stack.process import free_port
+from service.stack.process import free_port, wait_for
 
 OK, NOT_OK, USAGE, WAIT_TIMEOUT, UNREACHABLE = 0, 1, 2, 3, 4
 ANY_ID = "0b5e2c1e-8a43-4f0e-9d0c-5d2f6b1a7c11"  # no such task or deployment
@@ -30,6 +30,7 @@ DATABASE_COMMANDS = [
     ["agents", "label", "web-01", "owner=ops"],
     ["agents", "provision", "web-02"],
     ["agents", "revoke", "web-01"],
+    ["agents", "delete", "web-01"],
     ["tasks", "list"],
     ["tasks", "show", ANY_ID],
     ["tasks", "create", "--agent", "web-01", "--type", "HEALTHCHECK"],
@@ -211,3 +212,41 @@ def test_database_lost_in_the_middle_of_a_command(database: str) -> None:
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     line = error_line(result, UNREACHABLE)
     assert "lost the database" in line
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["provision", "web-02"], ["revoke", "web-01"], ["delete", "web-01"]],
+    ids=" ".join,
+)
+def test_account_command_loses_the_database(command: list[str], database: str) -> None:
+    """The connection ends while the command waits for the provisioning lock (another
+    provisioner holds it): exit 4, one line, and the registry as it was."""
+    from service.domains import accounts
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("INSERT INTO agents (agent_id, password_hash) VALUES ('web-01', '$7$101$x$y')")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EUCORA_")}
+    with psycopg.connect(database) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (accounts.LOCK_KEY,))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "agents", *command],
+            env=clean | {"EUCORA_DATABASE_URL": database, "EUCORA_AUTH_DIR": tempfile.gettempdir()},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        with psycopg.connect(database, autocommit=True) as admin:
+            waiting = (
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = 'eucora' AND wait_event_type = 'Lock'"
+            )
+            wait_for(lambda: admin.execute(waiting).fetchone() is not None, 30, "the lock wait")
+            admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({waiting}) w")
+            out, err = proc.communicate(timeout=60)
+        holder.rollback()
+    line = error_line(
+        subprocess.CompletedProcess(proc.args, proc.returncode, out, err), UNREACHABLE
+    )
+    assert "lost the database" in line
+    with psycopg.connect(database) as conn:
+        rows = conn.execute("SELECT agent_id, password_hash IS NOT NULL FROM agents").fetchall()
+    assert rows == [("web-01", True)]

@@ -27,6 +27,7 @@ from cli.telemetry import app as telemetry_app
 from schemas.constants import TELEMETRY_METRICS
 from service.db import models
 from service.db.models import CLI_MODELS, ColumnMismatch, model_row
+from service.domains import security
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 AGENT = "full-1"
@@ -63,6 +64,7 @@ def full(database: str) -> str:
         )
         conn.execute("INSERT INTO inventory (agent_id, name, version) VALUES (%s, 'curl', '8.5')",
                      (AGENT,))  # fmt: skip
+        security.security_event(conn, "provisioned", [(AGENT, {"broker_id": 1})])
         conn.execute(
             "INSERT INTO inventory_changes (time, agent_id, name, change, old_version,"
             " new_version) VALUES (%s, %s, 'curl', 'changed', '8.4', '8.5')",

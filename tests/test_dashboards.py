@@ -1,17 +1,23 @@
-"""Every query of the provisioned Grafana dashboards runs on our schema (plain PostgreSQL
-here; tests/test_timescale_ddl.py covers the TimescaleDB functions they call)."""
+"""The provisioned Grafana dashboards: every SQL query runs on our schema as Grafana's
+read-only role (plain PostgreSQL here; tests/test_timescale_ddl.py covers the
+TimescaleDB functions they call), that role cannot write, every panel has a unit, and
+every Prometheus expression names a metric a running bridge exports."""
 
 from __future__ import annotations
 
 import json
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
-DASHBOARDS = sorted((Path(__file__).parents[1] / "grafana" / "dashboards").glob("*.json"))
+GRAFANA = Path(__file__).parents[1] / "grafana"
+DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
 
 
 def expand_macros(sql: str) -> str:
@@ -27,8 +33,9 @@ def queries() -> list[tuple[str, str]]:
     for path in DASHBOARDS:
         doc = json.loads(path.read_text())
         for panel in doc["panels"]:
-            for target in panel["targets"]:
-                found.append((f"{path.name}: {panel['title']}", target["rawSql"]))
+            for target in panel.get("targets", []):
+                if "rawSql" in target:
+                    found.append((f"{path.name}: {panel['title']}", target["rawSql"]))
         for var in doc.get("templating", {}).get("list", []):
             found.append((f"{path.name}: variable {var['name']}", var["query"]))
     return found
@@ -38,8 +45,71 @@ def test_there_are_dashboards() -> None:
     assert DASHBOARDS and len(queries()) >= 5
 
 
+def panels() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (f"{path.name}: {panel['title']}", panel)
+        for path in DASHBOARDS
+        for panel in json.loads(path.read_text())["panels"]
+    ]
+
+
+def prometheus_expressions() -> list[tuple[str, str]]:
+    return [
+        (where, target["expr"])
+        for where, panel in panels()
+        for target in panel.get("targets", [])
+        if "expr" in target
+    ]
+
+
+@pytest.fixture
+def grafana_url(database: str) -> str:
+    """`database` as Grafana connects to it: the read-only role, with a login now."""
+    from service.db import grafana
+
+    password = uuid.uuid4().hex
+    with psycopg.connect(database, autocommit=True) as conn:
+        assert grafana.grant_login(conn, password)
+    return urlunsplit(
+        urlsplit(database)._replace(
+            netloc=f"{grafana.ROLE}:{password}@{urlsplit(database).netloc.rsplit('@', 1)[-1]}"
+        )
+    )
+
+
+def test_every_panel_has_a_unit() -> None:
+    for where, panel in panels():
+        if panel["type"] != "row":
+            assert panel["fieldConfig"]["defaults"].get("unit"), where
+
+
+def test_grafana_reads_the_database_as_the_read_only_role() -> None:
+    text = (GRAFANA / "provisioning" / "datasources" / "eucora.yaml").read_text()
+    assert "user: eucora_grafana" in text and "${EUCORA_GRAFANA_DB_PASSWORD}" in text
+    assert "type: prometheus" in text
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO tasks (agent_id, type) VALUES ('agent-1', 'COLLECT')",
+        "UPDATE deployments SET status = 'ABORTED'",
+        "DELETE FROM telemetry",
+        "INSERT INTO dead_letters (topic, reason, detail, payload, payload_size)"
+        " VALUES ('t', 'schema', 'd', '', 0)",
+        "CREATE TABLE grafana_was_here (x int)",
+        "CREATE VIEW grafana_view AS SELECT 1",
+        "SELECT password_hash FROM agents",  # the hashes are not the dashboards' business
+        "SELECT * FROM security_events",
+    ],
+)
+def test_grafana_role_cannot_write(grafana_url: str, statement: str) -> None:
+    with psycopg.connect(grafana_url) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute(statement)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("where", "sql"), queries(), ids=[w for w, _ in queries()])
-def test_dashboard_query_runs(database: str, where: str, sql: str) -> None:
+def test_dashboard_query_runs(database: str, grafana_url: str, where: str, sql: str) -> None:
     now = datetime.now(UTC)
     with psycopg.connect(database) as conn:
         conn.execute("INSERT INTO agents (agent_id, status) VALUES ('agent-1', 'online')")
@@ -60,6 +130,7 @@ def test_dashboard_query_runs(database: str, where: str, sql: str) -> None:
             "INSERT INTO deployment_status_events (time, deployment_id, agent_id, status)"
             " VALUES (now(), '00000000-0000-0000-0000-000000000001', 'agent-1', 'IN_PROGRESS')"
         )
+    with psycopg.connect(grafana_url) as conn:  # what Grafana can read, it reads as itself
         rows = conn.execute(expand_macros(sql)).fetchall()  # type: ignore[arg-type]
     assert isinstance(rows, list), where
     if "deployment" in sql:  # the fixture's deployment shows
@@ -112,3 +183,25 @@ def test_cli_and_dashboards_count_the_same_agents(database: str) -> None:
     }
     assert panels == cli
     assert cli == {"connected": 4, "stale": 2, "healthy": 2, "total": 9}
+
+
+def exported_names(text: str) -> set[str]:
+    """Metric names in a /metrics page: every sample's, and for a counter with no
+    sample yet (a labelled one nobody incremented) the `_total` name it will have."""
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            names |= {name, f"{name}_total"} if kind == "counter" else {name}
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def test_prometheus_expressions_name_metrics_the_bridge_exports(bridge: Any) -> None:
+    exprs = prometheus_expressions()
+    assert len(exprs) >= 5
+    exported = exported_names(bridge.metrics())
+    for where, expr in exprs:
+        named = set(re.findall(r"\beucora_[a-z0-9_]+", expr))
+        assert named and named <= exported, (where, named - exported)

@@ -469,15 +469,17 @@ def test_reports_the_deployment_cannot_use_are_kept_not_applied(
 
 def test_cli_errors_are_one_line(database: str, db: Db) -> None:
     db.conn.execute("INSERT INTO agents (agent_id, platform) VALUES ('x-1', 'linux')")
+    ok = '{"command": ["true"]}'
     bad = [
         (["create", "--payload", "[1]", "--platform", "linux"], 2, "JSON object"),
-        (["create", "--payload", "{}", "--platform", "linux", "--abort-after", "x"], 2, "count"),
+        (["create", "--payload", ok, "--platform", "linux", "--abort-after", "x"], 2, "count"),
         (["create", "--payload", '{"rollback": 1}', "--platform", "linux"], 2, "must not set"),
-        (["create", "--payload", "{}", "--agent", "nobody"], 1, "unknown agent"),
-        (["create", "--payload", "{}", "--platform", "windows"], 1, "no agent matches"),
+        (["create", "--payload", "{}", "--platform", "linux"], 2, "payload.command"),
+        (["create", "--payload", ok, "--agent", "nobody"], 1, "unknown agent"),
+        (["create", "--payload", ok, "--platform", "windows"], 1, "no agent matches"),
         (["show", str(uuid.uuid4())], 1, "no deployment"),
         (["abort", "not-a-uuid"], 1, "not a deployment id"),
-    ]
+    ]  # fmt: skip
     for args, code, text in bad:
         result = cli(database, *args)
         assert result.exit_code == code, (args, result.output)

@@ -448,7 +448,9 @@ def test_mqtt311_agent_works(broker: Broker, registry: str, probes: list[Probe])
     assert bridge.next_message().payload == b'{"seq":1}'
 
 
-def test_operator_reads_status_only(broker: Broker, registry: str, probes: list[Probe]) -> None:
+def test_operator_reads_what_agents_watch_shows(
+    broker: Broker, registry: str, probes: list[Probe]
+) -> None:
     operator = service_probe(probes, broker, identity.OPERATOR_USER)
     operator.subscribe("#", "$SYS/#")  # granted: what it receives is checked at delivery
     for topic in (TREE.agent("x", Kind.TASKS), TREE.agent("x", Kind.STATUS)):
@@ -457,15 +459,19 @@ def test_operator_reads_status_only(broker: Broker, registry: str, probes: list[
     bridge = service_probe(probes, broker, identity.BRIDGE_USER)
     assert bridge.publish(TREE.agent("x", Kind.STATUS)) == "Not authorized"
     assert bridge.publish(TREE.agent("x", Kind.TASKS)) != "Not authorized"
-    # Of an agent's telemetry, task and status, the operator receives the status only.
+    # Of an agent's telemetry, task, status and task report, the operator receives the
+    # status and the report (`eucora agents watch`), never telemetry or tasks.
     a = provision(broker, registry, "agent-o")
     agent = probe(probes, broker, "agent-o", a["password"])
     assert agent.connect() == "Success"
     assert agent.publish(TREE.agent("agent-o", Kind.TELEMETRY), b"t") != "Not authorized"
     assert bridge.publish(TREE.agent("agent-o", Kind.TASKS), b"task") != "Not authorized"
     assert agent.publish(TREE.agent("agent-o", Kind.STATUS), b"s") == "Success"
+    assert agent.publish(TREE.agent("agent-o", Kind.TASK_STATUS), b"r") == "Success"
     msg = operator.next_message()
     assert (msg.topic, msg.payload) == (TREE.agent("agent-o", Kind.STATUS), b"s")
+    msg = operator.next_message()
+    assert (msg.topic, msg.payload) == (TREE.agent("agent-o", Kind.TASK_STATUS), b"r")
     assert operator.messages.empty()
 
 

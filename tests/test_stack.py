@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import psycopg
+from cryptography import x509
 
 from service.stack.process import free_port
 from tests.fix_services import service_dir
 
 
-def eucora(*args: str) -> subprocess.CompletedProcess[str]:
+def eucora(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env=os.environ | env,
+    )
+
+
+def certificate_names(path: Path) -> tuple[set[str], set[str]]:
+    """The DNS names and IP addresses a certificate file is valid for."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return (
+        set(san.get_values_for_type(x509.DNSName)),
+        {str(ip) for ip in san.get_values_for_type(x509.IPAddress)},
     )
 
 
@@ -28,9 +41,17 @@ def test_stack_up_status_down() -> None:
     with service_dir("stack") as root:
         d = str(Path(root) / "s")
         ports = ["--mqtt-port", str(free_port()), "--db-port", str(free_port())]
-        up = eucora("stack", "up", "--dir", d, *ports, "--json")
+        up = eucora(
+            "stack", "up", "--dir", d, *ports, "--json",
+            "--tls-name", "mqtt.example.com", "--tls-name", "2001:db8::1",
+            EUCORA_TLS_NAMES="10.20.30.40, agents.corp.lan",
+        )  # fmt: skip
         try:
             assert up.returncode == 0, up.stderr
+            # The names agents dial are in the broker's certificate, beside the defaults.
+            dns, ips = certificate_names(Path(d) / "mosquitto/tls/server.pem")
+            assert {"mqtt.example.com", "agents.corp.lan", "localhost"} <= dns
+            assert {"10.20.30.40", "2001:db8::1", "127.0.0.1"} <= ips
             urls = json.loads(up.stdout)
             assert set(urls) == {"dir", "mqtt_url", "mqtt_urls", "database_url", "metrics_url"}
             assert urls["mqtt_url"].startswith("mqtt://eucora-operator:")
@@ -58,6 +79,9 @@ def test_stack_up_status_down() -> None:
 
             again = eucora("stack", "up", "--dir", d, "--json")  # idempotent
             assert again.returncode == 0, again.stderr
+            # A new name needs the brokers restarted: said in one line, nothing changed.
+            more = eucora("stack", "up", "--dir", d, "--tls-name", "new.example.com")
+            assert more.returncode == 2 and "stack down" in more.stderr, more.stderr
             assert json.loads(again.stdout)["mqtt_url"] == urls["mqtt_url"]
         finally:
             down = eucora("stack", "down", "--dir", d)
@@ -74,6 +98,17 @@ def test_stack_up_status_down() -> None:
         ).read_text()
         for value in secrets.values():
             assert value not in logs
+
+
+def test_stack_refuses_a_bad_tls_name() -> None:
+    with service_dir("stack") as root:
+        bad = eucora("stack", "up", "--dir", str(root / "s"), EUCORA_TLS_NAMES="ok.lan,bad name")
+        assert bad.returncode == 2
+        assert bad.stderr.splitlines() == [
+            "error: --tls-name / EUCORA_TLS_NAMES: 'bad name' is neither an IP address nor a"
+            " DNS name"
+        ]
+        assert not (root / "s").exists()
 
 
 def test_stack_status_without_stack_says_so() -> None:

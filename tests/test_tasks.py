@@ -467,9 +467,10 @@ def test_late_and_foreign_reports_change_nothing(
         (owner.agent_id, "IN_PROGRESS", "IN_PROGRESS after terminal COMPLETED"),
         (other.agent_id, "FAILED", f"foreign: reported by {other.agent_id}, task of agent-0"),
     ]
-    assert db.all("SELECT agent_id, event, detail->>'task_id' FROM security_events") == [
-        (other.agent_id, "foreign_task_report", tid)
-    ]
+    assert db.all(
+        "SELECT agent_id, event, detail->>'task_id' FROM security_events"
+        " WHERE event <> 'first_registration'"
+    ) == [(other.agent_id, "foreign_task_report", tid)]
     assert db.all("SELECT agent_id, reason FROM dead_letters") == [(other.agent_id, "unknown_task")]
     text = bridge.metrics()
     assert metric(text, "eucora_task_reports_total", 'outcome="after_terminal"') == 1
@@ -537,6 +538,30 @@ def test_create_by_tag_fans_out_to_exactly_the_matching_agents(
     bad = cli(database, "create", "--agent", "win-0", "--type", "COLLECT", "--payload", "[1]")
     assert bad.exit_code == 2 and "JSON object" in bad.stderr
     assert db.one("SELECT count(*) FROM tasks") == 6
+
+
+@pytest.mark.parametrize(
+    "type_, payload, field",
+    [
+        ("DEPLOY", "{}", "payload.command: Field required"),
+        ("REMEDIATE", '{"command": "systemctl restart cups"}', "payload.command: Input should be"),
+        ("UPDATE", '{"command": []}', "payload.command: List should have at least 1 item"),
+        ("HEALTHCHECK", '{"disk_max_percent": "90"}', "payload.disk_max_percent"),
+        ("HEALTHCHECK", '{"cpu_max_percent": 101}', "payload.cpu_max_percent"),
+        ("COLLECT", '{"what": [42]}', "payload.what"),
+    ],
+)
+def test_create_refuses_a_payload_its_type_does_not_take(
+    database: str, db: Db, type_: str, payload: str, field: str
+) -> None:
+    """Refused with one line before anything is stored (not REJECTED by the agent later)."""
+    db.conn.execute("INSERT INTO agents (agent_id) VALUES ('web-01')")
+    bad = cli(database, "create", "--agent", "web-01", "--type", type_, "--payload", payload)
+    assert bad.exit_code == 2
+    (line,) = bad.stderr.splitlines()
+    assert line.startswith(f"error: --payload: a{'n' if type_ == 'UPDATE' else ''} {type_} task's")
+    assert field in line
+    assert db.one("SELECT count(*) FROM tasks") == 0
 
 
 def test_cancel_show_and_list(
@@ -610,6 +635,9 @@ def test_create_wait_follows_the_reference_executor(
     assert ok.exit_code == 0, ok.output
     (done,) = orjson.loads(ok.stdout)
     assert done["status"] == "COMPLETED"
+    assert done["correlation_id"] == db.one(
+        "SELECT correlation_id FROM tasks WHERE task_id = %s", done["task_id"]
+    )
     assert "1/1 finished: COMPLETED 1" in ok.stderr
     result = db.one("SELECT result FROM tasks WHERE task_id = %s", done["task_id"])
     assert set(result["checks"]) == {"disk:/", "memory", "cpu"}

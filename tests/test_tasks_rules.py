@@ -70,7 +70,7 @@ def test_command_and_cancel_payloads_follow_the_schema() -> None:
 def test_an_invalid_row_cannot_become_a_message() -> None:
     created = datetime(2026, 1, 1, tzinfo=UTC)
     row = {
-        "task_id": uuid.uuid4(), "type": "DEPLOY", "payload": {"blob": "x" * 300_000},
+        "task_id": uuid.uuid4(), "type": "DEPLOY", "payload": {"command": ["x" * 4000] * 75},
         "timeout_seconds": 900, "expires_at": created, "correlation_id": "c",
         "created_at": created, "attempts": 0,
     }  # fmt: skip

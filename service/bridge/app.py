@@ -32,6 +32,7 @@ import psycopg
 from schemas.config import ConfigError, MqttUrl, redact_url
 from schemas.topics import TopicTree
 from service import metrics
+from service.bridge import broker_logs
 from service.bridge import health as health_http
 from service.bridge.brokers import BrokerSet
 from service.bridge.ingest import Ingest, IngestLimits
@@ -167,6 +168,7 @@ class Bridge:
             task_sweeper(s.database_url, s.task_sweep_interval_s),
             stale_sweeper(s.database_url, s.offline_after_s),
             heartbeat(s.database_url, s.client_id, self.heartbeat_state),
+            *([broker_logs.follow(s.broker_logs, s.database_url)] if s.broker_logs else []),
         ]
 
     def heartbeat_state(self) -> tuple[bool, list[dict[str, Any]]]:

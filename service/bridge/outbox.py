@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -59,6 +60,7 @@ from service.domains import tasks
 log = logging.getLogger("eucora.bridge.outbox")
 
 POLL_S: Final = 1.0
+BACKLOG_EVERY_S: Final = 5.0  # how often the backlog gauge is counted
 BATCH: Final = 200  # rows per claim: short transactions, row locks held briefly
 PUBACK_TIMEOUT_S: Final = 10.0
 
@@ -141,6 +143,7 @@ class Outbox:
         self.tree = tree
         self.redelivery_s = redelivery_s
         self.wake = asyncio.Event()
+        self._counted_at = -BACKLOG_EVERY_S  # the first round counts
 
     def _outgoing(self, row: dict[str, Any]) -> Outgoing | str:
         """The message a claimed row owes, or why it owes none."""
@@ -222,6 +225,13 @@ class Outbox:
             m.topic, m.payload, properties=m.properties, timeout=PUBACK_TIMEOUT_S
         )
 
+    async def _count_backlog(self) -> None:
+        """The backlog gauge, at most every BACKLOG_EVERY_S (a count is not free)."""
+        now = time.monotonic()
+        if now - self._counted_at >= BACKLOG_EVERY_S:
+            self._counted_at = now
+            metrics.OUTBOX_BACKLOG.set(await tasks.count_due(await self.db.get()))
+
     async def run(self) -> None:
         listener = asyncio.create_task(listen(self.database_url, OUTBOX_CHANNEL, self.wake))
         try:
@@ -229,6 +239,7 @@ class Outbox:
                 self.wake.clear()
                 more = False
                 try:
+                    await self._count_backlog()
                     more = await self.round() >= BATCH
                 except (psycopg.Error, OSError) as exc:
                     metrics.OUTBOX_FAILURES.inc()

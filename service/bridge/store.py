@@ -6,6 +6,7 @@ In order, inside one transaction:
   2. telemetry samples of the whole batch with one COPY (service/domains/telemetry.py);
   3. each other message through its route (routes.py), in a savepoint of its own;
   4. dead letters: invalid messages, and messages their handler rejected or failed on.
+     A payload naming another agent (identity) is a security event as well.
 The caller acknowledges the batch only after `flush` returns, i.e. after COMMIT.
 
 Failure isolation: a lost connection (psycopg.OperationalError / InterfaceError) is
@@ -34,7 +35,7 @@ from service import logs, metrics
 from service.bridge.message import Inbound
 from service.bridge.routes import Rejected, Routes
 from service.db.connect import connect_async
-from service.domains import agents, dead_letters, events, telemetry
+from service.domains import agents, dead_letters, events, security, telemetry
 from service.domains.dead_letters import DeadLetter
 
 log = logging.getLogger("eucora.bridge.store")
@@ -166,6 +167,7 @@ class Store:
         routed: list[Inbound] = []
         letters: list[DeadLetter] = []
         dead: dict[int, str] = {}
+        mismatches: list[security.SecurityEvent] = []  # identity: also security events
 
         def reject(item: Inbound, reason: str, detail: str) -> None:
             letters.append(_letter(item, reason, detail))
@@ -176,6 +178,11 @@ class Store:
                 reject(item, item.error.reason, item.error.detail)
                 if item.error.reason == "identity":
                     metrics.IDENTITY_VIOLATIONS.inc()
+                    mismatches.append((item.agent_id, {
+                        "topic": item.topic[:1024],
+                        "kind": item.kind.value if item.kind else None,
+                        "detail": item.error.detail,
+                    }))  # fmt: skip
                 continue
             assert item.agent_id is not None and item.kind is not None
             flags = seen.setdefault(item.agent_id, [False, False])
@@ -226,6 +233,8 @@ class Store:
                 await self._route(conn, item, reject)
             if letters:
                 await dead_letters.write(conn, letters)
+            if mismatches:
+                await security.security_event_async(conn, "identity_mismatch", mismatches)
         for agent_id, (hb, tel) in seen.items():
             self._touched[agent_id] = (now, hb, tel)
         return dead

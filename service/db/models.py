@@ -185,6 +185,14 @@ class AgentChangePublic(SQLModel):
     new_value: Any
 
 
+class SecurityEventPublic(SQLModel):
+    """One row of security_events (`agents show`: security_events, the audit trail)."""
+
+    time: UtcTime
+    event: str
+    detail: dict[str, Any]
+
+
 class InventoryChangePublic(SQLModel):
     """One row of inventory_changes (`agents show`: inventory.recent_changes)."""
 
@@ -241,6 +249,7 @@ class AgentDetailPublic(AgentDetailRow):
     changes: list[AgentChangePublic]
     telemetry: TelemetrySample | None
     inventory: InventoryPublic
+    security_events: list[SecurityEventPublic]
 
 
 class Inventory(SQLModel, table=True):
@@ -358,6 +367,7 @@ class TaskProgressPublic(SQLModel):
     status: str
     progress: int | None
     error: str | None
+    correlation_id: str
 
 
 class TaskEventPublic(SQLModel):
@@ -418,6 +428,7 @@ CLI_MODELS: dict[type[SQLModel], type[SQLModel] | None] = {
     AgentDetailPublic: Agent,
     AgentStatusEventPublic: None,
     AgentChangePublic: None,
+    SecurityEventPublic: None,
     InventoryChangePublic: None,
     InventorySummaryRow: None,
     InventoryPublic: None,

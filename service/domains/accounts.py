@@ -20,7 +20,7 @@ import psycopg
 
 from service.domains.agents import status_event
 from service.domains.events import record_sync
-from service.domains.security import security_event_sync, security_events_sync
+from service.domains.security import security_event
 
 Conn = psycopg.Connection[Any]
 # pg_advisory_xact_lock key shared by every provisioning command ("eucora-id").
@@ -166,8 +166,11 @@ def provision(conn: Conn, hashes: Mapping[str, str], *, rotate: bool = False) ->
     )
     if not rotate:
         _count(conn, Counter(homes.values()))
-    event = "credentials_rotated" if rotate else "provisioned"
-    security_events_sync(conn, [(a, event, {"broker_id": homes[a]}) for a in sorted(hashes)])
+    security_event(
+        conn,
+        "credentials_rotated" if rotate else "provisioned",
+        [(a, {"broker_id": homes[a]}) for a in sorted(hashes)],
+    )
     return [Provisioned(a, homes[a], known[homes[a]].agent_url) for a in hashes]
 
 
@@ -228,7 +231,9 @@ def revoke(conn: Conn, agent_id: str, *, reason: str = "revoked") -> int | None:
     offline = status_event(agent_id, "offline", epoch[0] if epoch else None, "revoked", "operator")
     record_sync(conn, [offline])
     _count(conn, {broker_id: -1})
-    security_event(conn, agent_id, "credentials_revoked", {"broker_id": broker_id, "by": reason})
+    security_event(
+        conn, "credentials_revoked", [(agent_id, {"broker_id": broker_id, "by": reason})]
+    )
     return int(broker_id)
 
 
@@ -248,13 +253,8 @@ def delete(conn: Conn, agent_id: str) -> bool:
         revoke(conn, agent_id, reason="deleted")
     conn.execute("DELETE FROM tasks WHERE agent_id = %s", (agent_id,))
     conn.execute("DELETE FROM agents WHERE agent_id = %s", (agent_id,))
-    security_event(conn, agent_id, "deleted", {})
+    security_event(conn, "deleted", [(agent_id, {})])
     return True
-
-
-def security_event(conn: Conn, agent_id: str, event: str, detail: dict[str, Any]) -> None:
-    """The CLI's security events (service/domains/security.py writes them all)."""
-    security_event_sync(conn, agent_id, event, detail)
 
 
 def account_hashes(conn: Conn, agent_ids: Iterable[str] | None = None) -> dict[str, str]:

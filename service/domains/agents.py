@@ -30,7 +30,7 @@ from schemas.states import AgentState
 from service import metrics
 from service.domains import events
 from service.domains.events import NewEvent
-from service.domains.security import security_event
+from service.domains.security import security_event_async
 
 log = logging.getLogger("eucora.agents")
 
@@ -247,6 +247,12 @@ async def apply_registration(conn: Conn, agent_id: str, reg: Register) -> None:
     if registered_at is None:
         metrics.REGISTRATIONS.labels("new").inc()
         await events.record(conn, [NewEvent(EventKind.AGENT_REGISTERED, agent_id, new)])
+        await security_event_async(
+            conn,
+            "first_registration",
+            [(agent_id, {k: new[k] for k in ("hostname", "platform", "ip_address",
+                                             "agent_version")})],
+        )  # fmt: skip
         return
     if not changes:
         metrics.REGISTRATIONS.labels("unchanged").inc()
@@ -259,11 +265,10 @@ async def apply_registration(conn: Conn, agent_id: str, reg: Register) -> None:
             [(agent_id, f, Jsonb(old[f]), Jsonb(new[f])) for f in changes],
         )
     await events.record(conn, [change_event(agent_id, f, old[f], new[f]) for f in changes])
-    await security_event(
+    await security_event_async(
         conn,
-        agent_id,
         "re_registration",
-        {"fields": changes, "registration_ts": reg.ts.isoformat()},
+        [(agent_id, {"fields": changes, "registration_ts": reg.ts.isoformat()})],
     )
     log.info("agent re-registered with changes", extra={"agent_id": agent_id, "fields": changes})
 

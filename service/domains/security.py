@@ -1,15 +1,15 @@
-"""Security events: the one writer of security_events (provisioning, revocation,
-deletion, a changed re-registration, an identity violation...). Each is also one
-`security.event` event in the same transaction (docs/events.md).
+"""Security events: the audit trail (`eucora agents show`), written here and only here.
 
-`security_event` for the bridge's async connections, `security_event_sync` and
-`security_events_sync` (many at once: a bulk provisioning) for the CLI's.
+Every row of security_events goes through `security_event` (the CLI's synchronous
+connections) or `security_event_async` (the bridge's), with the same SQL: one INSERT
+for any number of rows (a bulk provisioning is one statement). Each row is also one
+`security` event in the same transaction (docs/events.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -18,38 +18,50 @@ from schemas.events import EventKind
 from service.domains import events
 from service.domains.events import NewEvent
 
-# (agent_id, event, detail)
-Row = tuple[str | None, str, dict[str, Any]]
+SecurityEventKind = Literal[
+    "provisioned",  # an account given (detail: broker_id)
+    "credentials_rotated",  # a new password (broker_id)
+    "credentials_revoked",  # the account taken away (broker_id, by: revoked | deleted)
+    "deleted",  # removed from the registry
+    "first_registration",  # the agent's first register message (hostname, platform...)
+    "re_registration",  # a later one that changed fields (fields, registration_ts)
+    "identity_mismatch",  # a payload naming another agent (topic, claimed, kind)
+    "foreign_task_report",  # a report on another agent's task (task_id, owner, status)
+    "credentials_refused",  # the broker refused a connection (listener, address, line)
+]
+SecurityEvent = tuple[str | None, dict[str, Any]]  # (agent_id or None: unknown, detail)
 
 _INSERT = """
 INSERT INTO security_events (time, agent_id, event, detail)
-SELECT now(), e.* FROM unnest(%s::text[], %s::text[], %s::jsonb[]) AS e
+SELECT now(), u.agent_id, %s, u.detail
+  FROM unnest(%s::text[], %s::jsonb[]) AS u(agent_id, detail)
 """
 
 
-def _params(rows: Sequence[Row]) -> tuple[list[Any], ...]:
-    return ([r[0] for r in rows], [r[1] for r in rows], [Jsonb(r[2]) for r in rows])
+def _params(
+    event: SecurityEventKind, rows: Sequence[SecurityEvent]
+) -> tuple[str, list[str | None], list[Jsonb]]:
+    return event, [a for a, _ in rows], [Jsonb(d) for _, d in rows]
 
 
-def _events(rows: Sequence[Row]) -> list[NewEvent]:
-    return [NewEvent(EventKind.SECURITY, a, {"event": e, "detail": d}) for a, e, d in rows]
+def _events(event: SecurityEventKind, rows: Sequence[SecurityEvent]) -> list[NewEvent]:
+    return [NewEvent(EventKind.SECURITY, a, {"event": event, "detail": d}) for a, d in rows]
 
 
-async def security_event(
-    conn: psycopg.AsyncConnection[Any], agent_id: str | None, event: str, detail: dict[str, Any]
+def security_event(
+    conn: psycopg.Connection[Any], event: SecurityEventKind, rows: Sequence[SecurityEvent]
 ) -> None:
-    rows: list[Row] = [(agent_id, event, detail)]
-    await conn.execute(_INSERT, _params(rows))
-    await events.record(conn, _events(rows))
-
-
-def security_events_sync(conn: psycopg.Connection[Any], rows: Sequence[Row]) -> None:
+    """Record one kind of security event for each (agent_id, detail) of `rows`, in the
+    caller's transaction."""
     if rows:
-        conn.execute(_INSERT, _params(rows))
-        events.record_sync(conn, _events(rows))
+        conn.execute(_INSERT, _params(event, rows))
+        events.record_sync(conn, _events(event, rows))
 
 
-def security_event_sync(
-    conn: psycopg.Connection[Any], agent_id: str | None, event: str, detail: dict[str, Any]
+async def security_event_async(
+    conn: psycopg.AsyncConnection[Any], event: SecurityEventKind, rows: Sequence[SecurityEvent]
 ) -> None:
-    security_events_sync(conn, [(agent_id, event, detail)])
+    """`security_event` on an async connection (the bridge)."""
+    if rows:
+        await conn.execute(_INSERT, _params(event, rows))
+        await events.record(conn, _events(event, rows))

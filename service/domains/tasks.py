@@ -37,7 +37,7 @@ from schemas.states import task_transition_allowed as allowed
 from service import logs, metrics
 from service.domains import events
 from service.domains.events import NewEvent
-from service.domains.security import security_event
+from service.domains.security import security_event_async
 from service.domains.targets import Target, target_where
 
 log = logging.getLogger("eucora.tasks")
@@ -448,6 +448,20 @@ UPDATE tasks t SET
 """
 
 
+BACKLOG_CAP: Final = 100_000  # a bounded count stays cheap whatever the backlog
+
+
+async def count_due(conn: Conn) -> int:
+    """How many task messages are due now (the outbox's backlog), up to BACKLOG_CAP:
+    an index range scan of tasks_outbox_idx."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE next_publish_at <= now() LIMIT %s) due",
+        (BACKLOG_CAP,),
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def claim_due(
     conn: Conn, limit: int, brokers: list[int] | None = None, default_broker: int | None = None
 ) -> list[dict[str, Any]]:
@@ -667,12 +681,12 @@ async def apply_report(conn: Conn, agent_id: str, report: TaskStatusReport) -> R
         await record_events(
             conn, [event(False, f"foreign: reported by {agent_id}, task of {owner}")]
         )
-        await security_event(
+        await security_event_async(
             conn,
-            agent_id,
             "foreign_task_report",
-            {"task_id": str(report.task_id), "owner": owner, "status": report.status.value},
-        )
+            [(agent_id, {"task_id": str(report.task_id), "owner": owner,
+                         "status": report.status.value})],
+        )  # fmt: skip
         log.warning(
             "an agent reported on another agent's task",
             extra={"agent_id": agent_id, "task_id": str(report.task_id), "owner": owner},

@@ -63,6 +63,9 @@ class Broker:
     # `ca_dir` (created there the first time); None: plain MQTT only.
     tls_port: int | None = None
     ca_dir: Path | None = None
+    # More names for the server certificate (DNS names or IPs agents dial), besides
+    # the bind address, localhost, 127.0.0.1 and this host's name.
+    tls_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.service_port = self.service_port or self.port + 1000
@@ -159,7 +162,9 @@ class Broker:
     def _tls_listener(self) -> str:
         if self.tls_port is None:
             return ""
-        hosts = [self._client_host, "localhost", "127.0.0.1", socket.gethostname()]
+        hosts = [
+            self._client_host, "localhost", "127.0.0.1", socket.gethostname(), *self.tls_names
+        ]  # fmt: skip
         files = self.ca.ensure().issue_server(self.data_dir / "tls", hosts)
         return "\n".join([
             f"listener {self.tls_port} {self.bind}",

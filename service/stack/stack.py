@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ class Stack:
         """Generated once per stack folder, then reused so accounts keep working."""
         path = self.dir / "secrets.json"
         data = _load_json(path)
-        wanted = [*identity.SERVICE_USERS, "database"]
+        wanted = [*identity.SERVICE_USERS, "database", "grafana"]
         if not all(k in data for k in wanted):
             data = {k: data.get(k) or identity.new_password() for k in wanted}
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +105,7 @@ class Stack:
             tls_port=tls_ports[number - 1] if len(tls_ports) >= number else None,
             ca_dir=self.dir / "ca",
             bind=st.get("mqtt_bind", "127.0.0.1"),
+            tls_names=tuple(st.get("tls_names", ())),
             auth_dir=self.auth_dir,
             name=f"broker-{number}",
         )
@@ -150,9 +152,11 @@ class Stack:
         broker_extra: str = "",
         brokers: int | None = None,
         service_port: int | None = None,
+        tls_names: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Start whatever is not running yet; return the URLs to use. `brokers` only
-        ever adds brokers: agents keep their home broker."""
+        ever adds brokers: agents keep their home broker. `tls_names` are added to the
+        names the brokers' server certificate carries (kept for later `up`s)."""
         from service.db import migrate  # the database layer is only needed here
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +171,13 @@ class Stack:
             tls_ports[:1] = [mqtts_port]
         service_base = service_port or st.get("service_port") or mqtt_port + SERVICE_PORT_OFFSET
         taken = {p + i for p in (mqtt_port, service_base) for i in range(count)}
+        names = list(dict.fromkeys([*st.get("tls_names", []), *tls_names]))
+        if names != st.get("tls_names", []) and any(b.running for b in self.brokers()):
+            # The certificate is issued when a broker starts: a running one keeps its own.
+            raise StackError(
+                "the brokers are running with their certificate: `eucora stack down` first,"
+                " then `eucora stack up --tls-name ...`"
+            )
         while len(tls_ports) < count:
             # TLS listeners: 18883... beside the default 11883...; a stack moved to
             # another plain port (a second stack, a test) gets free TLS ports instead
@@ -190,16 +201,28 @@ class Stack:
             topic_root=topic_root,
             durable=durable,
             broker_extra=broker_extra,
+            tls_names=names,
         )
         for broker in self.brokers():
             broker.start()
         if not self.state().get("external_database_url"):
             self.cluster().start()
         migrate.upgrade(self.database_url())
+        self._grafana_login()
         self._register_brokers()
         if bridge:
             self.start_bridge()
         return self.urls()
+
+    def _grafana_login(self) -> None:
+        """The dashboards' read-only role logs in with the stack's secret (or
+        EUCORA_GRAFANA_DB_PASSWORD: compose.yaml hands the same to Grafana)."""
+        from service.db import grafana
+        from service.db.connect import connect
+
+        password = os.environ.get(grafana.PASSWORD_ENV) or self.secrets()["grafana"]
+        with connect(self.database_url(), autocommit=True) as conn:
+            grafana.grant_login(conn, password)
 
     def _register_brokers(self) -> None:
         """Each broker in the `brokers` table (idempotent); and the agents file rebuilt
@@ -253,6 +276,8 @@ class Stack:
             "EUCORA_DATABASE_URL": self.database_url(),
             "EUCORA_TOPIC_ROOT": st.get("topic_root", DEFAULT_TOPIC_ROOT),
             "EUCORA_METRICS_PORT": str(st["metrics_port"]),
+            # Its brokers' logs, where refused credentials show (docs/broker.md).
+            "EUCORA_BROKER_LOGS": os.pathsep.join(str(b.log_file) for b in self.brokers()),
         }
 
     def start_bridge(self, timeout: float = 30.0) -> int:

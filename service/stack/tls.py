@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,26 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest lifetime clients such as Apple's accept for a server cert
+
+
+# A DNS name in a certificate: dot-separated labels of letters, digits and '-', the
+# first one possibly a '*' wildcard (RFC 5280 4.2.1.6, RFC 6125 6.4.3).
+_DNS_NAME = re.compile(
+    r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def check_name(name: str) -> str:
+    """A name the server certificate may carry: an IP address (returned in its
+    canonical form) or a DNS name; ValueError otherwise."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not _DNS_NAME.match(name):
+        raise ValueError(f"{name!r} is neither an IP address nor a DNS name")
+    return name.lower()
 
 
 @dataclass(frozen=True)
