@@ -17,12 +17,6 @@ set +e
 # Two workers (EUCORA_TEST_WORKERS, 0 = in this process): each starts its own services.
 pytest -n "${EUCORA_TEST_WORKERS:-2}" "$@"
 rc=$?
-# Then, for a whole run, the fleet-scale checks (tests marked `scale`: thousands of
-# simulated agents), one at a time since each loads both cores.
-if [ $rc -eq 0 ] && [ $# -eq 0 ]; then
-  pytest -m scale
-  rc=$?
-fi
 set -e
 if [ $rc -eq 5 ]; then
   echo "error: pytest collected no tests" >&2
