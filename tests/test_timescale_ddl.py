@@ -71,7 +71,10 @@ HYPERTABLES = {
     "deployment_status_events": timedelta(days=7),
     "dead_letters": timedelta(days=7),
     "security_events": timedelta(days=30),
+    "events": timedelta(days=1),
 }
+# The time column, where it is not `time`.
+TIME_COLUMN = {"events": "ts"}
 TELEMETRY_INSERT = (
     "INSERT INTO telemetry (time, agent_id, cpu_percent, memory_percent, disk_percent,"
     " net_rx_bytes, net_tx_bytes) VALUES (%s, %s, %s, %s, %s, %s, %s)"
@@ -327,12 +330,12 @@ def test_time_series_tables_are_hypertables(ts: Timescale) -> None:
             ).fetchall()
         )
     assert sorted(dimensions) == sorted(
-        (table, "time", interval) for table, interval in HYPERTABLES.items()
+        (table, TIME_COLUMN.get(table, "time"), interval) for table, interval in HYPERTABLES.items()
     )
     # telemetry: only its key (COPY speed); event tables: the default (time DESC) index.
     assert indexes["telemetry"] == ["telemetry_pkey"]
     for table in HYPERTABLES.keys() - {"telemetry"}:
-        assert f"{table}_time_idx" in indexes[table], table
+        assert f"{table}_{TIME_COLUMN.get(table, 'time')}_idx" in indexes[table], table
 
 
 def test_tsl_policies_are_as_documented(ts: Timescale) -> None:
