@@ -31,7 +31,7 @@ from service.db.connect import connect
 from service.domains import event_relays, events
 from service.stack.broker import Broker
 from service.stack.nats import NatsServer
-from service.stack.process import free_port, wait_for
+from service.stack.process import free_port_range, wait_for
 from tests.fix_nats import cluster_url
 from tests.fix_services import service_dir
 
@@ -293,7 +293,9 @@ def eucora(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 def test_stack_up_events_nats_forwards_and_status_shows_the_relay() -> None:
     with service_dir("stack") as root:
         d = str(root / "s")
-        ports = ["--mqtt-port", str(free_port()), "--db-port", str(free_port())]
+        first = free_port_range(3)  # below the ephemeral range: no client takes them
+        mqtt, service, db = first, first + 1, first + 2
+        ports = ["--mqtt-port", str(mqtt), "--service-port", str(service), "--db-port", str(db)]
         up = eucora("stack", "up", "--dir", d, *ports, "--events", "nats", "--json")
         try:
             assert up.returncode == 0, up.stderr

@@ -33,7 +33,15 @@ from service import identity
 from service.stack.broker import Broker
 from service.stack.database import Cluster
 from service.stack.nats import NatsServer
-from service.stack.process import StackError, alive, free_port, spawn, stop_pid, wait_for
+from service.stack.process import (
+    StackError,
+    alive,
+    free_port,
+    free_port_range,
+    spawn,
+    stop_pid,
+    wait_for,
+)
 
 DEFAULT_DIR = Path(".stack")
 DEFAULT_MQTT_PORT = 11883
@@ -210,7 +218,8 @@ class Stack:
         restart_bridge = events != (st.get("events") or "none")
         nats_port = st.get("nats_port")
         if events == "nats" and not nats_port:
-            nats_port = DEFAULT_NATS_PORT if mqtt_port == DEFAULT_MQTT_PORT else free_port()
+            # Below the ephemeral range: no outgoing connection takes it before a restart.
+            nats_port = DEFAULT_NATS_PORT if mqtt_port == DEFAULT_MQTT_PORT else free_port_range(1)
         self._save_state(
             dir=str(self.dir),
             mqtt_port=mqtt_port,
@@ -293,15 +302,20 @@ class Stack:
         return env
 
     def bridge_env(self) -> dict[str, str]:
+        """The bridge's settings. Events go to the stack's nats-server with `--events
+        nats`; otherwise where EUCORA_EVENTS_URL in the caller's environment says (an
+        existing NATS, e.g. under Compose), or nowhere."""
         st = self.state()
-        return {
+        env = {
             "EUCORA_MQTT_URL": self.broker().url(identity.BRIDGE_USER),
             "EUCORA_DATABASE_URL": self.database_url(),
             "EUCORA_TOPIC_ROOT": st.get("topic_root", DEFAULT_TOPIC_ROOT),
             "EUCORA_METRICS_PORT": str(st["metrics_port"]),
-            # Empty: no forwarding, even when the caller's environment names a server.
-            "EUCORA_EVENTS_URL": self.events_url() or "",
         }
+        events_url = self.events_url()
+        if events_url:
+            env["EUCORA_EVENTS_URL"] = events_url
+        return env
 
     def start_bridge(self, timeout: float = 30.0) -> int:
         pid: int | None = self.state().get("bridge_pid")
