@@ -5,7 +5,8 @@ Exit codes, the same for every `eucora` command (README.md, "Exit codes"):
 that cannot be done such as an unknown id); 2 usage or configuration error (a bad
 option, a missing setting or file, a database schema that needs `eucora db upgrade`);
 3 `--wait` gave up (`--wait-timeout`); 4 a service (database or broker) cannot be
-reached: trying again later may work.
+reached: trying again later may work; 5 `events tail --after`: the cursor is older than
+the events kept.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ EXIT_NOT_OK = 1
 EXIT_USAGE = 2
 EXIT_WAIT_TIMEOUT = 3
 EXIT_UNREACHABLE = 4
+EXIT_CURSOR_TOO_OLD = 5
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:

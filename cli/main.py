@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import access, agent, agents, bridge, deployments, stack, tasks, telemetry
+from cli import access, agent, agents, bridge, deployments, events, stack, tasks, telemetry
 from cli.common import EXIT_UNREACHABLE
 from cli.db import app as db_app
 from cli.simulate import simulate
@@ -46,6 +46,7 @@ app.add_typer(agents.app, name="agents")
 app.add_typer(tasks.app, name="tasks")
 app.add_typer(telemetry.app, name="telemetry")
 app.add_typer(deployments.app, name="deployments")
+app.add_typer(events.app, name="events")
 app.add_typer(agent.app, name="agent")
 app.command("simulate")(simulate)
 

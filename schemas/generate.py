@@ -1,4 +1,5 @@
-"""Write the JSON Schemas (`schemas/<kind>.schema.json`) from the payload models.
+"""Write the JSON Schemas from the models: `schemas/<kind>.schema.json` for each payload
+kind (payloads.py), `schemas/event-<kind>.schema.json` for each event kind (events.py).
 
 python -m schemas.generate           # (re)write the files
 python -m schemas.generate --check   # exit 1 if a committed file is stale
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from schemas import events
 from schemas.payloads import ADAPTERS, DESCRIPTIONS, MODELS
 from schemas.topics import Kind
 
@@ -53,9 +55,43 @@ def build(kind: Kind) -> dict[str, Any]:
     return schema
 
 
-def render(kind: Kind) -> str:
+def event_schema_path(kind: events.EventKind, directory: Path = SCHEMA_DIR) -> Path:
+    return directory / f"event-{kind.value}.schema.json"
+
+
+def build_event(kind: events.EventKind) -> dict[str, Any]:
+    """The JSON Schema of one event kind: the envelope, with that kind's `data`."""
+    schema = events.Envelope.model_json_schema(mode="serialization")
+    data = events.DATA[kind].model_json_schema(mode="serialization")
+    if "$defs" in data:
+        schema.setdefault("$defs", {}).update(data.pop("$defs"))
+    schema["properties"]["kind"] = {"const": kind.value, "title": "Kind", "type": "string"}
+    schema["properties"]["data"] = data
+    schema.update(
+        {
+            "$schema": DIALECT,
+            "$id": f"{BASE_ID}event-{kind.value}.schema.json",
+            "title": f"EUCORA event {kind.value}",
+            "description": events.DESCRIPTIONS[kind],
+        }
+    )
+    return schema
+
+
+def _text(schema: dict[str, Any]) -> str:
     """Stable text: sorted keys, indent 2, trailing newline."""
-    return json.dumps(build(kind), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def render(kind: Kind) -> str:
+    return _text(build(kind))
+
+
+def files(directory: Path) -> list[tuple[Path, str]]:
+    """Every schema file and the text it should hold."""
+    return [(schema_path(k, directory), render(k)) for k in Kind] + [
+        (event_schema_path(k, directory), _text(build_event(k))) for k in events.EventKind
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     stale = []
-    for kind in Kind:
-        path, text = schema_path(kind, args.dir), render(kind)
+    every = files(args.dir)
+    for path, text in every:
         current = path.read_text(encoding="utf-8") if path.exists() else None
         if current == text:
             continue
@@ -83,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     if not args.check:
-        print(f"wrote {len(stale)} of {len(Kind)} schema files in {args.dir}")
+        print(f"wrote {len(stale)} of {len(every)} schema files in {args.dir}")
     return 0
 
 

@@ -20,10 +20,14 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from typer.testing import CliRunner
 
+from cli.common import EXIT_CURSOR_TOO_OLD
+from cli.main import app as eucora
 from schemas.events import EventKind
 from service.domains import events
 from service.domains.events import NewEvent, Position
@@ -248,3 +252,68 @@ def test_retention_deletes_old_events_and_says_when_a_cursor_is_too_old(database
         # A cursor from before the stream began is as old as any.
         with pytest.raises(events.CursorTooOld):
             events.read_after_sync(conn, Position(0, 0))
+
+
+def _tail(database: str, *args: str) -> Any:
+    return CliRunner().invoke(
+        eucora, ["events", "tail", *args], env={"EUCORA_DATABASE_URL": database}
+    )
+
+
+def test_tail_starts_now_and_says_when_a_cursor_is_too_old(database: str) -> None:
+    with psycopg.connect(database) as conn:
+        events.record_sync(conn, [NewEvent(EventKind.AGENT_ONLINE, "t1", {"n": 0})])
+        conn.commit()
+    assert _tail(database, "--json").stdout == ""  # only what comes from now on
+    first = _tail(database, "--from-start", "--json")
+    assert first.exit_code == 0, first.output
+    (line,) = [json.loads(x) for x in first.stdout.splitlines()]
+    assert (line["agent_id"], line["agent_seq"], line["kind"]) == ("t1", 1, "agent.online")
+    table = _tail(database, "--from-start")
+    assert "agent.online" in table.stdout
+    next_cursor = events.parse_cursor(table.stderr.removeprefix("next: --after "))
+    assert next_cursor >= events.parse_cursor(line["cursor"])
+    with psycopg.connect(database) as conn:
+        conn.execute("UPDATE events SET ts = now() - interval '40 days'")
+        events.record_sync(conn, [NewEvent(EventKind.AGENT_OFFLINE, "t1", {"n": 1})])
+        conn.commit()
+
+    async def prune() -> int:
+        async with (
+            await psycopg.AsyncConnection.connect(database) as aconn,
+            aconn.transaction(),
+        ):
+            return await events.prune(aconn)
+
+    assert asyncio.run(prune()) == 1
+    old = _tail(database, "--after", "0.0")
+    assert old.exit_code == EXIT_CURSOR_TOO_OLD
+    assert old.stderr.startswith("error: cursor 0.0 is older than the events kept")
+    assert len(old.stderr.splitlines()) == 1
+    for args in (["--after", "x"], ["--after", "1.2", "--from-start"], ["--kind", "nope"]):
+        bad = _tail(database, *args)
+        assert bad.exit_code == 2 and bad.stderr.startswith("error: "), (args, bad.output)
+
+
+def test_tail_follow_prints_new_events_and_stops_on_ctrl_c(database: str) -> None:
+    env = {**os.environ, "EUCORA_DATABASE_URL": database}
+    with psycopg.connect(database, autocommit=True) as conn:
+        start = events.current_cursor_sync(conn)
+        command = [sys.executable, "-m", "cli", "events", "tail", "--follow", "--json",
+                   "--agent", "f1", "--after", str(start)]  # fmt: skip
+        with subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        ) as proc:
+            try:
+                with conn.transaction():
+                    events.record_sync(
+                        conn, [NewEvent(EventKind.AGENT_ONLINE, a, {}) for a in ("f1", "f2", "f1")]
+                    )
+                assert proc.stdout is not None and proc.stderr is not None
+                lines = [json.loads(proc.stdout.readline()) for _ in range(2)]
+                assert [(x["agent_id"], x["agent_seq"]) for x in lines] == [("f1", 1), ("f1", 2)]
+                proc.send_signal(signal.SIGINT)
+                assert proc.wait(10) == 0
+                assert b"Traceback" not in proc.stderr.read()
+            finally:
+                proc.kill()

@@ -1,4 +1,5 @@
-"""The bridge's periodic work: stale agents, task TIMEOUT/EXPIRED, its own heartbeat.
+"""The bridge's periodic work: stale agents, task TIMEOUT/EXPIRED and event retention,
+its own heartbeat.
 
 Each runs from the database's state alone (so it survives restarts of the bridge), on
 a connection of its own, and is safe with several bridges sweeping at once (the
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +23,7 @@ from psycopg.types.json import Jsonb
 
 from schemas.version import product_version
 from service.db.connect import OwnConnection, connect_async
-from service.domains import agents, tasks
+from service.domains import agents, events, tasks
 
 log = logging.getLogger("eucora.bridge.sweeps")
 
@@ -67,10 +69,24 @@ async def stale_sweeper(database_url: str, offline_after_s: float) -> None:
     await periodically("stale", database_url, stale_interval(offline_after_s), work)
 
 
+# How often the task sweeper also deletes events past retention (sooner while a
+# backlog remains).
+PRUNE_EVERY_S = 60.0
+
+
 async def task_sweeper(database_url: str, interval_s: float) -> None:
+    next_prune = 0.0
+
     async def work(conn: Conn) -> dict[str, int]:
+        nonlocal next_prune
         counts = await tasks.sweep(conn)
-        return {k: v for k, v in counts.items() if v}
+        result = {k: v for k, v in counts.items() if v}
+        if time.monotonic() >= next_prune:
+            pruned = await events.prune(conn)
+            next_prune = time.monotonic() + (0 if pruned >= events.PRUNE_BATCH else PRUNE_EVERY_S)
+            if pruned:
+                result["events_pruned"] = pruned
+        return result
 
     await periodically("tasks", database_url, interval_s, work)
 

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
+
+from service.domains.agents import status_event
+from service.domains.events import record_sync
+from service.domains.security import security_event_sync, security_events_sync
 
 Conn = psycopg.Connection[Any]
 # pg_advisory_xact_lock key shared by every provisioning command ("eucora-id").
@@ -164,13 +167,7 @@ def provision(conn: Conn, hashes: Mapping[str, str], *, rotate: bool = False) ->
     if not rotate:
         _count(conn, Counter(homes.values()))
     event = "credentials_rotated" if rotate else "provisioned"
-    conn.execute(
-        """
-        INSERT INTO security_events (agent_id, event, detail)
-        SELECT agent_id, %s, jsonb_build_object('broker_id', broker_id) FROM new_accounts
-        """,
-        (event,),
-    )
+    security_events_sync(conn, [(a, event, {"broker_id": homes[a]}) for a in sorted(hashes)])
     return [Provisioned(a, homes[a], known[homes[a]].agent_url) for a in hashes]
 
 
@@ -219,14 +216,17 @@ def revoke(conn: Conn, agent_id: str, *, reason: str = "revoked") -> int | None:
         """,
         (agent_id,),
     )
-    conn.execute(
+    epoch = conn.execute(
         """
         INSERT INTO agent_status_events (time, agent_id, state, epoch, reason, source, accepted)
         SELECT clock_timestamp(), agent_id, 'offline', status_epoch, 'revoked', 'operator', true
           FROM agents WHERE agent_id = %s
+        RETURNING epoch
         """,
         (agent_id,),
-    )
+    ).fetchone()
+    offline = status_event(agent_id, "offline", epoch[0] if epoch else None, "revoked", "operator")
+    record_sync(conn, [offline])
     _count(conn, {broker_id: -1})
     security_event(conn, agent_id, "credentials_revoked", {"broker_id": broker_id, "by": reason})
     return int(broker_id)
@@ -253,10 +253,8 @@ def delete(conn: Conn, agent_id: str) -> bool:
 
 
 def security_event(conn: Conn, agent_id: str, event: str, detail: dict[str, Any]) -> None:
-    conn.execute(
-        "INSERT INTO security_events (agent_id, event, detail) VALUES (%s, %s, %s)",
-        (agent_id, event, Jsonb(detail)),
-    )
+    """The CLI's security events (service/domains/security.py writes them all)."""
+    security_event_sync(conn, agent_id, event, detail)
 
 
 def account_hashes(conn: Conn, agent_ids: Iterable[str] | None = None) -> dict[str, str]:

@@ -24,9 +24,13 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from schemas.constants import WILL_REASON
+from schemas.events import EventKind
 from schemas.payloads import Register, Status
 from schemas.states import AgentState
 from service import metrics
+from service.domains import events
+from service.domains.events import NewEvent
+from service.domains.security import security_event
 
 log = logging.getLogger("eucora.agents")
 
@@ -72,6 +76,29 @@ def judge(
     if state is AgentState.OFFLINE and current == AgentState.ONLINE:
         return Judgement(Verdict.ACCEPT)
     return Judgement(Verdict.DUPLICATE)
+
+
+_STATUS_KINDS: Final = {
+    AgentState.ONLINE.value: EventKind.AGENT_ONLINE,
+    AgentState.OFFLINE.value: EventKind.AGENT_OFFLINE,
+    "stale": EventKind.AGENT_STALE,
+}
+
+
+def status_event(
+    agent_id: str,
+    state: str,
+    epoch: int | None,
+    reason: str | None,
+    source: str,
+    session_present: bool | None = None,
+) -> NewEvent:
+    """The event of an accepted agent_status_events row (online, offline, stale)."""
+    return NewEvent(
+        _STATUS_KINDS[state],
+        agent_id,
+        {"epoch": epoch, "reason": reason, "source": source, "session_present": session_present},
+    )
 
 
 async def _ensure_agent(conn: Conn, agent_id: str) -> None:
@@ -150,6 +177,8 @@ async def apply_status(conn: Conn, agent_id: str, msg: Status) -> bool:
         """,
         (agent_id, msg.state.value, msg.epoch, msg.reason, source, msg.session_present),
     )
+    state, sp = msg.state.value, msg.session_present
+    await events.record(conn, [status_event(agent_id, state, msg.epoch, msg.reason, source, sp)])
     metrics.STATUS_TRANSITIONS.labels(msg.state.value).inc()
     return True
 
@@ -173,6 +202,13 @@ def registration_record(reg: Register) -> dict[str, Any]:
         "mac_address": reg.mac_address,
         "tags": dict(reg.tags),
     }
+
+
+def change_event(agent_id: str, field: str, old: Any, new: Any) -> NewEvent:
+    """The event of one agent_changes row."""
+    return NewEvent(
+        EventKind.AGENT_CHANGED, agent_id, {"field": field, "old_value": old, "new_value": new}
+    )
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -210,6 +246,7 @@ async def apply_registration(conn: Conn, agent_id: str, reg: Register) -> None:
     )
     if registered_at is None:
         metrics.REGISTRATIONS.labels("new").inc()
+        await events.record(conn, [NewEvent(EventKind.AGENT_REGISTERED, agent_id, new)])
         return
     if not changes:
         metrics.REGISTRATIONS.labels("unchanged").inc()
@@ -221,10 +258,12 @@ async def apply_registration(conn: Conn, agent_id: str, reg: Register) -> None:
             " VALUES (now(), %s, %s, %s, %s)",
             [(agent_id, f, Jsonb(old[f]), Jsonb(new[f])) for f in changes],
         )
-    await conn.execute(
-        "INSERT INTO security_events (time, agent_id, event, detail)"
-        " VALUES (now(), %s, 're_registration', %s)",
-        (agent_id, Jsonb({"fields": changes, "registration_ts": reg.ts.isoformat()})),
+    await events.record(conn, [change_event(agent_id, f, old[f], new[f]) for f in changes])
+    await security_event(
+        conn,
+        agent_id,
+        "re_registration",
+        {"fields": changes, "registration_ts": reg.ts.isoformat()},
     )
     log.info("agent re-registered with changes", extra={"agent_id": agent_id, "fields": changes})
 
@@ -280,6 +319,7 @@ WITH due AS (
 )
 INSERT INTO agent_status_events (time, agent_id, state, epoch, reason, source)
 SELECT clock_timestamp(), agent_id, 'stale', status_epoch, %(reason)s, 'bridge' FROM marked
+RETURNING agent_id, epoch, reason
 """
 
 
@@ -294,10 +334,13 @@ async def mark_stale(conn: Conn, offline_after_s: float) -> int:
             "reason": f"nothing received for {offline_after_s:g} s",
         },
     )
-    n = max(cur.rowcount, 0)
-    if n:
-        metrics.MARKED_STALE.inc(n)
-    return n
+    rows = await cur.fetchall()
+    await events.record(
+        conn, [status_event(a, "stale", epoch, reason, "bridge") for a, epoch, reason in rows]
+    )
+    if rows:
+        metrics.MARKED_STALE.inc(len(rows))
+    return len(rows)
 
 
 class UnknownAgent(LookupError):
@@ -328,4 +371,5 @@ async def set_labels(
             " VALUES (now(), %s, 'labels', %s, %s)",
             (agent_id, Jsonb(old), Jsonb(new)),
         )
+        await events.record(conn, [change_event(agent_id, "labels", old, new)])
     return new

@@ -37,6 +37,7 @@ from schemas.constants import (
     TASK_DEFAULT_EXPIRES_IN_S,
     TASK_DEFAULT_TIMEOUT_S,
 )
+from schemas.events import EventKind
 from schemas.payloads import DeploymentStatusReport
 from schemas.states import (
     DEPLOYMENT_AGENT_FINISHED,
@@ -51,7 +52,8 @@ from schemas.states import (
     deployment_transition_allowed,
 )
 from service import metrics
-from service.domains import tasks
+from service.domains import events, tasks
+from service.domains.events import NewEvent
 from service.domains.targets import Target, target_where
 
 log = logging.getLogger("eucora.deployments")
@@ -101,6 +103,21 @@ class AgentEvent:
     reason: str | None = None
     agent_ts: datetime | None = None
 
+    def event(self) -> NewEvent:
+        return NewEvent(
+            EventKind.DEPLOYMENT_AGENT,
+            self.agent_id,
+            {
+                "deployment_id": str(self.deployment_id),
+                "status": self.status,
+                "previous_status": self.previous,
+                "source": self.source,
+                "progress": self.progress,
+                "message": self.message,
+                "reason": self.reason,
+            },
+        )
+
 
 _RECORD = """
 INSERT INTO deployment_status_events (time, deployment_id, agent_id, status, previous_status,
@@ -111,25 +128,26 @@ SELECT clock_timestamp(), e.* FROM unnest(
 """
 
 
-async def record_events(conn: Conn, events: Sequence[AgentEvent]) -> None:
-    """The one writer of deployment_status_events."""
-    if not events:
+async def record_events(conn: Conn, history: Sequence[AgentEvent]) -> None:
+    """The one writer of deployment_status_events; each accepted row is also one event."""
+    if not history:
         return
     await conn.execute(
         _RECORD,
         (
-            [e.deployment_id for e in events],
-            [e.agent_id for e in events],
-            [e.status for e in events],
-            [e.previous for e in events],
-            [e.source for e in events],
-            [e.progress for e in events],
-            [e.message for e in events],
-            [e.accepted for e in events],
-            [e.reason for e in events],
-            [e.agent_ts for e in events],
+            [e.deployment_id for e in history],
+            [e.agent_id for e in history],
+            [e.status for e in history],
+            [e.previous for e in history],
+            [e.source for e in history],
+            [e.progress for e in history],
+            [e.message for e in history],
+            [e.accepted for e in history],
+            [e.reason for e in history],
+            [e.agent_ts for e in history],
         ),
     )
+    await events.record(conn, [e.event() for e in history if e.accepted])
 
 
 _SET = """
@@ -216,7 +234,7 @@ async def create(
                                  expires_in_s, intent_id, created_by)
         VALUES (%(payload)s, %(target)s, %(rate)s, %(cap)s, %(count)s, %(percent)s,
                 %(min_finished)s, %(expires)s, %(intent)s, %(by)s)
-        RETURNING deployment_id, status
+        RETURNING deployment_id, status, correlation_id
         """,
         {
             "payload": Jsonb(payload),
@@ -233,7 +251,7 @@ async def create(
     )
     row = await cur.fetchone()
     assert row is not None
-    deployment_id, status = row
+    deployment_id, status, correlation_id = row
     cur = await conn.execute(
         f"""
         INSERT INTO deployment_status (deployment_id, agent_id, status)
@@ -251,6 +269,16 @@ async def create(
     await conn.execute(
         "UPDATE deployments SET targets = %s WHERE deployment_id = %s",
         (len(targets), deployment_id),
+    )
+    created = {
+        "deployment_id": str(deployment_id),
+        "intent_id": intent_id,
+        "status": status,
+        "targets": len(targets),
+        "created_by": created_by,
+    }
+    await events.record(
+        conn, [NewEvent(EventKind.DEPLOYMENT_CREATED, None, created, correlation_id)]
     )
     await notify(conn)
     return {"deployment_id": str(deployment_id), "status": status, "targets": len(targets)}
@@ -413,12 +441,13 @@ async def _set_state(
     conn: Conn, deployment_id: uuid.UUID, current: DeploymentState, new: DeploymentState, why: str
 ) -> None:
     assert deployment_transition_allowed(current, new), (current, new)
-    await conn.execute(
+    cur = await conn.execute(
         """
         UPDATE deployments SET status = %(new)s, status_reason = %(why)s, updated_at = now(),
                started_at = CASE WHEN %(new)s = %(running)s THEN now() ELSE started_at END,
                finished_at = CASE WHEN %(final)s THEN now() ELSE finished_at END
          WHERE deployment_id = %(id)s
+        RETURNING intent_id, correlation_id
         """,
         {
             "id": deployment_id,
@@ -428,6 +457,16 @@ async def _set_state(
             "final": new in DEPLOYMENT_TERMINAL,
         },
     )
+    row = await cur.fetchone()
+    assert row is not None
+    data = {
+        "deployment_id": str(deployment_id),
+        "intent_id": row[0],
+        "status": new.value,
+        "previous_status": current.value,
+        "reason": why,
+    }
+    await events.record(conn, [NewEvent(EventKind.DEPLOYMENT_STATUS, None, data, row[1])])
     metrics.DEPLOYMENTS.labels(new.value).inc()
     log.info(
         "deployment state",

@@ -282,13 +282,15 @@ def retention_days_sync(conn: SyncConn) -> int:
     return int(row[0])
 
 
-# The newest position among events past retention whose transaction has ended (so
-# nothing can be written below it any more); everything up to it goes, so what is
-# kept is exactly what lies after the horizon.
+# The newest position among the oldest `batch` events past retention whose
+# transaction has ended (nothing can be written below it any more); everything up to
+# it goes, so what is kept is exactly what lies after the horizon.
 _PRUNE_HORIZON = f"""
-SELECT xid::text, id FROM events
- WHERE ts < now() - make_interval(days => (SELECT days FROM event_retention))
-   AND xid < {_SAFE}
+SELECT xid::text, id FROM (
+    SELECT xid, id FROM events
+     WHERE ts < now() - make_interval(days => (SELECT days FROM event_retention))
+       AND xid < {_SAFE}
+     ORDER BY xid, id LIMIT %(batch)s) old
  ORDER BY xid DESC, id DESC LIMIT 1
 """
 _PRUNE_MARK = """
@@ -305,13 +307,17 @@ SELECT drop_chunks('events', older_than => now()
 """
 
 
-async def prune(conn: Conn) -> int:
-    """Delete the events past retention, in the caller's transaction; how many."""
+PRUNE_BATCH: Final = 20_000
+
+
+async def prune(conn: Conn, batch: int = PRUNE_BATCH) -> int:
+    """Delete up to about `batch` of the events past retention, oldest first, in the
+    caller's transaction; how many (`batch` or more: call again)."""
     # One pruner at a time (several bridges): the others find the row locked and leave.
     cur = await conn.execute("SELECT 1 FROM event_retention FOR UPDATE SKIP LOCKED")
     if await cur.fetchone() is None:
         return 0
-    row = await (await conn.execute(_PRUNE_HORIZON)).fetchone()
+    row = await (await conn.execute(_PRUNE_HORIZON, {"batch": batch})).fetchone()
     if row is None:
         return 0
     params = {"xid": row[0], "id": row[1]}

@@ -3,7 +3,7 @@
 An inventory message carries the full list; the handler compares it with the stored
 one and writes only the difference (`added`, `removed`, `changed` rows in
 inventory_changes, the same rows applied to `inventory`). An unchanged list writes
-nothing but the ordering guard.
+nothing but the ordering guard; a changed one is also one `inventory.changed` event.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from typing import Any
 
 import psycopg
 
+from schemas.events import EventKind
 from schemas.payloads import Inventory, Software
 from service import metrics
+from service.domains import events
+from service.domains.events import NewEvent
 
 # name -> (version, publisher)
 Listing = dict[str, tuple[str | None, str | None]]
@@ -54,6 +57,24 @@ def diff(old: Listing, new: Listing) -> Diff:
         if old[name] != new[name]:
             d.changed.append((name, old[name][0], new[name][0], new[name][1]))
     return d
+
+
+def change_event(agent_id: str, d: Diff) -> NewEvent:
+    """inventory.changed: every difference, as the rows of inventory_changes say it."""
+    changes = (
+        [{"name": n, "change": "added", "new_version": v, "publisher": p} for n, v, p in d.added]
+        + [{"name": n, "change": "removed", "old_version": v, "publisher": p}
+           for n, v, p in d.removed]
+        + [{"name": n, "change": "changed", "old_version": o, "new_version": v, "publisher": p}
+           for n, o, v, p in d.changed]
+    )  # fmt: skip
+    data = {
+        "added": len(d.added),
+        "removed": len(d.removed),
+        "changed": len(d.changed),
+        "changes": changes,
+    }
+    return NewEvent(EventKind.INVENTORY_CHANGED, agent_id, data)
 
 
 async def apply_inventory(
@@ -113,6 +134,7 @@ async def apply_inventory(
             "UPDATE agents SET inventory_ts = %s, inventory_updated_at = now() WHERE agent_id = %s",
             (inv.ts, agent_id),
         )
+    await events.record(conn, [change_event(agent_id, d)])
     metrics.INVENTORY_CHANGES.labels("added").inc(len(d.added))
     metrics.INVENTORY_CHANGES.labels("removed").inc(len(d.removed))
     metrics.INVENTORY_CHANGES.labels("changed").inc(len(d.changed))

@@ -30,10 +30,14 @@ from schemas.constants import (
     TASK_DEFAULT_EXPIRES_IN_S,
     TASK_DEFAULT_TIMEOUT_S,
 )
+from schemas.events import EventKind
 from schemas.payloads import TaskStatusReport
 from schemas.states import TERMINAL, UNSTARTED, Platform, TaskStatus, TaskType
 from schemas.states import task_transition_allowed as allowed
 from service import logs, metrics
+from service.domains import events
+from service.domains.events import NewEvent
+from service.domains.security import security_event
 from service.domains.targets import Target, target_where
 
 log = logging.getLogger("eucora.tasks")
@@ -72,6 +76,28 @@ class TaskEvent:
     progress: int | None = None
     detail: dict[str, Any] | None = None
     accepted: bool = True
+    # Only in the task.created event (task_events does not repeat the task's row).
+    type: str | None = None
+    deployment_id: uuid.UUID | None = None
+
+    def event(self) -> NewEvent:
+        """The event of an accepted row: task.created, or task.status."""
+        data: dict[str, Any] = {
+            "task_id": str(self.task_id),
+            "status": self.status,
+            "previous_status": self.previous,
+            "source": self.source,
+            "progress": self.progress,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+        if self.previous is None:
+            data |= {
+                "type": self.type,
+                "deployment_id": None if self.deployment_id is None else str(self.deployment_id),
+            }
+        kind = EventKind.TASK_CREATED if self.previous is None else EventKind.TASK_STATUS
+        return NewEvent(kind, self.agent_id, data, self.correlation_id)
 
 
 _RECORD = """
@@ -83,25 +109,26 @@ SELECT clock_timestamp(), e.* FROM unnest(
 """
 
 
-async def record_events(conn: Conn, events: Sequence[TaskEvent]) -> None:
-    """The one writer of task_events."""
-    if not events:
+async def record_events(conn: Conn, history: Sequence[TaskEvent]) -> None:
+    """The one writer of task_events; each accepted row is also one event."""
+    if not history:
         return
     await conn.execute(
         _RECORD,
         (
-            [e.task_id for e in events],
-            [e.agent_id for e in events],
-            [e.status for e in events],
-            [e.previous for e in events],
-            [e.source for e in events],
-            [e.correlation_id for e in events],
-            [e.progress for e in events],
-            [None if e.detail is None else Jsonb(e.detail) for e in events],
-            [e.accepted for e in events],
-            [e.reason for e in events],
+            [e.task_id for e in history],
+            [e.agent_id for e in history],
+            [e.status for e in history],
+            [e.previous for e in history],
+            [e.source for e in history],
+            [e.correlation_id for e in history],
+            [e.progress for e in history],
+            [None if e.detail is None else Jsonb(e.detail) for e in history],
+            [e.accepted for e in history],
+            [e.reason for e in history],
         ),
     )
+    await events.record(conn, [e.event() for e in history if e.accepted])
 
 
 async def notify_outbox(conn: Conn) -> None:
@@ -167,7 +194,8 @@ async def create_tasks(
         [
             TaskEvent(
                 r["task_id"], r["agent_id"], r["status"], None, "operator", r["correlation_id"],
-                "created", detail={"created_by": created_by},
+                "created", detail={"created_by": created_by}, type=type_.value,
+                deployment_id=deployment_id,
             )
             for r in rows
         ],
@@ -639,15 +667,11 @@ async def apply_report(conn: Conn, agent_id: str, report: TaskStatusReport) -> R
         await record_events(
             conn, [event(False, f"foreign: reported by {agent_id}, task of {owner}")]
         )
-        await conn.execute(
-            "INSERT INTO security_events (time, agent_id, event, detail)"
-            " VALUES (now(), %s, 'foreign_task_report', %s)",
-            (
-                agent_id,
-                Jsonb(
-                    {"task_id": str(report.task_id), "owner": owner, "status": report.status.value}
-                ),
-            ),
+        await security_event(
+            conn,
+            agent_id,
+            "foreign_task_report",
+            {"task_id": str(report.task_id), "owner": owner, "status": report.status.value},
         )
         log.warning(
             "an agent reported on another agent's task",
