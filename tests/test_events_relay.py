@@ -23,6 +23,7 @@ from typing import Any
 
 import nats
 import orjson
+import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas.events import EventKind
@@ -281,6 +282,34 @@ def test_relay_waits_out_a_nats_server_that_goes_away(
     assert relay_report(database).error is None
     assert_each_event_once(database, url)
     assert metric(bridge.metrics(), "eucora_events_relay_failures_total") >= 1
+    # The consumer docs/events.md shows reads every event once.
+    got = run_docs_consumer(url, until=1000)
+    assert {e["event_id"] for e in got} == table_event_ids(database)
+
+
+class Enough(Exception):
+    pass
+
+
+def run_docs_consumer(url: str, until: int) -> list[dict[str, Any]]:
+    """The example consumer of docs/events.md, as written, until it handled `until` events."""
+    text = (Path(__file__).parents[1] / "docs" / "events.md").read_text()
+    block = text.split("**A consumer**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = block.rsplit("asyncio.run(", 1)[0]  # the example's own run, forever
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/events.md", "exec"), namespace)  # noqa: S102 (our own docs)
+    got: list[dict[str, Any]] = []
+
+    def handle(event: dict[str, Any]) -> None:
+        got.append(event)
+        if len(got) >= until:
+            raise Enough
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("EUCORA_EVENTS_URL", url)
+        with pytest.raises(Enough):
+            asyncio.run(asyncio.wait_for(namespace["consume"](handle), 30))
+    return got
 
 
 # --- the local stack -------------------------------------------------------------------
