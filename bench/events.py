@@ -85,7 +85,9 @@ class Bridge:
         proc = spawn([sys.executable, "-m", "cli", "bridge", "run"], self.stack.bridge_log, env)
         self.pid = proc.pid
         wait_for(lambda: self.stack.bridge_ready() or proc.poll() is not None, 60, "the bridge")
-        assert proc.poll() is None, f"the bridge exited; see {self.stack.bridge_log}"
+        if proc.poll() is not None:
+            tail = self.stack.bridge_log.read_text().splitlines()[-5:]
+            raise RuntimeError("the bridge exited: " + " | ".join(tail))
 
     def stop(self) -> None:
         stop_pid(self.pid)
@@ -211,7 +213,7 @@ class PacedWriter:
     """Commits `rate` events/s in small transactions for `seconds`; each event's data
     names its batch, whose commit time is noted."""
 
-    def __init__(self, database_url: str, rate: int, seconds: float, per_tx: int = 25) -> None:
+    def __init__(self, database_url: str, rate: int, seconds: float, per_tx: int = 50) -> None:
         self.database_url = database_url
         self.rate, self.seconds, self.per_tx = rate, seconds, per_tx
         self.committed: dict[int, float] = {}
@@ -240,25 +242,13 @@ class PacedWriter:
                     time.sleep(ahead)
 
 
-def tail_pg(database_url: str, arrivals: list[tuple[int, float]], stop: threading.Event) -> None:
-    """`eucora events tail --follow --json` from now: when each event's line arrives."""
-    env = os.environ | {"EUCORA_DATABASE_URL": database_url}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "events", "tail", "--follow", "--json"],
-        stdout=subprocess.PIPE, env=env,
-    )  # fmt: skip
+def tail_pg(proc: subprocess.Popen[bytes], arrivals: list[tuple[int, float]]) -> None:
+    """Read `eucora events tail --follow --json`: when each event's line arrives."""
     assert proc.stdout is not None
-    try:
-        while not stop.is_set():
-            line = proc.stdout.readline()
-            if not line:
-                break
-            doc = orjson.loads(line)
-            if doc["agent_id"] and doc["agent_id"].startswith("tail-"):
-                arrivals.append((doc["data"]["new_value"], time.time()))
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    for line in proc.stdout:
+        doc = orjson.loads(line)
+        if doc["agent_id"] and doc["agent_id"].startswith("tail-"):
+            arrivals.append((doc["data"]["new_value"], time.time()))
 
 
 async def _tail_js(url: str, arrivals: list[tuple[int, float]], stop: threading.Event) -> None:
@@ -298,8 +288,12 @@ def live_tail(stack: Stack, rate: int, seconds: float) -> dict[str, dict[str, fl
     stop = threading.Event()
     pg: list[tuple[int, float]] = []
     js: list[tuple[int, float]] = []
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "cli", "events", "tail", "--follow", "--json"],
+        stdout=subprocess.PIPE, env=os.environ | {"EUCORA_DATABASE_URL": database},
+    )  # fmt: skip
     readers = [
-        threading.Thread(target=tail_pg, args=(database, pg, stop), daemon=True),
+        threading.Thread(target=tail_pg, args=(tail, pg), daemon=True),
         threading.Thread(target=lambda: asyncio.run(_tail_js(url, js, stop)), daemon=True),
     ]
     for r in readers:
@@ -316,6 +310,8 @@ def live_tail(stack: Stack, rate: int, seconds: float) -> dict[str, dict[str, fl
     for got, what in ((pg, "the PostgreSQL tail"), (js, "the JetStream consumer")):
         wait_for(done(got), 60, f"{what} to see every event")
     stop.set()
+    tail.terminate()  # Ctrl-C's signal would do too; the database is still up
+    tail.wait(10)
     result = {}
     for name, got in (("postgresql", pg), ("jetstream", js)):
         # Each batch's events count once each against its commit time.

@@ -9,12 +9,16 @@ One round, on the lock's connection (so only the holder writes the position):
 
   read_after(position)  -- the core's safe cursor: no event can commit behind it later
   publish each event    -- subject eucora.v1.events.{agent}.{kind}, header
-                           Nats-Msg-Id = event_id, up to BATCH events in flight
+                           Nats-Msg-Id = event_id, up to BATCH events a round
   await every PubAck    -- one per message: a message is only counted as stored by its
                            own ack (an ack-all can cover messages that were lost)
   save the position     -- only now; after a crash the events since the last save are
                            sent again, and JetStream drops those it already has (the
                            stream's duplicate window, DUPLICATE_WINDOW_S)
+
+The next round is read and published while the previous one's acks are on their way
+(at most ROUNDS_IN_FLIGHT rounds unacknowledged); rounds are settled, and the position
+saved, in order.
 
 Any failure (NATS away, a stream leader lost, the database away) ends the session:
 the connections close, the lock is free, and the relay tries again after a back-off;
@@ -26,6 +30,7 @@ shows as a growing lag.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Sequence
@@ -37,7 +42,7 @@ import orjson
 import psycopg
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from schemas.config import redact_url
@@ -59,8 +64,10 @@ NO_AGENT: Final = "_"
 # minutes (JetStream's default) cover it; a relay down for longer may store a few
 # events twice (at most one BATCH), which a consumer keyed on event_id ignores.
 DUPLICATE_WINDOW_S: Final = 120.0
-# Events read and published per round: the most in flight (unacknowledged) at once.
+# Events read and published per round, and rounds published before the oldest one's
+# acks are awaited: at most BATCH x ROUNDS_IN_FLIGHT events unacknowledged at once.
 BATCH: Final = 1000
+ROUNDS_IN_FLIGHT: Final = 2
 # How long the relay waits for the acks of one round before it gives up the session.
 ACK_TIMEOUT_S: Final = 5.0
 # A relay that found nothing new looks again after this long (live latency).
@@ -207,8 +214,11 @@ class Relay:
             )
 
     async def _relay(self, conn: event_relays.Conn, nc: NatsClient, at: events.Position) -> None:
-        js = nc.jetstream(timeout=ACK_TIMEOUT_S, publish_async_max_pending=self.batch)
+        js = nc.jetstream(
+            timeout=ACK_TIMEOUT_S, publish_async_max_pending=self.batch * ROUNDS_IN_FLIGHT
+        )
         loop = asyncio.get_running_loop()
+        rounds: collections.deque[_Round] = collections.deque()
         touched = loop.time()
         while True:
             if nc.is_closed:
@@ -224,21 +234,32 @@ class Relay:
                 )
                 batch, after = [], exc.oldest
             if batch:
-                await self._publish(nc, js, batch)
-            if batch or loop.time() - touched > event_relays.TOUCH_S:
-                # Also when nothing was sent: the position moves past what others
-                # skip (and the row stays fresh for `eucora status`).
-                await event_relays.advance(conn, STREAM, after, len(batch))
+                rounds.append(await self._send(js, batch, after))
+            # Settle rounds in order: those whose acks are all in, the oldest when the
+            # most are in flight, every one when there is nothing new to send.
+            settled: _Round | None = None
+            relayed = 0
+            while rounds and (
+                rounds[0].acks.done() or len(rounds) >= ROUNDS_IN_FLIGHT or not batch
+            ):
+                settled = rounds.popleft()
+                relayed += await _settle(nc, settled)
+            if settled is not None:
+                await event_relays.advance(conn, STREAM, settled.after, relayed)
+                touched = loop.time()
+            elif not rounds and loop.time() - touched > event_relays.TOUCH_S:
+                # Nothing sent: the position moves past what others skip, and the row
+                # stays fresh for `eucora status`.
+                await event_relays.advance(conn, STREAM, after, 0)
                 touched = loop.time()
             at = after
-            if len(batch) < self.batch:
+            if not batch:
                 await asyncio.sleep(IDLE_POLL_S)
 
-    async def _publish(
-        self, nc: NatsClient, js: JetStreamContext, batch: Sequence[events.Event]
-    ) -> None:
-        """Publish a round and wait for each message's own PubAck; a connection that
-        closes meanwhile ends the wait at once (its acks will never come)."""
+    async def _send(
+        self, js: JetStreamContext, batch: Sequence[events.Event], after: events.Position
+    ) -> _Round:
+        """Publish a round; its acks arrive later, one per message."""
         acks = [
             await js.publish_async(
                 subject(event.agent_id, event.kind),
@@ -247,22 +268,38 @@ class Relay:
             )
             for event in batch
         ]
-        waiting = asyncio.ensure_future(asyncio.gather(*acks))
         deadline = asyncio.get_running_loop().time() + ACK_TIMEOUT_S
-        try:
-            while not waiting.done():
-                if nc.is_closed:
-                    raise RelayError("the connection to NATS closed before every ack came")
-                if asyncio.get_running_loop().time() > deadline:
-                    raise TimeoutError(f"no PubAck from JetStream within {ACK_TIMEOUT_S:g} s")
-                await asyncio.wait({waiting}, timeout=0.1)
-        finally:
-            waiting.cancel()
-        done = waiting.result()
-        duplicates = sum(1 for ack in done if ack.duplicate)
-        metrics.RELAYED.inc(len(done))
-        if duplicates:
-            metrics.RELAY_DUPLICATES.inc(duplicates)
+        return _Round(after, asyncio.ensure_future(asyncio.gather(*acks)), deadline)
+
+
+@dataclass
+class _Round:
+    """Events published together: the position after them, their acks, the deadline."""
+
+    after: events.Position
+    acks: asyncio.Future[list[PubAck]]
+    deadline: float
+
+
+async def _settle(nc: NatsClient, sent: _Round) -> int:
+    """Wait for every ack of a round (each message its own); how many. A connection that
+    closes meanwhile ends the wait at once: its acks will never come."""
+    loop = asyncio.get_running_loop()
+    try:
+        while not sent.acks.done():
+            if nc.is_closed:
+                raise RelayError("the connection to NATS closed before every ack came")
+            if loop.time() > sent.deadline:
+                raise TimeoutError(f"no PubAck from JetStream within {ACK_TIMEOUT_S:g} s")
+            await asyncio.wait({sent.acks}, timeout=0.1)
+    finally:
+        sent.acks.cancel()
+    done = sent.acks.result()
+    duplicates = sum(1 for ack in done if ack.duplicate)
+    metrics.RELAYED.inc(len(done))
+    if duplicates:
+        metrics.RELAY_DUPLICATES.inc(duplicates)
+    return len(done)
 
 
 async def _try_lock(conn: event_relays.Conn) -> bool:
