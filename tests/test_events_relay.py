@@ -26,8 +26,10 @@ import orjson
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from schemas.config import ConfigError
 from schemas.events import EventKind
 from service.bridge import relay
+from service.config import Settings
 from service.db.connect import connect
 from service.domains import event_relays, events
 from service.stack.broker import Broker
@@ -50,6 +52,26 @@ def test_subject_is_one_token_per_agent_and_the_kind() -> None:
         "eucora.v1.events.host%2Eexample%2Ecom.agent.online"
     )
     assert relay.subject(None, "deployment.status") == "eucora.v1.events._.deployment.status"
+
+
+def test_events_url_is_checked_before_anything_connects() -> None:
+    env = {
+        "EUCORA_MQTT_URL": "mqtt://b:p@127.0.0.1:1883",
+        "EUCORA_DATABASE_URL": "postgresql://e@h/e",
+    }
+    assert Settings.from_env(env).events_url is None  # the default: no forwarding
+    assert Settings.from_env(env | {"EUCORA_EVENTS_URL": ""}).events_url is None
+    cluster = "nats://u:pw@127.0.0.2:4222,nats://u:pw@127.0.0.3:4222"
+    more = {"EUCORA_EVENTS_URL": cluster, "EUCORA_EVENTS_REPLICAS": "3"}
+    settings = Settings.from_env(env | more)
+    assert relay.servers(settings.events_url or "") == cluster.split(",")
+    assert settings.events_replicas == 3
+    assert "pw" not in repr(settings) and "pw" not in relay.describe_target(cluster)
+    with pytest.raises(ConfigError, match="EUCORA_EVENTS_URL") as bad:
+        Settings.from_env(env | {"EUCORA_EVENTS_URL": "http://u:secret@127.0.0.1:4222"})
+    assert "secret" not in str(bad.value)
+    with pytest.raises(ConfigError, match="EUCORA_EVENTS_REPLICAS"):
+        Settings.from_env(env | {"EUCORA_EVENTS_REPLICAS": "0"})
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -125,6 +125,7 @@ class Relay:
     client_id: str
     replicas: int = 1
     batch: int = BATCH
+    _relayed: bool = False  # the current session got as far as relaying
 
     @property
     def target(self) -> str:
@@ -134,21 +135,27 @@ class Relay:
         """Relay until cancelled: hold the lock or wait for it; retry every failure."""
         delay = BACKOFF_FIRST_S
         while True:
+            self._relayed = False
             try:
-                relayed = await self._session()
+                await self._session()
             except (psycopg.Error, OSError, TimeoutError, nats.errors.Error, RelayError) as exc:
                 metrics.RELAY_FAILURES.inc()
                 log.warning(
                     "event relay failed, retrying",
                     extra={"target": self.target, "error": _one_line(exc)},
                 )
-                relayed = False
+            except Exception:
+                # Forwarding is optional: a failure nobody foresaw must not stop the
+                # bridge's ingest; it is logged with its traceback and retried.
+                metrics.RELAY_FAILURES.inc()
+                log.exception("event relay failed unexpectedly, retrying")
             finally:
                 metrics.RELAY_ACTIVE.set(0)
-            delay = BACKOFF_FIRST_S if relayed else min(delay * 2, BACKOFF_CAP_S)
+            # A session that relayed starts again quickly; repeated failures back off.
+            delay = BACKOFF_FIRST_S if self._relayed else min(delay * 2, BACKOFF_CAP_S)
             await asyncio.sleep(delay)
 
-    async def _session(self) -> bool:
+    async def _session(self) -> None:
         """Wait for the lock, then relay until something fails (raises)."""
         async with await connect_async(
             self.database_url, autocommit=True, application_name="eucora-relay"
@@ -165,6 +172,7 @@ class Relay:
                 await self._ensure_stream(nc)
                 position = await event_relays.claim(conn, STREAM, self.client_id, self.target)
                 metrics.RELAY_ACTIVE.set(1)
+                self._relayed = True
                 await self._relay(conn, nc, position)
             except (TimeoutError, nats.errors.Error, RelayError) as exc:
                 # The database still answers: say why, for `eucora status`.
@@ -175,7 +183,6 @@ class Relay:
                 raise
             finally:
                 await _close(nc)
-        return True  # pragma: no cover - _relay returns only by raising
 
     async def _connect(self) -> NatsClient:
         async def on_error(exc: Exception) -> None:
