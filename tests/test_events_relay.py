@@ -229,6 +229,7 @@ def test_relay_killed_restarted_and_taken_over_forwards_every_event_once(
         conn.execute("UPDATE event_relays SET cursor_xid = '0', cursor_id = 0")
     first.kill()
     assert writer.written < writer.total, "the kill came after the last event was written"
+    wait_for(lambda: relay_report(database).holder == "relay-2", 15, "the standby to take over")
     first.start()  # restarted: a standby now, the second bridge relays
     writer.join()
     total = len(table_event_ids(database))
