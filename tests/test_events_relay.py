@@ -195,6 +195,10 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
+def is_active(bridge: Any) -> bool:
+    return metric(bridge.metrics(), "eucora_events_relay_active") == 1
+
+
 def assert_each_event_once(database_url: str, url: str) -> list[dict[str, Any]]:
     """The consumer's count: every event of the table, each exactly once by event_id."""
     got = consume(url)
@@ -216,10 +220,11 @@ def test_relay_killed_restarted_and_taken_over_forwards_every_event_once(
 ) -> None:
     url = nats_server.url()
     first = bridge_factory(broker, database, client_id="relay-1", EUCORA_EVENTS_URL=url)
+    second = bridge_factory(broker, database, client_id="relay-2", EUCORA_EVENTS_URL=url)
+    wait_for(lambda: is_active(first), 15, "the first bridge to relay")
+    assert not is_active(second)  # a standby
     writer = Writer(database, total=30_000).start()
     wait_for(lambda: stream_count(url) >= 3_000, 30, "the relay to forward a first part")
-    second = bridge_factory(broker, database, client_id="relay-2", EUCORA_EVENTS_URL=url)
-    assert metric(second.metrics(), "eucora_events_relay_active") == 0  # a standby
     # The crash that matters: JetStream acknowledged events whose position the relay
     # had not saved yet. The gap between the two is too short to hit by chance, so the
     # relay is frozen (still holding its lock), its saved position set back to the
@@ -259,9 +264,10 @@ def test_jetstream_cluster_stream_leader_killed_under_load_loses_nothing(
     nats_cluster: list[NatsServer],
 ) -> None:
     url = cluster_url(nats_cluster)
-    bridge_factory(
+    bridge = bridge_factory(
         broker, database, client_id="relay-r3", EUCORA_EVENTS_URL=url, EUCORA_EVENTS_REPLICAS="3"
     )
+    wait_for(lambda: is_active(bridge), 30, "the relay to create its R3 stream")
     writer = Writer(database, total=20_000).start()
     wait_for(lambda: stream_count(url) >= 2_000, 40, "the relay to forward a first part")
     leader = asyncio.run(_stream_leader(url))
