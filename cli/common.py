@@ -34,6 +34,10 @@ EXIT_WAIT_TIMEOUT = 3
 EXIT_UNREACHABLE = 4
 EXIT_CURSOR_TOO_OLD = 5
 
+# How often in_transaction runs a command's transaction that PostgreSQL undid to break
+# a deadlock.
+DEADLOCK_RETRIES = 3
+
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print `error: ...` on one line of stderr (secrets scrubbed) and exit non-zero."""
@@ -175,7 +179,15 @@ def in_transaction(
                 fail(str(exc))
             except psycopg.Error as exc:
                 fail(f"cannot read the database schema: {exc.diag.message_primary or exc}")
-            async with conn.transaction():
-                return await work(conn)
+            for attempt in range(DEADLOCK_RETRIES):
+                try:
+                    async with conn.transaction():
+                        return await work(conn)
+                except psycopg.errors.DeadlockDetected:
+                    # PostgreSQL chose this transaction to undo (another held the rows
+                    # it needed, in the other order): nothing of it stayed; run it again.
+                    if attempt == DEADLOCK_RETRIES - 1:
+                        raise
+            raise AssertionError("unreachable")
 
     return asyncio.run(run())

@@ -34,7 +34,7 @@ from service import logs, metrics
 from service.bridge.message import Inbound
 from service.bridge.routes import Rejected, Routes
 from service.db.connect import connect_async
-from service.domains import agents, dead_letters, telemetry
+from service.domains import agents, dead_letters, events, telemetry
 from service.domains.dead_letters import DeadLetter
 
 log = logging.getLogger("eucora.bridge.store")
@@ -209,6 +209,13 @@ class Store:
         async with conn.transaction():
             if seen:
                 await agents.touch(conn, {a: (f[0], f[1]) for a, f in seen.items()})
+            if routed or letters:
+                # The handlers' events number per agent: their locks in sorted order too.
+                await events.lock_agents(
+                    conn,
+                    {i.agent_id for i in routed if i.agent_id}
+                    | {x.agent_id for x in letters if x.agent_id},
+                )
             if buffers:
                 await agents.record_buffers(conn, buffers)
             if rows:

@@ -28,7 +28,7 @@ horizon. A cursor below it has lost events: `CursorTooOld`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -142,6 +142,22 @@ def record_sync(conn: SyncConn, events: Sequence[NewEvent]) -> None:
     """record() on a synchronous connection (the CLI's registry commands)."""
     if events:
         conn.execute(_RECORD, _record_params(events))
+
+
+_LOCK_AGENTS = """
+INSERT INTO event_seqs AS s (agent_id, last_seq, last_xid)
+SELECT id, 0, '0' FROM unnest(%s::text[]) AS u(id) ORDER BY id
+ON CONFLICT (agent_id) DO UPDATE SET last_seq = s.last_seq
+"""
+
+
+async def lock_agents(conn: Conn, agent_ids: Collection[str]) -> None:
+    """Take the numbering locks of these agents now, in sorted order. A transaction
+    that records events for several agents in several statements (the store's batch:
+    one handler per message) calls this first, so that it never waits for one agent's
+    lock while holding another's that the waiting side needs (a deadlock)."""
+    if agent_ids:
+        await conn.execute(_LOCK_AGENTS, (sorted(agent_ids),))
 
 
 # --- reading --------------------------------------------------------------------------
