@@ -34,7 +34,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import nats
@@ -125,7 +125,9 @@ class Relay:
     client_id: str
     replicas: int = 1
     batch: int = BATCH
-    _relayed: bool = False  # the current session got as far as relaying
+    # The current session got as far as relaying (a failure after that is retried at
+    # once, repeated failures before it back off).
+    _relayed: bool = field(default=False, init=False, repr=False)
 
     @property
     def target(self) -> str:
