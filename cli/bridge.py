@@ -50,6 +50,13 @@ def run(
     log_level: Annotated[
         str, typer.Option(envvar="EUCORA_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR")
     ] = "INFO",
+    events_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EUCORA_EVENTS_URL",
+            help="forward events to NATS JetStream: nats://user:pass@host:port[,...]",
+        ),
+    ] = None,
 ) -> None:
     """Run the bridge until SIGTERM: validate agent messages, store them, publish tasks."""
     from service import logs
@@ -68,6 +75,7 @@ def run(
             metrics_bind=metrics_bind,
             client_id=client_id,
             connect_timeout_s=connect_timeout,
+            events_url=events_url,
         )
         bridge_app.run(settings)
     except ConfigError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +19,12 @@ from service.stack.stack import DEFAULT_DIR, Stack
 app = typer.Typer(
     help="Start, stop and inspect a local broker + database + bridge.", no_args_is_help=True
 )
+
+
+class EventsTarget(StrEnum):
+    none = "none"
+    nats = "nats"
+
 
 DirOption = Annotated[
     Path,
@@ -75,6 +82,13 @@ def up(
             "certificate (repeatable; also EUCORA_TLS_NAMES=a,b; kept by later `up`s)",
         ),
     ] = None,
+    events: Annotated[
+        EventsTarget | None,
+        typer.Option(
+            help="forward events: nats (a local nats-server with JetStream), none "
+            "(default, or as the stack was)"
+        ),
+    ] = None,
     json: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
 ) -> None:
     """Start broker, database (and migrations) and bridge; print the URLs to use."""
@@ -92,6 +106,7 @@ def up(
             bridge=not no_bridge,
             topic_root=os.environ.get("EUCORA_TOPIC_ROOT", "eucora/v1"),
             tls_names=names,
+            events=events.value if events else None,
         )
     except (StackError, OSError) as exc:
         fail(str(exc))
@@ -125,7 +140,8 @@ def _wait_then_down(stack: Stack) -> None:
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(5):
         st = stack.status()
-        if not (all(b["running"] for b in st["brokers"]) and st["bridge"]["running"]):
+        events_ok = st["events"]["running"] if "events" in st else True
+        if not (all(b["running"] for b in st["brokers"]) and st["bridge"]["running"] and events_ok):
             typer.echo("error: a part of the stack stopped; restarting what is down", err=True)
             try:
                 stack.up(topic_root=stack.state().get("topic_root", "eucora/v1"))
@@ -140,14 +156,18 @@ def _print_urls(urls: dict[str, Any]) -> None:
         typer.echo(f"  broker    {url}")
     typer.echo(f"  database  {urls['database_url']}")
     typer.echo(f"  bridge    {urls['metrics_url']}/metrics")
+    if "events_url" in urls:
+        typer.echo(f"  events    {urls['events_url']}")
     typer.echo("use it with:")
     typer.echo(f"  export EUCORA_MQTT_URL='{urls['mqtt_url']}'")
     typer.echo(f"  export EUCORA_DATABASE_URL='{urls['database_url']}'")
+    if "events_url" in urls:
+        typer.echo(f"  export EUCORA_EVENTS_URL='{urls['events_url']}'")
 
 
 @app.command()
 def down(dir: DirOption = DEFAULT_DIR) -> None:
-    """Stop the bridge, the broker (which saves its store) and the database."""
+    """Stop the bridge, the broker (which saves its store), the NATS server and the database."""
     try:
         stack = Stack(dir)
         # A simulator the demo started in the folder goes first (scripts/demo.sh).
@@ -174,7 +194,9 @@ def status(
     if json:
         emit_json(doc)
     else:
-        for part in ("broker", "database", "bridge"):
+        for part in ("broker", "database", "bridge", "events"):
+            if part not in doc:
+                continue
             info = doc[part]
             state = (
                 "external"
@@ -188,6 +210,8 @@ def status(
                 agents = "-" if b["agents"] is None else b["agents"]
                 typer.echo(f"  broker {i:<2} {state:<8} pid {b['pid'] or '-'}  agents {agents}")
     parts = [*(b["running"] for b in doc["brokers"]), doc["bridge"]["running"]]
+    if "events" in doc:
+        parts.append(doc["events"]["running"])
     if not doc["database"]["external"]:
         parts.append(doc["database"]["running"])
     if not all(parts):

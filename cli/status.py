@@ -3,7 +3,9 @@
 The report has three sections, database, broker and bridge; each is a function that
 never raises and returns what it found, with `reachable` true or false. The bridge is
 found through the database: every running bridge writes a heartbeat there
-(`bridges`), so status needs no address for it.
+(`bridges`), so status needs no address for it. A fourth, events, tells whether a
+bridge forwards events to NATS JetStream and how far behind it is (its row in
+`event_relays`); it is not OK only while forwarding is on and failing.
 
 Exit code (cli/common.py): 0 when every section is healthy (each reachable; the schema
 up to date; a bridge ready); 4 when the database or the broker cannot be reached (one
@@ -251,10 +253,50 @@ def bridge_section(ctx: StatusContext) -> SectionReport:
     return SectionReport(data=data, healthy=bool(data["reachable"]), lines=lines)
 
 
+def events_section(ctx: StatusContext) -> SectionReport:
+    """The event relay: on while a bridge relays (or retries) to JetStream, with its lag."""
+    from service.domains import event_relays
+
+    data: dict[str, Any] = {
+        "forwarding": False, "stream": None, "target": None, "holder": None, "cursor": None,
+        "relayed": None, "behind": None, "lag_s": None, "seen_at": None, "error": None,
+    }  # fmt: skip
+    found: list[event_relays.RelayReport] = []
+    if ctx.database_url:
+        try:
+            with connect(ctx.database_url, connect_timeout=ctx.timeout_s) as conn:
+                found = event_relays.reports_sync(conn)
+        except DatabaseUnavailable:
+            pass  # the database section says why
+        except psycopg.Error as exc:  # e.g. a database without the migrations
+            data["error"] = f"cannot read the event relay: {exc.diag.message_primary or exc}"
+    # The relay in use: the fresh one, else the one seen last.
+    found.sort(key=lambda r: (r.fresh, r.seen_at is not None, r.seen_at), reverse=True)
+    if found:
+        relay = found[0]
+        data |= relay.document() | {"forwarding": relay.fresh}
+    lines: list[tuple[str, str]] = []
+    if data["forwarding"]:
+        lines += [
+            ("forwarding", f"on, to {data['target']}"),
+            ("relayed by", data["holder"] or "-"),
+            ("behind", f"{data['behind']} events, {data['lag_s']:.1f} s"),
+        ]
+    elif found:
+        lines.append(("forwarding", f"off (a bridge last relayed at {data['seen_at']})"))
+    else:
+        lines.append(("forwarding", "off"))
+    if data["error"]:
+        lines.append(("error", data["error"]))
+    healthy = not (data["forwarding"] and data["error"])
+    return SectionReport(data=data, healthy=healthy, lines=lines)
+
+
 SECTIONS: list[tuple[str, SectionFn]] = [
     ("database", database_section),
     ("broker", broker_section),
     ("bridge", bridge_section),
+    ("events", events_section),
 ]
 
 
@@ -278,7 +320,8 @@ def status(
     ),
     json_output: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
-    """Database, broker and bridge: each reachable or not (exit 0 only when all are)."""
+    """Database, broker and bridge: each reachable or not (exit 0 only when all are); and
+    the event relay to NATS JetStream, when a bridge forwards events."""
     reports = collect(StatusContext(database_url=database_url, mqtt_url=mqtt_url))
     if json_output:
         typer.echo(orjson.dumps({name: r.data for name, r in reports.items()}).decode())

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what EUCORA needs on a Debian/Ubuntu machine: Mosquitto and PostgreSQL from
+# Install what EUCORA needs on a Debian/Ubuntu machine: Mosquitto, PostgreSQL and NATS from
 # the distribution (only when missing), and a virtualenv with the project in .venv:
 # the server and the test tools (an endpoint needs only `pip install .`, README).
 # Safe to run again; does nothing that is already done.
@@ -12,6 +12,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
+# The event stream's optional JetStream target (`eucora stack up --events nats`, tests).
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null 2>&1 || need+=(python3)

@@ -28,6 +28,21 @@ def check_database_url(url: str) -> str:
     return url
 
 
+def check_events_url(value: str | None) -> str | None:
+    """None or '' (no forwarding), or one or more nats:// (tls://) URLs, comma-separated
+    (the servers of one cluster)."""
+    if not value:
+        return None
+    for url in value.split(","):
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise ConfigError(
+                "EUCORA_EVENTS_URL must be nats://[user:password@]host:port (several"
+                f" comma-separated), got {redact_url(url.strip())!r}"
+            )
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     mqtt: MqttUrl
@@ -65,6 +80,11 @@ class Settings:
     # Broker log files to follow for refused credentials (service/bridge/broker_logs.py);
     # empty: none (the brokers run elsewhere).
     broker_logs: tuple[str, ...] = ()
+    # The event relay (docs/events.md, "From NATS JetStream"): the NATS server(s) the
+    # bridge forwards events to (None: no forwarding), and the replicas of the stream
+    # it creates when the stream does not exist yet.
+    events_url: str | None = field(default=None, repr=False)
+    events_replicas: int = 1
 
     @classmethod
     def from_env(
@@ -101,6 +121,7 @@ class Settings:
             task_sweep = float(
                 pick("task_sweep_interval_s", "EUCORA_TASK_SWEEP_INTERVAL", "5") or 0
             )
+            replicas = int(pick("events_replicas", "EUCORA_EVENTS_REPLICAS", "1") or 0)
         except ValueError as exc:
             raise ConfigError(f"bad number in configuration: {exc}") from exc
         return cls(
@@ -126,6 +147,8 @@ class Settings:
             broker_logs=tuple(
                 p for p in (pick("broker_logs", "EUCORA_BROKER_LOGS") or "").split(os.pathsep) if p
             ),
+            events_url=check_events_url(pick("events_url", "EUCORA_EVENTS_URL")),
+            events_replicas=_positive("EUCORA_EVENTS_REPLICAS", replicas),
         )
 
 

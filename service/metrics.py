@@ -77,3 +77,22 @@ DEPLOYMENT_AGENTS = Counter(
 DEPLOYMENT_REPORTS = Counter(
     "eucora_deployment_reports", "deployment-status reports from agents, by outcome", ["outcome"]
 )  # accepted, progress, repeat, duplicate, illegal, after_final, not_started, unknown
+
+# The event relay to NATS JetStream (docs/events.md, "From NATS JetStream")
+RELAY_ACTIVE = Gauge(
+    "eucora_events_relay_active", "1 while this bridge is the one relaying events to JetStream"
+)
+RELAYED = Counter("eucora_events_relayed", "Events acknowledged by JetStream (resends included)")
+RELAY_DUPLICATES = Counter(
+    "eucora_events_relay_duplicates", "Resent events JetStream already had (dropped by msg id)"
+)
+RELAY_FAILURES = Counter(
+    "eucora_events_relay_failures", "Relay sessions ended by an error (NATS or database away)"
+)
+RELAY_BEHIND = Gauge(
+    "eucora_events_relay_behind", "Events recorded but not yet acknowledged by JetStream"
+)
+RELAY_LAG_SECONDS = Gauge(
+    "eucora_events_relay_lag_seconds",
+    "Age of the oldest event not yet acknowledged by JetStream (0 when caught up)",
+)

@@ -8,6 +8,7 @@ Nothing registers itself at import time; this module is where the parts meet
        |  publish, PUBACK                                           v
   Outbox (outbox.py)  <-- tasks table --  domains (service/domains/: agents,
   Sweeps (sweeps.py)  --------------------> inventory, tasks, telemetry, dead letters)
+  Relay (relay.py)    <-- events table --  (with EUCORA_EVENTS_URL) -> NATS JetStream
 
 Start-up checks everything before it takes traffic: a wrong URL, a database without
 the current migrations, a /metrics port in use or another running bridge with the same
@@ -38,6 +39,7 @@ from service.bridge.brokers import BrokerSet
 from service.bridge.ingest import Ingest, IngestLimits
 from service.bridge.link import BrokerLink
 from service.bridge.outbox import Outbox
+from service.bridge.relay import Relay, watch_lag
 from service.bridge.rollouts import RolloutEngine
 from service.bridge.routes import Routes, default_routes
 from service.bridge.store import Store
@@ -153,6 +155,7 @@ class Bridge:
     ingest: Ingest
     outbox: Outbox
     rollouts: RolloutEngine
+    relay: Relay | None = None  # None: EUCORA_EVENTS_URL unset, no forwarding
 
     @property
     def links(self) -> list[BrokerLink]:
@@ -169,6 +172,7 @@ class Bridge:
             stale_sweeper(s.database_url, s.offline_after_s),
             heartbeat(s.database_url, s.client_id, self.heartbeat_state),
             *([broker_logs.follow(s.broker_logs, s.database_url)] if s.broker_logs else []),
+            *([self.relay.run(), watch_lag(s.database_url)] if self.relay else []),
         ]
 
     def heartbeat_state(self) -> tuple[bool, list[dict[str, Any]]]:
@@ -204,7 +208,15 @@ def build(settings: Settings, *, routes: Routes | None = None) -> Bridge:
     metrics.MQTT_CONNECTED.set_function(lambda: float(brokers.all_connected))
     outbox = Outbox(settings.database_url, brokers, tree, redelivery_s=settings.task_redelivery_s)
     rollouts = RolloutEngine(settings.database_url, settings.rollout_interval_s)
-    return Bridge(settings, health, brokers, store, ingest, outbox, rollouts)
+    relay = None
+    if settings.events_url:
+        relay = Relay(
+            settings.database_url,
+            settings.events_url,
+            settings.client_id,
+            replicas=settings.events_replicas,
+        )
+    return Bridge(settings, health, brokers, store, ingest, outbox, rollouts, relay)
 
 
 class BridgeApp:

@@ -126,13 +126,19 @@ _CHILDREN: list[subprocess.Popen[bytes]] = []
 
 
 def spawn(
-    argv: list[str], log_path: Path, env: dict[str, str] | None = None
+    argv: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    user: pwd.struct_passwd | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a service in its own session (a Ctrl-C in the terminal does not reach it)."""
+    """Start a service in its own session (a Ctrl-C in the terminal does not reach it),
+    as `user` when given (a service that cannot drop privileges itself)."""
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True,
+            user=user.pw_uid if user else None, group=user.pw_gid if user else None,
+            extra_groups=[] if user else None,
         )  # fmt: skip
     _CHILDREN.append(proc)
     return proc

@@ -10,6 +10,11 @@ config: broker i (1..N) listens for agents on mqtt_port + i - 1 (and on its own 
 port), for the bridge and operators on service_port + i - 1 (default mqtt_port +
 1000), keeps its data in `mosquitto/` (broker 1) or `mosquitto-i/`, and is
 registered in the database's `brokers` table, where each agent has its home.
+
+With `--events nats` the stack also runs a nats-server with JetStream (`nats/`, client
+port 14222 beside the default ports) and gives the bridge its URL as
+EUCORA_EVENTS_URL, so the bridge's relay forwards every event to it; `--events none`
+turns that off again. The default is no forwarding.
 """
 
 from __future__ import annotations
@@ -28,12 +33,24 @@ from schemas.topics import TopicTree
 from service import identity
 from service.stack.broker import Broker
 from service.stack.database import Cluster
-from service.stack.process import StackError, alive, free_port, spawn, stop_pid, wait_for
+from service.stack.nats import NatsServer
+from service.stack.process import (
+    StackError,
+    alive,
+    free_port,
+    free_port_range,
+    spawn,
+    stop_pid,
+    wait_for,
+)
 
 DEFAULT_DIR = Path(".stack")
 DEFAULT_MQTT_PORT = 11883
 DEFAULT_MQTTS_PORT = 18883
 DEFAULT_DB_PORT = 15432
+DEFAULT_NATS_PORT = 14222
+# Where events go (`--events`): nowhere, or a local nats-server with JetStream.
+EVENTS_TARGETS = ("none", "nats")
 # Service listeners: this far above the agent ports (11883 -> 12883).
 SERVICE_PORT_OFFSET = 1000
 
@@ -75,7 +92,7 @@ class Stack:
         """Generated once per stack folder, then reused so accounts keep working."""
         path = self.dir / "secrets.json"
         data = _load_json(path)
-        wanted = [*identity.SERVICE_USERS, "database", "grafana"]
+        wanted = [*identity.SERVICE_USERS, "database", "grafana", "events"]
         if not all(k in data for k in wanted):
             data = {k: data.get(k) or identity.new_password() for k in wanted}
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +139,22 @@ class Stack:
             durable=st.get("durable", True) if durable is None else durable,
         )
 
+    def nats(self) -> NatsServer:
+        """The stack's nats-server (running only with `--events nats`)."""
+        return NatsServer(
+            data_dir=self.dir / "nats",
+            port=self.state().get("nats_port") or DEFAULT_NATS_PORT,
+            password=self.secrets()["events"],
+        )
+
+    @property
+    def events_on(self) -> bool:
+        return bool(self.state().get("events") == "nats")
+
+    def events_url(self) -> str | None:
+        """EUCORA_EVENTS_URL for the bridge and consumers; None without forwarding."""
+        return self.nats().url() if self.events_on else None
+
     @property
     def bridge_log(self) -> Path:
         return self.dir / "bridge.log"
@@ -153,10 +186,12 @@ class Stack:
         brokers: int | None = None,
         service_port: int | None = None,
         tls_names: Sequence[str] = (),
+        events: str | None = None,
     ) -> dict[str, Any]:
         """Start whatever is not running yet; return the URLs to use. `brokers` only
         ever adds brokers: agents keep their home broker. `tls_names` are added to the
-        names the brokers' server certificate carries (kept for later `up`s)."""
+        names the brokers' server certificate carries (kept for later `up`s). `events`
+        ("nats" or "none"; None: as before) turns forwarding to a local JetStream on or off."""
         from service.db import migrate  # the database layer is only needed here
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +222,15 @@ class Stack:
             port = DEFAULT_MQTTS_PORT + len(tls_ports) if default else free_port()
             if port not in taken:
                 tls_ports.append(port)
+        if events is not None and events not in EVENTS_TARGETS:
+            raise StackError(f"--events must be one of {', '.join(EVENTS_TARGETS)}, not {events}")
+        events = events or st.get("events") or "none"
+        # The bridge reads EUCORA_EVENTS_URL when it starts: a change restarts it.
+        restart_bridge = events != (st.get("events") or "none")
+        nats_port = st.get("nats_port")
+        if events == "nats" and not nats_port:
+            # Below the ephemeral range: no outgoing connection takes it before a restart.
+            nats_port = DEFAULT_NATS_PORT if mqtt_port == DEFAULT_MQTT_PORT else free_port_range(1)
         self._save_state(
             dir=str(self.dir),
             mqtt_port=mqtt_port,
@@ -202,15 +246,23 @@ class Stack:
             durable=durable,
             broker_extra=broker_extra,
             tls_names=names,
+            events=events,
+            nats_port=nats_port,
         )
         for broker in self.brokers():
             broker.start()
+        if self.events_on:
+            self.nats().start()
+        else:
+            self.nats().stop()
         if not self.state().get("external_database_url"):
             self.cluster().start()
         migrate.upgrade(self.database_url())
         self._grafana_login()
         self._register_brokers()
         if bridge:
+            if restart_bridge:
+                self.stop_bridge()
             self.start_bridge()
         return self.urls()
 
@@ -251,7 +303,7 @@ class Stack:
             "mqtt_urls": [b.url(identity.OPERATOR_USER) for b in brokers],
             "database_url": self.database_url(),
             "metrics_url": self.metrics_url(),
-        }
+        } | ({"events_url": self.events_url()} if self.events_on else {})
 
     def env(self) -> dict[str, str]:
         """What an operator's shell needs (`eucora stack env`): the operator's broker URL
@@ -267,11 +319,17 @@ class Stack:
         }
         if broker.tls_port is not None:
             env["EUCORA_CA_FILE"] = str(broker.ca.cert_file)
+        events_url = self.events_url()
+        if events_url:
+            env["EUCORA_EVENTS_URL"] = events_url
         return env
 
     def bridge_env(self) -> dict[str, str]:
+        """The bridge's settings. Events go to the stack's nats-server with `--events
+        nats`; otherwise where EUCORA_EVENTS_URL in the caller's environment says (an
+        existing NATS, e.g. under Compose), or nowhere."""
         st = self.state()
-        return {
+        env = {
             "EUCORA_MQTT_URL": self.broker().url(identity.BRIDGE_USER),
             "EUCORA_DATABASE_URL": self.database_url(),
             "EUCORA_TOPIC_ROOT": st.get("topic_root", DEFAULT_TOPIC_ROOT),
@@ -279,6 +337,10 @@ class Stack:
             # Its brokers' logs, where refused credentials show (docs/broker.md).
             "EUCORA_BROKER_LOGS": os.pathsep.join(str(b.log_file) for b in self.brokers()),
         }
+        events_url = self.events_url()
+        if events_url:
+            env["EUCORA_EVENTS_URL"] = events_url
+        return env
 
     def start_bridge(self, timeout: float = 30.0) -> int:
         pid: int | None = self.state().get("bridge_pid")
@@ -317,6 +379,7 @@ class Stack:
         self.stop_bridge()
         for broker in self.brokers():
             broker.stop()
+        self.nats().stop()
         if not self.state().get("external_database_url"):
             self.cluster().stop()
 
@@ -363,4 +426,13 @@ class Stack:
                 "ready": self.bridge_ready() if alive(bridge_pid) else False,
                 "metrics_url": self.metrics_url(),
             },
+        } | ({"events": self._events_status()} if self.events_on else {})
+
+    def _events_status(self) -> dict[str, Any]:
+        nats = self.nats()
+        return {
+            "pid": nats.pid,
+            "running": nats.running,
+            "port": nats.port,
+            "events_url": nats.url(with_password=False),
         }
