@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 from cryptography import x509
 
-from service.stack.process import free_port
+from service.stack.process import free_port, free_port_range
 from tests.fix_services import service_dir
 
 
@@ -40,7 +40,7 @@ def certificate_names(path: Path) -> tuple[set[str], set[str]]:
 def test_stack_up_status_down() -> None:
     with service_dir("stack") as root:
         d = str(Path(root) / "s")
-        ports = ["--mqtt-port", str(free_port()), "--db-port", str(free_port())]
+        ports = ["--mqtt-port", str(free_port_range(1)), "--db-port", str(free_port())]
         up = eucora(
             "stack", "up", "--dir", d, *ports, "--json",
             "--tls-name", "mqtt.example.com", "--tls-name", "2001:db8::1",
@@ -126,7 +126,7 @@ def test_stack_in_the_foreground_stops_on_sigterm() -> None:
         d = str(root / "fg")
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "stack", "up", "--dir", d, "--foreground", "--json",
-             "--mqtt-port", str(free_port()), "--db-port", str(free_port())],
+             "--mqtt-port", str(free_port_range(1)), "--db-port", str(free_port())],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
