@@ -333,10 +333,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sim.wait(600)
             text = log.read_text()
             summary = orjson.loads(text[text.rindex("\n{") :])
-            time.sleep(5)  # the last samples are committed
-            stored = scalar(database, "SELECT count(*) FROM telemetry WHERE agent_id LIKE %s",
-                            f"{PREFIX}-%")  # fmt: skip
             sent = summary["telemetry_sent"] + summary["extra"]["telemetry_buffered_sent"]
+
+            def stored_now() -> int:
+                return int(scalar(database, "SELECT count(*) FROM telemetry"
+                                            " WHERE agent_id LIKE %s", f"{PREFIX}-%"))  # fmt: skip
+
+            # The bridge may still be working through a backlog: wait until what was
+            # sent is stored, or until nothing more arrives for 30 s (then report).
+            last, quiet_since = -1, time.monotonic()
+            while (stored := stored_now()) < sent and time.monotonic() - quiet_since < 30:
+                if stored != last:
+                    last, quiet_since = stored, time.monotonic()
+                time.sleep(1)
             report["telemetry_once"] = {"sent_by_simulator": sent, "stored": stored}
             report["simulator"] = {
                 "processes": len(summary["extra"].get("processes", [])) or 1,

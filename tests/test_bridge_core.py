@@ -156,7 +156,7 @@ def test_a_handler_that_raises_costs_only_its_message(database: str) -> None:
     assert one(database, "SELECT count(*) FROM telemetry WHERE agent_id = 'good-1'") == 998
     assert rows(database, "SELECT agent_id, hostname FROM agents WHERE hostname IS NOT NULL") == [
         ("good-2", "fine-host")
-    ]  # the failing handler's own writes were undone (its savepoint)
+    ]  # the failing handler's own writes were undone (the batch written again, one by one)
     dead = rows(database, "SELECT agent_id, kind, reason, detail FROM dead_letters")
     assert [(a, k, r) for a, k, r, _ in dead] == [("bad-1", "register", "internal_error")]
     assert "RuntimeError: a bug in a handler" in dead[0][3]

@@ -3,12 +3,14 @@
 Telemetry and heartbeats are the bulk kinds: the store writes them itself, a whole
 batch at a time (COPY, one UPDATE). Every other kind has a handler here: a thin
 adapter from a validated message to its domain (service/domains/), run inside the
-batch's transaction in a savepoint of its own.
+batch's transaction.
 
-A handler that cannot apply a valid message raises `Rejected` (before writing
-anything): the message becomes a dead letter with that reason and the rest of the
-batch is stored. `Routes` refuses to be built with a kind that has no route, so no
-kind can be acknowledged and silently dropped.
+A handler that cannot apply a valid message raises `Rejected` BEFORE writing
+anything (the store gives it no savepoint): the message becomes a dead letter with that
+reason and the rest of the batch is stored. Any other exception rolls the batch back,
+and the store writes it again message by message (store.py). `Routes` refuses to be
+built with a kind that has no route, so no kind can be acknowledged and silently
+dropped.
 """
 
 from __future__ import annotations
