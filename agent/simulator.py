@@ -679,7 +679,11 @@ def run_many(
     bounds = [options.agents * k // processes for k in range(processes + 1)]
     workers = []
     for k in range(processes):
-        part = replace(options, first=bounds[k], last=bounds[k + 1])
+        # --connect-rate is the fleet's: each process starts its slice at its share of
+        # it (7 processes each at the full rate drove 100,000 TLS connects into a
+        # collapse on 2 cores: handshakes queued past the CONNACK wait, then retried).
+        part = replace(options, first=bounds[k], last=bounds[k + 1],
+                       connect_rate=options.connect_rate / processes)  # fmt: skip
         mine = ids[bounds[k] : bounds[k + 1]]
         workers.append(ctx.Process(
             target=_worker, name=f"sim-{k + 1}", daemon=True,
