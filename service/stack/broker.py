@@ -4,7 +4,6 @@ reading its accounts from the auth folder it shares with the other brokers of th
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from service.stack.process import (
     alive,
     check_reachable,
     chown_tree,
+    find_program,
+    log_tail,
     port_open,
     service_user,
     spawn,
@@ -27,15 +28,6 @@ from service.stack.process import (
 )
 
 CONFIG_TEMPLATE = Path(__file__).resolve().parents[2] / "mosquitto" / "eucora.conf"
-
-
-def find_mosquitto() -> str:
-    found = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-    if not found:
-        raise StackError("mosquitto not found: apt-get install mosquitto")
-    return found
 
 
 @dataclass
@@ -193,7 +185,10 @@ class Broker:
         for port, option in zip(ports, options, strict=True):
             if port_open(self._client_host, port):
                 raise StackError(f"port {port} is already in use: choose another {option}")
-        proc = spawn([find_mosquitto(), "-c", str(self.config_file)], self.data_dir / "stdout.log")
+        proc = spawn(
+            [find_program("mosquitto", "mosquitto"), "-c", str(self.config_file)],
+            self.data_dir / "stdout.log",
+        )
         self.pid_file.write_text(str(proc.pid))
         # Where `eucora agents provision/revoke` find every broker to reload.
         self.auth.pid_file(self.name).write_text(str(proc.pid))
@@ -211,8 +206,8 @@ class Broker:
         if proc.poll() is not None:
             raise StackError(
                 f"mosquitto exited with code {proc.returncode}; see {self.log_file}: "
-                + _tail(self.log_file)
-                + _tail(self.data_dir / "stdout.log")
+                + log_tail(self.log_file)
+                + log_tail(self.data_dir / "stdout.log")
             )
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -241,10 +236,3 @@ def _current_user() -> str:
     import pwd
 
     return pwd.getpwuid(os.geteuid()).pw_name
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return ""

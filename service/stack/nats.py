@@ -9,7 +9,6 @@ ports form a JetStream cluster (the tests' 3-node cluster on loopback).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from service.stack.process import (
     alive,
     check_reachable,
     chown_tree,
+    find_program,
+    log_tail,
     port_open,
     service_user,
     spawn,
@@ -28,15 +29,6 @@ from service.stack.process import (
 
 # The account the bridge (and an operator's consumer) uses.
 NATS_USER = "eucora"
-
-
-def find_nats_server() -> str:
-    found = shutil.which("nats-server") or (
-        "/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None
-    )
-    if not found:
-        raise StackError("nats-server not found: apt-get install nats-server")
-    return found
 
 
 @dataclass
@@ -146,7 +138,7 @@ class NatsServer:
                 raise StackError(f"port {port} is already in use: choose another NATS port")
         self.pid_file.unlink(missing_ok=True)
         proc = spawn(
-            [find_nats_server(), "-c", str(self.config_file)],
+            [find_program("nats-server", "nats-server"), "-c", str(self.config_file)],
             self.data_dir / "stdout.log",
             user=service_user("nats"),
         )
@@ -162,8 +154,8 @@ class NatsServer:
         if proc.poll() is not None:
             raise StackError(
                 f"nats-server exited with code {proc.returncode}; see {self.log_file}: "
-                + _tail(self.log_file)
-                + _tail(self.data_dir / "stdout.log")
+                + log_tail(self.log_file)
+                + log_tail(self.data_dir / "stdout.log")
             )
         if self.pid is None:  # it writes the file as it starts listening
             self.pid_file.write_text(str(proc.pid))
@@ -175,10 +167,3 @@ class NatsServer:
     def kill(self) -> None:
         """SIGKILL, as in a crash."""
         stop_pid(self.pid, sig=signal.SIGKILL)
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return ""

@@ -6,6 +6,7 @@ import contextlib
 import os
 import pwd
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,3 +143,21 @@ def spawn(
         )  # fmt: skip
     _CHILDREN.append(proc)
     return proc
+
+
+def find_program(name: str, package: str) -> str:
+    """A Debian daemon's binary: on PATH, or in /usr/sbin (not on every user's PATH)."""
+    found = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+    )
+    if not found:
+        raise StackError(f"{name} not found: apt-get install {package}")
+    return found
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log file on one line (for an error message), or ""."""
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
