@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
+from typing import NamedTuple
 
 DEFAULT_TOPIC_ROOT = "eucora/v1"
 AGENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -42,8 +44,9 @@ def is_agent_id(value: str) -> bool:
     return _AGENT_ID_RE.fullmatch(value) is not None
 
 
-@dataclass(frozen=True)
-class AgentTopic:
+class AgentTopic(NamedTuple):
+    # A tuple, not a frozen dataclass: built for every message the bridge receives,
+    # where a frozen dataclass's __init__ cost as much as the rest of the parse.
     agent_id: str
     kind: Kind
 
@@ -57,13 +60,17 @@ class TopicTree:
             raise TopicError(f"invalid agent id {agent_id!r}")
         return f"{self.root}/agents/{agent_id}/{kind.value}"
 
+    @cached_property
+    def _prefix(self) -> str:
+        return f"{self.root}/agents/"
+
     def wildcard(self, kind: Kind | None = None) -> str:
         """Subscription filter for one kind from every agent (or every kind)."""
         return f"{self.root}/agents/+/{kind.value if kind else '#'}"
 
     def parse(self, topic: str) -> AgentTopic:
         """Split an agent topic; raise TopicError for anything outside the tree."""
-        prefix = f"{self.root}/agents/"
+        prefix = self._prefix
         if not topic.startswith(prefix):
             raise TopicError(f"topic outside {prefix}: {topic!r}")
         rest = topic[len(prefix) :].split("/")

@@ -130,10 +130,9 @@ def register_payload(hostname: str) -> bytes:
 
 
 def inbound(kind: Kind, agent_id: str, payload: bytes, mid: int) -> Inbound:
-    return Inbound(
-        mid, 1, 0, TREE.agent(agent_id, kind), agent_id, kind,
-        model=parse(kind, agent_id, payload), payload=payload,
-    )  # fmt: skip
+    item = Inbound(mid, 1, 0, TREE.agent(agent_id, kind), agent_id, kind, payload=payload)
+    item.accept(parse(kind, agent_id, payload))
+    return item
 
 
 def test_a_handler_that_raises_costs_only_its_message(database: str) -> None:

@@ -429,9 +429,9 @@ def test_the_bridge_stores_a_batch_in_the_hypertables(ts: Timescale) -> None:
         topic=topic,
         agent_id=agent,
         kind=Kind.TELEMETRY,
-        model=parse(Kind.TELEMETRY, agent, payload),
         payload=payload,
     )
+    good.accept(parse(Kind.TELEMETRY, agent, payload))
     bad = Inbound(
         mid=2,
         qos=1,

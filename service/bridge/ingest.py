@@ -142,7 +142,7 @@ class Ingest:
             return item
         item.agent_id, item.kind = where.agent_id, where.kind
         try:
-            item.model = parse(where.kind, where.agent_id, msg.payload)
+            item.accept(parse(where.kind, where.agent_id, msg.payload))
         except PayloadError as exc:
             item.error = exc
         return item

@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from schemas.payloads import TelemetryBatch, TelemetrySample
 from schemas.topics import Kind
 from schemas.validate import AnyPayload, PayloadError
+from service.domains import telemetry
 
 
 @dataclass(slots=True)
@@ -22,6 +24,16 @@ class Inbound:
     payload: bytes | bytearray = b""
     received: float = field(default_factory=time.monotonic)
     link: int = 0  # which broker link it came on (its index in the bridge's links)
+    rows: list[telemetry.Row] | None = None  # telemetry: set by accept() instead of model
+
+    def accept(self, model: AnyPayload) -> None:
+        """Keep the validated payload: telemetry as its rows, ready for COPY (made here,
+        on receipt, the model is not held: fewer objects per pending message for the
+        garbage collector to walk); any other kind as its model."""
+        if isinstance(model, TelemetrySample | TelemetryBatch):
+            self.rows = telemetry.rows(self.agent_id or "", model)
+        else:
+            self.model = model
 
     def log_fields(self) -> dict[str, object]:
         """The ids a log line about this message carries (service/logs.py context)."""

@@ -15,7 +15,7 @@ from typing import Any, Final
 import psycopg
 
 from schemas.constants import TELEMETRY_METRICS
-from schemas.payloads import TelemetrySample
+from schemas.payloads import TelemetryBatch, TelemetrySample
 
 Conn = psycopg.AsyncConnection[Any]
 Row = tuple[Any, ...]
@@ -33,6 +33,13 @@ _FIELDS: Final = attrgetter("ts", *TELEMETRY_METRICS, "correlation_id")
 
 def row(agent_id: str, s: TelemetrySample) -> Row:
     return (agent_id, *_FIELDS(s))
+
+
+def rows(agent_id: str, message: TelemetrySample | TelemetryBatch) -> list[Row]:
+    """The rows of one telemetry message, single sample or batch alike."""
+    if type(message) is TelemetryBatch:
+        return [(agent_id, *_FIELDS(s)) for s in message.samples]
+    return [(agent_id, *_FIELDS(message))]
 
 
 async def prepare(conn: Conn) -> None:
