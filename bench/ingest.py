@@ -187,7 +187,7 @@ def run_naive(broker: Broker, db: str, creds: dict[str, str], n: int) -> float:
     assert ready.acquire(timeout=30), "naive bridge did not subscribe"
     go, join = publish(broker.port, creds, n)
     t0 = go()
-    rows = wait_count(db, n, 900)
+    rows = wait_count(db, n, 900, last_samples(creds, n))
     elapsed = time.perf_counter() - t0
     join()
     p.join(30)
@@ -316,9 +316,36 @@ def truncate(db: str) -> None:
         conn.execute("TRUNCATE telemetry, dead_letters")
 
 
-def wait_count(db: str, n: int, timeout: float) -> int:
+def last_samples(
+    creds: dict[str, str], messages: int, batch: int = 1, round_no: int = 0
+) -> list[tuple[str, str]]:
+    """(agent, ts) of the last sample each publisher of `publish(...)` sends."""
+    per = messages // len(creds)
+    ts = sample(round_no * 10_000_000 + per * batch - 1)["ts"]
+    return [(agent, ts) for agent in creds]
+
+
+def wait_count(db: str, n: int, timeout: float, last: list[tuple[str, str]]) -> int:
+    """Wait until `n` rows are stored (or the timeout); return the count.
+
+    Polls cheap primary-key lookups of each publisher's last sample first, and counts
+    the table only once they are all there (and then until the count is complete: the
+    bridge's writers commit concurrently). Counting all along cost 24 ms a time at
+    300,000 rows: polled every 20 ms, it kept a PostgreSQL backend busy on the two
+    cores the consumers are measured on.
+    """
     deadline = time.monotonic() + timeout
     with psycopg.connect(db, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FROM telemetry t"
+                " JOIN unnest(%s::text[], %s::timestamptz[]) AS l(agent_id, time)"
+                " USING (agent_id, time)",
+                ([a for a, _ in last], [t for _, t in last]),
+            ).fetchone()
+            if (row and row[0] >= len(last)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         while True:
             row = conn.execute("SELECT count(*) FROM telemetry").fetchone()
             got = int(row[0]) if row else 0
@@ -354,7 +381,7 @@ def run_bridge(
         rows_expected = (n // len(creds)) * len(creds) * batch
         cpu0 = _cpu_s(proc.pid)
         t0 = go()
-        rows = wait_count(db, rows_expected, 900)
+        rows = wait_count(db, rows_expected, 900, last_samples(creds, n, batch, round_no))
         elapsed = time.perf_counter() - t0
         cpu = _cpu_s(proc.pid) - cpu0
         join()
