@@ -66,6 +66,9 @@ class Loop:
         self._clients: set[paho.Client] = set()
         self._stopping = False
         self.errors = 0  # exceptions raised by client callbacks (logged, not fatal)
+        # The longest round of work (everything between two selects) since the last
+        # take_busiest(): a loop whose rounds take seconds misses keepalives.
+        self._busiest = 0.0
 
     # --- clients -----------------------------------------------------------------------
     def attach(self, client: paho.Client) -> None:
@@ -177,6 +180,15 @@ class Loop:
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
 
+    def in_flight_connects(self) -> int:
+        """Connects handed to the workers and not yet done."""
+        return len(self._connecting)
+
+    def take_busiest(self) -> float:
+        """The longest round of work since the last call, in seconds (and reset it)."""
+        busiest, self._busiest = self._busiest, 0.0
+        return busiest
+
     # --- running -----------------------------------------------------------------------
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Serve clients and timers until stop() (or until `until()` holds)."""
@@ -185,7 +197,9 @@ class Loop:
         while not self._stopping and not (until is not None and until()):
             now = time.monotonic()
             wake_at = min(next_misc, self._timers[0].when) if self._timers else next_misc
-            for key, mask in self._sel.select(max(wake_at - now, 0.0)):
+            ready = self._sel.select(max(wake_at - now, 0.0))
+            began = time.monotonic()
+            for key, mask in ready:
                 if key.data is None:
                     with contextlib.suppress(BlockingIOError):
                         self._wake_r.recv(4096)
@@ -203,6 +217,7 @@ class Loop:
                 for client in list(self._clients):
                     if client not in self._connecting:
                         self._guard(client.loop_misc)
+            self._busiest = max(self._busiest, time.monotonic() - began)
 
     def _serve(self, client: paho.Client, sock: Any, mask: int) -> None:
         if client.socket() is not sock:

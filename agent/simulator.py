@@ -532,8 +532,10 @@ class Fleet:
         self.loop.call_later(10.0, self._progress)
         self.on_progress(
             f"{self.connected()}/{len(self.sessions)} connected, "
+            f"{self.loop.in_flight_connects()} connecting, "
             f"{sum(s.counters.telemetry_sent for s in self.sessions)} samples sent, "
-            f"cpu {self.cpu_percent():.1f}%, rss {rss_bytes() / 2**20:.0f} MiB"
+            f"cpu {self.cpu_percent():.1f}%, rss {rss_bytes() / 2**20:.0f} MiB, "
+            f"busiest loop round {self.loop.take_busiest() * 1000:.0f} ms"
         )
 
     def cpu_percent(self) -> float:
