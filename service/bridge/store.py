@@ -130,13 +130,12 @@ class Store:
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
         failed = set(dead)
+        # Kind is a str enum: counted as is (Enum.value is a Python-level property).
         stored = Counter(
-            i.kind.value
-            for i in batch
-            if i.error is None and i.kind is not None and id(i) not in failed
+            i.kind for i in batch if i.error is None and i.kind is not None and id(i) not in failed
         )
         for kind, n in stored.items():
-            metrics.STORED.labels(kind).inc(n)
+            metrics.STORED.labels(kind.value).inc(n)
         for reason, n in Counter(reason for reason in dead.values()).items():
             metrics.DEAD_LETTERS.labels(reason).inc(n)
 
@@ -188,7 +187,9 @@ class Store:
                     }))  # fmt: skip
                 continue
             assert item.agent_id is not None and item.kind is not None
-            flags = seen.setdefault(item.agent_id, [False, False])
+            flags = seen.get(item.agent_id)
+            if flags is None:
+                flags = seen[item.agent_id] = [False, False]
             if item.kind is Kind.TELEMETRY:
                 flags[1] = True
                 assert item.rows is not None
