@@ -49,6 +49,40 @@ class Timer:
         self.cancelled = True
 
 
+class ConnectGate:
+    """At most `limit` connects between their start and the broker's answer (None: no
+    bound). A fleet on one process must not start connects faster than it, its brokers
+    and the bridge can finish them: past that, the loop's rounds grow to seconds
+    (every CONNACK sets off an agent's first publishes), CONNACK waits pass, the agents
+    retry, and the ramp collapses (seen at 15,000 agents a process on 2 cores). With a
+    bound, the ramp goes as fast as the machine finishes connects, and no faster.
+    Call on the loop's thread."""
+
+    def __init__(self, loop: Loop, limit: int | None = None) -> None:
+        self.loop = loop
+        self.limit = limit
+        self.held = 0
+        self._waiting: deque[Callable[[], None]] = deque()
+
+    def enter(self, admitted: Callable[[], None]) -> None:
+        """Run `admitted` once a place is free; it must be given back with leave()."""
+        if self.limit is None or self.held < self.limit:
+            self.held += 1
+            admitted()
+        else:
+            self._waiting.append(admitted)
+
+    def leave(self) -> None:
+        self.held -= 1
+        if self._waiting and (self.limit is None or self.held < self.limit):
+            self.held += 1
+            # Not called here: leave() runs inside another client's callbacks.
+            self.loop.call_later(0.0, self._waiting.popleft())
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+
 class Loop:
     def __init__(self, connect_workers: int = 4) -> None:
         self._sel = selectors.DefaultSelector()
@@ -64,6 +98,7 @@ class Loop:
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._clients: set[paho.Client] = set()
+        self.connect_gate = ConnectGate(self)
         self._stopping = False
         self.errors = 0  # exceptions raised by client callbacks (logged, not fatal)
         # The longest round of work (everything between two selects) since the last
@@ -179,10 +214,6 @@ class Loop:
         self._stopping = True
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
-
-    def in_flight_connects(self) -> int:
-        """Connects handed to the workers and not yet done."""
-        return len(self._connecting)
 
     def take_busiest(self) -> float:
         """The longest round of work since the last call, in seconds (and reset it)."""

@@ -142,6 +142,8 @@ class AgentSession:
         self.epoch: int | None = None  # the epoch of the current (or last) session
         self.connected = False
         self.connecting = False  # a connect runs on the loop's worker thread
+        self._in_gate = False  # holds a place in the loop's connect gate
+        self._gate_queued = False  # waits for one
         self.stopping = False
         self.stopped = False
         self.ever_connected = False
@@ -254,6 +256,7 @@ class AgentSession:
         process (tests of the reconnect race)."""
         self.stopping = self.stopped = True
         self._cancel_timers()
+        self._leave_gate()
         self.loop.detach(self.client)
 
     def _every(
@@ -279,6 +282,7 @@ class AgentSession:
         self._periodic.clear()
 
     def _finish(self) -> None:
+        self._leave_gate()
         if not self.stopped:
             self.stopped = True
             sock = self.client.socket()
@@ -297,7 +301,22 @@ class AgentSession:
 
     # --- connecting --------------------------------------------------------------------
     def _connect(self) -> None:
+        if self.stopping or self._in_gate or self._gate_queued:
+            return
+        self._gate_queued = True
+        self.loop.connect_gate.enter(self._connect_admitted)
+
+    def _leave_gate(self) -> None:
+        """The broker answered, or this connect ended without an answer."""
+        if self._in_gate:
+            self._in_gate = False
+            self.loop.connect_gate.leave()
+
+    def _connect_admitted(self) -> None:
+        self._gate_queued = False
+        self._in_gate = True
         if self.stopping:
+            self._leave_gate()
             return
         if self._connack_timer is not None:
             self._connack_timer.cancel()
@@ -328,6 +347,7 @@ class AgentSession:
             self._finish()  # not CONNACKed yet: close; a will that may go out says offline
             return
         if error is not None:
+            self._leave_gate()
             self.counters.connect_failures += 1
             log.warning(
                 "cannot reach the broker",
@@ -363,6 +383,7 @@ class AgentSession:
     def _no_connack(self) -> None:
         if not self.connected and not self.stopping:
             log.warning("no CONNACK from the broker", extra={"agent_id": self.agent_id})
+            self._leave_gate()
             self.client.disconnect()
 
     def _next_backoff(self) -> float:
@@ -385,6 +406,7 @@ class AgentSession:
         reason: ReasonCode,
         _props: Properties | None,
     ) -> None:
+        self._leave_gate()
         if self._connack_timer is not None:
             self._connack_timer.cancel()
         if reason.is_failure:
@@ -449,6 +471,7 @@ class AgentSession:
     ) -> None:
         was_connected = self.connected
         self.connected = False
+        self._leave_gate()
         if self._connack_timer is not None:
             self._connack_timer.cancel()
         if was_connected:

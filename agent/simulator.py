@@ -393,6 +393,10 @@ class FleetOptions:
     keepalive: int = 60
     churn: float = 0.0  # fraction of the fleet leaving per minute
     connect_rate: float = 200.0  # new connections per second at start
+    # Connects a process has between their start and the broker's answer, at most
+    # (agent.loop.ConnectGate): past what the machine finishes, the ramp slows down
+    # instead of collapsing.
+    max_connecting: int = 64
     seed: int = 1
     topic_root: str = DEFAULT_TOPIC_ROOT
     ca_file: str | None = None
@@ -441,6 +445,7 @@ class Fleet:
     ) -> None:
         self.options = options
         self.loop = loop or Loop()
+        self.loop.connect_gate.limit = options.max_connecting
         self.rng = random.Random(options.seed)  # noqa: S311 (simulated data, not security)
         self.on_progress = on_progress or (lambda _msg: None)
         self.churn_events = 0
@@ -532,7 +537,8 @@ class Fleet:
         self.loop.call_later(10.0, self._progress)
         self.on_progress(
             f"{self.connected()}/{len(self.sessions)} connected, "
-            f"{self.loop.in_flight_connects()} connecting, "
+            f"{self.loop.connect_gate.held} connecting, "
+            f"{self.loop.connect_gate.waiting()} waiting to, "
             f"{sum(s.counters.telemetry_sent for s in self.sessions)} samples sent, "
             f"cpu {self.cpu_percent():.1f}%, rss {rss_bytes() / 2**20:.0f} MiB, "
             f"busiest loop round {self.loop.take_busiest() * 1000:.0f} ms"

@@ -20,13 +20,15 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from agent.simulator import SimulatedTasks
+from agent.loop import ConnectGate, Loop
+from agent.simulator import Fleet, FleetOptions, SimulatedTasks
 from cli.agents import app as agents_app
 from cli.deployments import app as deployments_app
 from cli.tasks import app as tasks_app
+from schemas.config import MqttUrl
 from service.stack.broker import Broker
 from tests.fix_services import BridgeProcess, register_broker
-from tests.test_agents_support import LoopThread, loop_thread, query, wait
+from tests.test_agents_support import LoopThread, loop_thread, provision, query, wait
 
 __all__ = ["loop_thread"]  # fixture
 
@@ -384,3 +386,52 @@ def test_1000_simulated_agents_rate_600_cap_50_all_succeed(
         (did,),
     )[0][0]
     assert by_agent == n  # every SUCCESS is the agent's own report
+
+
+# --- the connect ramp ---------------------------------------------------------------
+
+
+def test_the_connect_gate_admits_at_most_its_limit_and_the_next_as_one_leaves() -> None:
+    loop = Loop()
+    gate = ConnectGate(loop, limit=2)
+    admitted: list[int] = []
+    for i in range(4):
+        gate.enter(lambda i=i: admitted.append(i))
+    assert admitted == [0, 1] and gate.held == 2 and gate.waiting() == 2
+    gate.leave()
+    loop.run(until=lambda: len(admitted) == 3)  # the next one runs on the loop, not inside leave()
+    assert admitted == [0, 1, 2] and gate.held == 2 and gate.waiting() == 1
+    gate.leave()
+    gate.leave()
+    loop.run(until=lambda: len(admitted) == 4)
+    assert gate.held == 1 and gate.waiting() == 0
+    loop.close()
+
+
+def test_a_fleet_started_all_at_once_connects_through_its_gate(broker: Broker) -> None:
+    """200 agents asked to connect in the same instant: never more than 8 between their
+    connect and the broker's answer, and all of them connected."""
+    options = FleetOptions(agents=200, prefix="gate", connect_rate=1e6, max_connecting=8,
+                           telemetry_interval=60)  # fmt: skip
+    ids = options.agent_ids()
+    passwords = provision(broker, *ids)
+    fleet = Fleet(options, MqttUrl.parse(f"mqtt://{broker.bind}:{broker.port}"), passwords)
+    peak = 0
+
+    def watch() -> None:
+        nonlocal peak
+        peak = max(peak, fleet.loop.connect_gate.held)
+        fleet.loop.call_later(0.001, watch)
+
+    fleet.loop.call_later(0.0, watch)
+    fleet.start()
+    deadline = time.monotonic() + 120
+    fleet.loop.run(until=lambda: fleet.connected() == 200 or time.monotonic() > deadline)
+    try:
+        assert fleet.connected() == 200
+        assert 1 < peak <= 8, peak
+        assert fleet.loop.connect_gate.held == 0
+    finally:
+        fleet.stop()
+        fleet.loop.run(until=lambda: fleet.all_stopped() or time.monotonic() > deadline + 30)
+        fleet.loop.close()
