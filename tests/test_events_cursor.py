@@ -19,6 +19,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from typer.testing import CliRunner
 from cli.common import EXIT_CURSOR_TOO_OLD
 from cli.main import app as eucora
 from schemas.events import EventKind
-from service.db import migrate
+from service.db import chunks, migrate
 from service.domains import events
 from service.domains.events import NewEvent, Position
 
@@ -122,6 +123,18 @@ def backdate(conn: psycopg.Connection[Any], age: str, where: str = "true") -> No
     )
 
 
+def make_chunks_ahead(database: str) -> None:
+    """What a running bridge has done (service/db/chunks.py). Without it, under
+    TimescaleDB, the transaction that records the day's first event holds back every
+    other event writer until it ends: the tests below would wait on themselves."""
+
+    async def run() -> None:
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            await chunks.make_ahead(conn, datetime.now(UTC))
+
+    asyncio.run(run())
+
+
 def test_concurrent_writers_and_a_killed_reader_lose_and_repeat_nothing(
     database: str, tmp_path: Path
 ) -> None:
@@ -172,6 +185,7 @@ def test_concurrent_writers_and_a_killed_reader_lose_and_repeat_nothing(
 def test_an_agents_events_come_in_agent_seq_order_whatever_the_xids(database: str) -> None:
     """An older transaction numbering an agent's event after a younger one committed
     the previous one: the stream still gives seq 1 before seq 2."""
+    make_chunks_ahead(database)
     with psycopg.connect(database) as old, psycopg.connect(database) as young:
         events.record_sync(old, [NewEvent(EventKind.DEPLOYMENT_STATUS, None, {"n": 0})])
         events.record_sync(young, [NewEvent(EventKind.AGENT_ONLINE, "a1", {"n": 1})])
@@ -184,6 +198,7 @@ def test_an_agents_events_come_in_agent_seq_order_whatever_the_xids(database: st
 
 
 def test_a_running_transaction_holds_back_what_commits_after_it(database: str) -> None:
+    make_chunks_ahead(database)
     with (
         psycopg.connect(database) as slow,
         psycopg.connect(database) as fast,
