@@ -15,7 +15,10 @@ from schemas.topics import Kind, TopicTree
 from service import identity
 from service.stack.broker import Broker
 
-BASE = datetime(2026, 1, 1, tzinfo=UTC)
+# Samples are recent: with TimescaleDB the retention policy drops telemetry chunks past
+# 90 days and compression takes chunks past 7, both first run a moment after the
+# migration, so old samples could vanish (or be compressed) in the middle of a test.
+BASE = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
 
 
 def provision(broker: Broker, *agent_ids: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from typer.testing import CliRunner
 from cli.common import EXIT_CURSOR_TOO_OLD
 from cli.main import app as eucora
 from schemas.events import EventKind
+from service.db import chunks, migrate
 from service.domains import events
 from service.domains.events import NewEvent, Position
 
@@ -108,6 +110,31 @@ def _writer(url: str, w: int, quota: int, committed: list[tuple[int, int]]) -> N
             n += size
 
 
+def backdate(conn: psycopg.Connection[Any], age: str, where: str = "true") -> None:
+    """Make the events matching `where` `age` older. Not an UPDATE of ts: under
+    TimescaleDB that would move rows to another chunk, which a hypertable refuses; they
+    are deleted and inserted again, with the same id and position."""
+    conn.execute(
+        f"WITH old AS (DELETE FROM events WHERE {where} RETURNING *)"
+        " INSERT INTO events OVERRIDING SYSTEM VALUE"
+        " SELECT id, xid, event_id, agent_id, agent_seq, kind, ts - %s::interval,"
+        " correlation_id, data FROM old",
+        (age,),
+    )
+
+
+def make_chunks_ahead(database: str) -> None:
+    """What a running bridge has done (service/db/chunks.py). Without it, under
+    TimescaleDB, the transaction that records the day's first event holds back every
+    other event writer until it ends: the tests below would wait on themselves."""
+
+    async def run() -> None:
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            await chunks.make_ahead(conn, datetime.now(UTC))
+
+    asyncio.run(run())
+
+
 def test_concurrent_writers_and_a_killed_reader_lose_and_repeat_nothing(
     database: str, tmp_path: Path
 ) -> None:
@@ -158,6 +185,7 @@ def test_concurrent_writers_and_a_killed_reader_lose_and_repeat_nothing(
 def test_an_agents_events_come_in_agent_seq_order_whatever_the_xids(database: str) -> None:
     """An older transaction numbering an agent's event after a younger one committed
     the previous one: the stream still gives seq 1 before seq 2."""
+    make_chunks_ahead(database)
     with psycopg.connect(database) as old, psycopg.connect(database) as young:
         events.record_sync(old, [NewEvent(EventKind.DEPLOYMENT_STATUS, None, {"n": 0})])
         events.record_sync(young, [NewEvent(EventKind.AGENT_ONLINE, "a1", {"n": 1})])
@@ -170,6 +198,7 @@ def test_an_agents_events_come_in_agent_seq_order_whatever_the_xids(database: st
 
 
 def test_a_running_transaction_holds_back_what_commits_after_it(database: str) -> None:
+    make_chunks_ahead(database)
     with (
         psycopg.connect(database) as slow,
         psycopg.connect(database) as fast,
@@ -228,7 +257,7 @@ def test_retention_deletes_old_events_and_says_when_a_cursor_is_too_old(database
         old, _ = events.read_after_sync(conn, events.START)
         events.record_sync(conn, [NewEvent(EventKind.AGENT_OFFLINE, "a1", {"n": 3})])
         conn.commit()
-        conn.execute("UPDATE events SET ts = now() - interval '3 days' WHERE (data->>'n')::int < 2")
+        backdate(conn, "3 days", "(data->>'n')::int < 2")
         events.set_retention_sync(conn, 2)
         conn.commit()
 
@@ -254,6 +283,49 @@ def test_retention_deletes_old_events_and_says_when_a_cursor_is_too_old(database
             events.read_after_sync(conn, Position(0, 0))
 
 
+def test_retention_in_batches_keeps_what_it_has_not_deleted_yet(
+    empty_database: str, db_mode: migrate.Mode
+) -> None:
+    """A backlog past retention larger than a batch: what the first batch left is still
+    there to read (under TimescaleDB its chunk is not dropped with the batch), and the
+    next batch deletes it, emptied chunks and all."""
+    migrate.upgrade(empty_database, mode=db_mode)
+    with psycopg.connect(empty_database) as conn:
+        events.record_sync(
+            conn, [NewEvent(EventKind.AGENT_ONLINE, "a1", {"n": i}) for i in range(4)]
+        )
+        conn.commit()
+        backdate(conn, "3 days")
+        events.record_sync(conn, [NewEvent(EventKind.AGENT_OFFLINE, "a1", {"n": 4})])
+        events.set_retention_sync(conn, 2)
+        conn.commit()
+
+    async def prune() -> int:
+        async with (
+            await psycopg.AsyncConnection.connect(empty_database) as aconn,
+            aconn.transaction(),
+        ):
+            return await events.prune(aconn, batch=2)
+
+    def chunks_of_events(conn: psycopg.Connection[Any]) -> int | None:
+        if db_mode != "timescaledb":
+            return None
+        row = conn.execute("SELECT count(*) FROM show_chunks('events')").fetchone()
+        return None if row is None else int(row[0])
+
+    assert asyncio.run(prune()) == 2
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        kept, _ = events.read_after_sync(conn, events.oldest_cursor_sync(conn))
+        assert [e.data["n"] for e in kept] == [2, 3, 4]
+        assert chunks_of_events(conn) == (2 if db_mode == "timescaledb" else None)
+    assert asyncio.run(prune()) == 2
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        kept, _ = events.read_after_sync(conn, events.oldest_cursor_sync(conn))
+        assert [e.data["n"] for e in kept] == [4]
+        assert chunks_of_events(conn) == (1 if db_mode == "timescaledb" else None)
+    assert asyncio.run(prune()) == 0
+
+
 def _tail(database: str, *args: str) -> Any:
     return CliRunner().invoke(
         eucora, ["events", "tail", *args], env={"EUCORA_DATABASE_URL": database}
@@ -274,7 +346,7 @@ def test_tail_starts_now_and_says_when_a_cursor_is_too_old(database: str) -> Non
     next_cursor = events.parse_cursor(table.stderr.removeprefix("next: --after "))
     assert next_cursor >= events.parse_cursor(line["cursor"])
     with psycopg.connect(database) as conn:
-        conn.execute("UPDATE events SET ts = now() - interval '40 days'")
+        backdate(conn, "40 days")
         events.record_sync(conn, [NewEvent(EventKind.AGENT_OFFLINE, "t1", {"n": 1})])
         conn.commit()
 

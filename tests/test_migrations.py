@@ -34,6 +34,7 @@ HYPERTABLES = {
     "deployment_status_events",
     "dead_letters",
     "security_events",
+    "events",
 }
 
 

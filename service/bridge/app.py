@@ -46,6 +46,7 @@ from service.bridge.routes import Routes, default_routes
 from service.bridge.store import Store
 from service.bridge.sweeps import (
     ClientIdTaken,
+    chunk_sweeper,
     claim_client_id,
     heartbeat,
     last_heartbeat,
@@ -171,6 +172,7 @@ class Bridge:
             self.brokers.run(),
             task_sweeper(s.database_url, s.task_sweep_interval_s),
             stale_sweeper(s.database_url, s.offline_after_s),
+            chunk_sweeper(s.database_url),
             heartbeat(s.database_url, s.client_id, self.heartbeat_state),
             *([broker_logs.follow(s.broker_logs, s.database_url)] if s.broker_logs else []),
             *([self.relay.run(), watch_lag(s.database_url)] if self.relay else []),

@@ -1,5 +1,5 @@
 """The bridge's periodic work: stale agents, task TIMEOUT/EXPIRED and event retention,
-its own heartbeat.
+TimescaleDB chunks made ahead, its own heartbeat.
 
 Each runs from the database's state alone (so it survives restarts of the bridge), on
 a connection of its own, and is safe with several bridges sweeping at once (the
@@ -22,6 +22,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from schemas.version import product_version
+from service.db import chunks
 from service.db.connect import OwnConnection, connect_async
 from service.domains import agents, events, tasks
 
@@ -37,16 +38,25 @@ def stale_interval(offline_after_s: float) -> float:
 
 
 async def periodically(
-    name: str, database_url: str, interval_s: float, work: Callable[[Conn], Awaitable[Any]]
+    name: str,
+    database_url: str,
+    interval_s: float,
+    work: Callable[[Conn], Awaitable[Any]],
+    *,
+    transaction: bool = True,
 ) -> None:
-    """Run `work` in a transaction every `interval_s`, until cancelled; a database that
+    """Run `work` in a transaction (or, `transaction=False`, on the autocommit
+    connection, to make its own) every `interval_s`, until cancelled; a database that
     is away is tried again next round."""
     db = OwnConnection(database_url)
     try:
         while True:
             try:
                 conn = await db.get()
-                async with conn.transaction():
+                if transaction:
+                    async with conn.transaction():
+                        result = await work(conn)
+                else:
                     result = await work(conn)
                 if result:
                     log.info("sweep", extra={"sweep": name, "result": result})
@@ -89,6 +99,18 @@ async def task_sweeper(database_url: str, interval_s: float) -> None:
         return result
 
     await periodically("tasks", database_url, interval_s, work)
+
+
+# TimescaleDB's chunks for now and the next day, made ahead (service/db/chunks.py).
+CHUNKS_EVERY_S = 3600.0
+
+
+async def chunk_sweeper(database_url: str) -> None:
+    async def work(conn: Conn) -> dict[str, int]:
+        made = await chunks.make_ahead(conn, datetime.now(UTC))
+        return {"chunks_made": len(made)} if made else {}
+
+    await periodically("chunks", database_url, CHUNKS_EVERY_S, work, transaction=False)
 
 
 HEARTBEAT_S = 5.0

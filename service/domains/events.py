@@ -320,11 +320,16 @@ UPDATE event_retention SET pruned_at = now(), horizon_xid = %(xid)s::text::xid8,
 _PRUNE_DELETE = """
 DELETE FROM events WHERE (xid, id) <= (%(xid)s::text::xid8, %(id)s::bigint)
 """
-# TimescaleDB: drop the chunks the DELETE emptied.
-_DROP_CHUNKS = """
-SELECT drop_chunks('events', older_than => now()
-                   - make_interval(days => (SELECT days FROM event_retention)))
+# TimescaleDB: drop the chunks the DELETE emptied. Only those that end at or before
+# the oldest event kept: a batch short of the backlog leaves expired events past the
+# horizon, and dropping every chunk past retention would take them away without moving
+# the horizon (a reader between the two would skip them untold).
+# (Two statements: one that reads `events` cannot drop its chunks.)
+_DROP_BEFORE = """
+SELECT least(now() - make_interval(days => (SELECT days FROM event_retention)),
+             (SELECT min(ts) FROM events))
 """
+_DROP_CHUNKS = "SELECT drop_chunks('events', older_than => %s::timestamptz)"
 
 
 PRUNE_BATCH: Final = 20_000
@@ -352,6 +357,8 @@ async def prune(conn: Conn, batch: int = PRUNE_BATCH) -> int:
     n = max(cur.rowcount, 0)
     cur = await conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
     if await cur.fetchone() is not None:
-        await conn.execute(_DROP_CHUNKS)
+        before = await (await conn.execute(_DROP_BEFORE)).fetchone()
+        assert before is not None
+        await conn.execute(_DROP_CHUNKS, before)
     log.info("events pruned", extra={"deleted": n, "horizon": f"{row[0]}.{row[1]}"})
     return n

@@ -1,0 +1,96 @@
+"""TimescaleDB: each hypertable's current and next chunk, made ahead of the writers.
+
+The transaction that inserts the first row of a new chunk holds a lock on the
+hypertable until it ends; every other transaction that needs that chunk waits for it.
+Two transactions that each start a new chunk of a different hypertable and then write
+into the other's deadlock (PostgreSQL cancels one of them after a second). The
+bridge's writers do exactly that when a day begins: their batches write telemetry,
+`events` and the status tables, whose chunks all begin at midnight UTC (the weekly
+ones on Thursdays, as TimescaleDB counts from 1970-01-01). A transaction that stays
+open after recording the day's first event (a long CLI command) would also stop
+every event writer until it ends. Plain PostgreSQL has nothing of the kind.
+
+So the bridge makes the chunks for now and for a day ahead every hour (sweeps.py),
+one short transaction per table, so that it never holds two of these locks itself.
+A chunk is made by inserting a placeholder row and deleting it in the same
+transaction: TimescaleDB then chooses the chunk's range exactly as for a real row.
+
+Telemetry from the past (an agent's offline buffer) can still start an old chunk;
+telemetry is written first in every batch, so that cannot close a cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import psycopg
+
+log = logging.getLogger("eucora.db.chunks")
+
+Conn = psycopg.AsyncConnection[Any]
+
+# A row each hypertable accepts, at %(t)s; it is deleted straight away, so nothing
+# reads it. Every hypertable has one (tests/test_chunks.py checks).
+PLACEHOLDERS: Final = {
+    "telemetry": "INSERT INTO telemetry (time, agent_id) VALUES (%(t)s, '')",
+    "agent_status_events": "INSERT INTO agent_status_events (time, agent_id, state, source)"
+    " VALUES (%(t)s, '', 'offline', 'bridge')",
+    "task_events": "INSERT INTO task_events (time, task_id, agent_id, status, source)"
+    " VALUES (%(t)s, gen_random_uuid(), '', '', 'server')",
+    "deployment_status_events": "INSERT INTO deployment_status_events"
+    " (time, deployment_id, agent_id, status, source)"
+    " VALUES (%(t)s, gen_random_uuid(), '', 'PENDING', 'server')",
+    "dead_letters": "INSERT INTO dead_letters (time, topic, reason, payload_size)"
+    " VALUES (%(t)s, '', '', 0)",
+    "security_events": "INSERT INTO security_events (time, event) VALUES (%(t)s, '')",
+    "events": "INSERT INTO events (ts, kind) VALUES (%(t)s, '')",
+}
+
+# How far ahead: the chunk that will be current a day from now exists a day early.
+AHEAD: Final = timedelta(days=1)
+
+_HYPERTABLES = """
+SELECT hypertable_name FROM timescaledb_information.hypertables
+ WHERE hypertable_schema = current_schema() ORDER BY 1
+"""
+_COVERED = """
+SELECT EXISTS (SELECT 1 FROM timescaledb_information.chunks
+                WHERE hypertable_schema = current_schema() AND hypertable_name = %s
+                  AND range_start <= %s AND %s < range_end)
+"""
+
+
+async def make_ahead(conn: Conn, now: datetime, ahead: timedelta = AHEAD) -> list[str]:
+    """Make the chunks that hold `now` and `now + ahead` where they are missing, on an
+    autocommit connection (each in a transaction of its own); the chunks made. Nothing
+    on plain PostgreSQL."""
+    assert conn.autocommit, "one transaction per chunk: never two hypertable locks at once"
+    cur = await conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
+    if await cur.fetchone() is None:
+        return []
+    made: list[str] = []
+    for (table,) in await (await conn.execute(_HYPERTABLES)).fetchall():
+        insert = PLACEHOLDERS.get(table)
+        if insert is None:
+            log.warning("no placeholder row for hypertable; its chunks are not made ahead",
+                        extra={"table": table})  # fmt: skip
+            continue
+        for t in (now, now + ahead):
+            covered = await (await conn.execute(_COVERED, (table, t, t))).fetchone()
+            if covered and covered[0]:
+                continue
+            async with conn.transaction():
+                cur = await conn.execute(
+                    f"{insert} RETURNING tableoid::regclass::text, ctid::text", {"t": t}
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                chunk, ctid = row
+                # The chunk itself (a plain table): its ctid is the row's.
+                await conn.execute(f"DELETE FROM {chunk} WHERE ctid = %s::tid", (ctid,))
+            made.append(chunk)
+    if made:
+        log.info("chunks made ahead", extra={"chunks": made})
+    return made
