@@ -33,6 +33,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import protocol
 from agent.buffer import Buffer, TelemetryBuffer
+from agent.client import AgentClient
 from agent.loop import Loop, Timer
 from agent.protocol import AgentTopics, EpochClock, HostInfo, Metrics, OwnStatusAction
 from schemas.config import MqttUrl
@@ -166,11 +167,11 @@ class AgentSession:
         self._clone_seen_at = -1e9
 
         if self.mqtt5:
-            client = paho.Client(
+            client = AgentClient(
                 CallbackAPIVersion.VERSION2, client_id=agent_id, protocol=MQTTProtocolVersion.MQTTv5
             )
         else:  # a persistent session is clean_session=False, set once per client
-            client = paho.Client(
+            client = AgentClient(
                 CallbackAPIVersion.VERSION2, client_id=agent_id,
                 protocol=MQTTProtocolVersion.MQTTv311, clean_session=False,
             )  # fmt: skip

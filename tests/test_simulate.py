@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,8 +19,10 @@ from typing import Any
 
 import orjson
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from typer.testing import CliRunner
 
+from agent.client import AgentClient
 from agent.loop import ConnectGate, Loop
 from agent.simulator import Fleet, FleetOptions, SimulatedTasks
 from cli.agents import app as agents_app
@@ -435,3 +438,36 @@ def test_a_fleet_started_all_at_once_connects_through_its_gate(broker: Broker) -
         fleet.stop()
         fleet.loop.run(until=lambda: fleet.all_stopped() or time.monotonic() > deadline + 30)
         fleet.loop.close()
+
+
+def test_an_agent_connects_without_binding_a_port_first(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paho binds to ("", 0) before connecting unless told otherwise: a port unique among
+    all the host's sockets, which capped a simulated fleet at the ephemeral range."""
+    binds: list[object] = []
+    real_bind = socket.socket.bind
+
+    def bind(sock: socket.socket, address: object) -> None:
+        binds.append(address)
+        real_bind(sock, address)
+
+    monkeypatch.setattr(socket.socket, "bind", bind)
+    (agent_id,) = ids = ["nobind-1"]
+    password = provision(broker, *ids)[agent_id]
+    client = AgentClient(CallbackAPIVersion.VERSION2, client_id=agent_id)
+    client.username_pw_set(agent_id, password)
+    connected = threading.Event()
+    client.on_connect = lambda *_a: connected.set()
+    loop = Loop()  # as every agent runs its client
+    loop.attach(client)
+    loop.connect_in_background(client, lambda: client.connect(broker.bind, broker.port),
+                               lambda error: None)  # fmt: skip
+    deadline = time.monotonic() + 10
+    loop.run(until=lambda: connected.is_set() or time.monotonic() > deadline)
+    try:
+        assert connected.is_set(), "no CONNACK"
+        assert binds == []
+    finally:
+        client.disconnect()
+        loop.close()
