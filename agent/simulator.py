@@ -393,9 +393,9 @@ class FleetOptions:
     keepalive: int = 60
     churn: float = 0.0  # fraction of the fleet leaving per minute
     connect_rate: float = 200.0  # new connections per second at start
-    # Connects a process has between their start and the broker's answer, at most
-    # (agent.loop.ConnectGate): past what the machine finishes, the ramp slows down
-    # instead of collapsing.
+    # Connects between their start and the broker's answer, at most, shared by the
+    # processes (agent.loop.ConnectGate): past what the machine finishes, the ramp
+    # slows down instead of collapsing.
     max_connecting: int = 64
     seed: int = 1
     topic_root: str = DEFAULT_TOPIC_ROOT
@@ -687,11 +687,12 @@ def run_many(
     bounds = [options.agents * k // processes for k in range(processes + 1)]
     workers = []
     for k in range(processes):
-        # --connect-rate is the fleet's: each process starts its slice at its share of
-        # it (7 processes each at the full rate drove 100,000 TLS connects into a
-        # collapse on 2 cores: handshakes queued past the CONNACK wait, then retried).
+        # --connect-rate and the connect gate are the fleet's: each process gets its
+        # share (7 processes with 64 connects in flight each put 448 handshakes and
+        # first publishes on 2 cores at once: CONNACK waits passed, loop rounds of 8 s).
         part = replace(options, first=bounds[k], last=bounds[k + 1],
-                       connect_rate=options.connect_rate / processes)  # fmt: skip
+                       connect_rate=options.connect_rate / processes,
+                       max_connecting=max(8, options.max_connecting // processes))  # fmt: skip
         mine = ids[bounds[k] : bounds[k + 1]]
         workers.append(ctx.Process(
             target=_worker, name=f"sim-{k + 1}", daemon=True,
