@@ -18,6 +18,7 @@ hands their passwords and home brokers to `run`/`Fleet`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -607,6 +608,7 @@ def run(
 
     say = on_progress or (lambda _m: None)
     fleet = Fleet(options, broker, passwords, on_progress=say)
+    keep_gc_off_the_loop()
     loop = fleet.loop
     stopping = False
 
@@ -659,6 +661,17 @@ def _worker(
                                on_progress=say)))  # fmt: skip
     except Exception as exc:
         out.put(("error", f"[{name}] {type(exc).__name__}: {exc}"))
+
+
+def keep_gc_off_the_loop() -> None:
+    """Once the fleet is built: its agents, clients and hosts live as long as the
+    process, so freeze them out of every collection, and collect young objects every
+    50,000 allocations rather than 700. With Python's defaults, py-spy put about half
+    of a 14,000-agent process's CPU on one allocation in the write path, where the
+    collector ran and walked them (100,000 agents over 7 processes), and its loop
+    rounds took seconds."""
+    gc.freeze()
+    gc.set_threshold(50_000, 10, 10)
 
 
 def run_many(
