@@ -150,6 +150,4 @@ def test_task_events_are_written_in_one_place() -> None:
         for path in (ROOT / pkg).rglob("*.py")
         if "INSERT INTO task_events" in path.read_text()
     ]
-    # service/db/chunks.py inserts a placeholder row to make a TimescaleDB chunk and
-    # deletes it in the same transaction: no event is written there.
-    assert sorted(places) == ["service/db/chunks.py", "service/domains/tasks.py"]
+    assert sorted(places) == ["service/domains/tasks.py"]

@@ -136,6 +136,4 @@ def test_every_insert_goes_through_security_event() -> None:
         for path in (REPO / folder).rglob("*.py")
         if re.search(r"INSERT\s+INTO\s+security_events", path.read_text(), re.IGNORECASE)
     ]
-    # service/db/chunks.py inserts a placeholder row to make a TimescaleDB chunk and
-    # deletes it in the same transaction: no event is written there.
-    assert sorted(writers) == ["service/db/chunks.py", "service/domains/security.py"]
+    assert sorted(writers) == ["service/domains/security.py"]

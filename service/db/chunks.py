@@ -26,27 +26,48 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import psycopg
+from psycopg import sql
 
 log = logging.getLogger("eucora.db.chunks")
 
 Conn = psycopg.AsyncConnection[Any]
 
-# A row each hypertable accepts, at %(t)s; it is deleted straight away, so nothing
-# reads it. Every hypertable has one (tests/test_chunks.py checks).
-PLACEHOLDERS: Final = {
-    "telemetry": "INSERT INTO telemetry (time, agent_id) VALUES (%(t)s, '')",
-    "agent_status_events": "INSERT INTO agent_status_events (time, agent_id, state, source)"
-    " VALUES (%(t)s, '', 'offline', 'bridge')",
-    "task_events": "INSERT INTO task_events (time, task_id, agent_id, status, source)"
-    " VALUES (%(t)s, gen_random_uuid(), '', '', 'server')",
-    "deployment_status_events": "INSERT INTO deployment_status_events"
-    " (time, deployment_id, agent_id, status, source)"
-    " VALUES (%(t)s, gen_random_uuid(), '', 'PENDING', 'server')",
-    "dead_letters": "INSERT INTO dead_letters (time, topic, reason, payload_size)"
-    " VALUES (%(t)s, '', '', 0)",
-    "security_events": "INSERT INTO security_events (time, event) VALUES (%(t)s, '')",
-    "events": "INSERT INTO events (ts, kind) VALUES (%(t)s, '')",
+# A row each hypertable accepts: its time column and a value for each other column
+# that has no default. Inserted at the chunk's time and deleted in the same
+# transaction, so nothing ever reads it; every hypertable has one (tests/test_chunks.py
+# checks). Built from this table rather than written out per table: the one writer of
+# each event table's rows stays in its domain (tests/test_contract.py).
+PLACEHOLDERS: Final[dict[str, tuple[str, dict[str, str]]]] = {
+    "telemetry": ("time", {"agent_id": "''"}),
+    "agent_status_events": ("time", {"agent_id": "''", "state": "'offline'", "source": "'bridge'"}),
+    "task_events": (
+        "time",
+        {"task_id": "gen_random_uuid()", "agent_id": "''", "status": "''", "source": "'server'"},
+    ),
+    "deployment_status_events": (
+        "time",
+        {
+            "deployment_id": "gen_random_uuid()",
+            "agent_id": "''",
+            "status": "'PENDING'",
+            "source": "'server'",
+        },
+    ),
+    "dead_letters": ("time", {"topic": "''", "reason": "''", "payload_size": "0"}),
+    "security_events": ("time", {"event": "''"}),
+    "events": ("ts", {"kind": "''"}),
 }
+
+
+def placeholder(table: str) -> sql.Composed:
+    """The INSERT of `table`'s placeholder row at %(t)s."""
+    time_column, values = PLACEHOLDERS[table]
+    return sql.SQL("INSERT INTO {} ({}) VALUES (%(t)s, {})").format(
+        sql.Identifier(table),
+        sql.SQL(", ").join(sql.Identifier(c) for c in (time_column, *values)),
+        sql.SQL(", ").join(sql.SQL(v) for v in values.values()),
+    )
+
 
 # How far ahead: the chunk that will be current a day from now exists a day early.
 AHEAD: Final = timedelta(days=1)
@@ -72,8 +93,7 @@ async def make_ahead(conn: Conn, now: datetime, ahead: timedelta = AHEAD) -> lis
         return []
     made: list[str] = []
     for (table,) in await (await conn.execute(_HYPERTABLES)).fetchall():
-        insert = PLACEHOLDERS.get(table)
-        if insert is None:
+        if table not in PLACEHOLDERS:
             log.warning("no placeholder row for hypertable; its chunks are not made ahead",
                         extra={"table": table})  # fmt: skip
             continue
@@ -82,9 +102,8 @@ async def make_ahead(conn: Conn, now: datetime, ahead: timedelta = AHEAD) -> lis
             if covered and covered[0]:
                 continue
             async with conn.transaction():
-                cur = await conn.execute(
-                    f"{insert} RETURNING tableoid::regclass::text, ctid::text", {"t": t}
-                )
+                returning = sql.SQL(" RETURNING tableoid::regclass::text, ctid::text")
+                cur = await conn.execute(placeholder(table) + returning, {"t": t})
                 row = await cur.fetchone()
                 assert row is not None
                 chunk, ctid = row
