@@ -175,7 +175,14 @@ def storms(stack: Stack, database: str, n: int, timeout: float) -> dict[str, Any
     say(f"every broker restarted: {out['all_brokers_restarted']}")
     time.sleep(5)  # whatever the reconnects sent is consumed
     out["false_offlines"] = n - online(database)
-    out["bridge_unacked_after"] = metric(stack, "eucora_unacked_in_flight")
+    # The gauge counts the batch being gathered too (live telemetry keeps arriving), so
+    # one reading may catch a few; what must not happen is a window that never drains:
+    # the lowest reading over up to 15 s, stopping at 0.
+    lowest, deadline = float("inf"), time.monotonic() + 15
+    while lowest > 0 and time.monotonic() < deadline:
+        lowest = min(lowest, metric(stack, "eucora_unacked_in_flight"))
+        time.sleep(0.05)
+    out["bridge_unacked_after"] = lowest
     return out
 
 
