@@ -15,7 +15,7 @@ from typing import Any, Final
 import psycopg
 
 from schemas.constants import TELEMETRY_METRICS
-from schemas.payloads import TelemetryBatch, TelemetrySample
+from schemas.validate import TelemetryMessage, telemetry_samples
 
 Conn = psycopg.AsyncConnection[Any]
 Row = tuple[Any, ...]
@@ -31,15 +31,9 @@ _COLS: Final = ", ".join(COLUMNS)
 _FIELDS: Final = attrgetter("ts", *TELEMETRY_METRICS, "correlation_id")
 
 
-def row(agent_id: str, s: TelemetrySample) -> Row:
-    return (agent_id, *_FIELDS(s))
-
-
-def rows(agent_id: str, message: TelemetrySample | TelemetryBatch) -> list[Row]:
+def rows(agent_id: str, message: TelemetryMessage) -> list[Row]:
     """The rows of one telemetry message, single sample or batch alike."""
-    if type(message) is TelemetryBatch:
-        return [(agent_id, *_FIELDS(s)) for s in message.samples]
-    return [(agent_id, *_FIELDS(message))]
+    return [(agent_id, *_FIELDS(s)) for s in telemetry_samples(message)]
 
 
 async def prepare(conn: Conn) -> None:
