@@ -110,6 +110,19 @@ def _writer(url: str, w: int, quota: int, committed: list[tuple[int, int]]) -> N
             n += size
 
 
+def prune(database: str, **options: Any) -> int:
+    """One retention run, as the bridge's sweep makes it: in a transaction."""
+
+    async def run() -> int:
+        async with (
+            await psycopg.AsyncConnection.connect(database) as aconn,
+            aconn.transaction(),
+        ):
+            return await events.prune(aconn, **options)
+
+    return asyncio.run(run())
+
+
 def backdate(conn: psycopg.Connection[Any], age: str, where: str = "true") -> None:
     """Make the events matching `where` `age` older. Not an UPDATE of ts: under
     TimescaleDB that would move rows to another chunk, which a hypertable refuses; they
@@ -261,14 +274,7 @@ def test_retention_deletes_old_events_and_says_when_a_cursor_is_too_old(database
         events.set_retention_sync(conn, 2)
         conn.commit()
 
-    async def prune() -> int:
-        async with (
-            await psycopg.AsyncConnection.connect(database) as aconn,
-            aconn.transaction(),
-        ):
-            return await events.prune(aconn)
-
-    assert asyncio.run(prune()) == 2
+    assert prune(database) == 2
     with psycopg.connect(database, autocommit=True) as conn:
         oldest = events.oldest_cursor_sync(conn)
         assert str(oldest) == old[1].cursor
@@ -300,30 +306,23 @@ def test_retention_in_batches_keeps_what_it_has_not_deleted_yet(
         events.set_retention_sync(conn, 2)
         conn.commit()
 
-    async def prune() -> int:
-        async with (
-            await psycopg.AsyncConnection.connect(empty_database) as aconn,
-            aconn.transaction(),
-        ):
-            return await events.prune(aconn, batch=2)
-
     def chunks_of_events(conn: psycopg.Connection[Any]) -> int | None:
         if db_mode != "timescaledb":
             return None
         row = conn.execute("SELECT count(*) FROM show_chunks('events')").fetchone()
         return None if row is None else int(row[0])
 
-    assert asyncio.run(prune()) == 2
+    assert prune(empty_database, batch=2) == 2
     with psycopg.connect(empty_database, autocommit=True) as conn:
         kept, _ = events.read_after_sync(conn, events.oldest_cursor_sync(conn))
         assert [e.data["n"] for e in kept] == [2, 3, 4]
         assert chunks_of_events(conn) == (2 if db_mode == "timescaledb" else None)
-    assert asyncio.run(prune()) == 2
+    assert prune(empty_database, batch=2) == 2
     with psycopg.connect(empty_database, autocommit=True) as conn:
         kept, _ = events.read_after_sync(conn, events.oldest_cursor_sync(conn))
         assert [e.data["n"] for e in kept] == [4]
         assert chunks_of_events(conn) == (1 if db_mode == "timescaledb" else None)
-    assert asyncio.run(prune()) == 0
+    assert prune(empty_database, batch=2) == 0
 
 
 def _tail(database: str, *args: str) -> Any:
@@ -350,14 +349,7 @@ def test_tail_starts_now_and_says_when_a_cursor_is_too_old(database: str) -> Non
         events.record_sync(conn, [NewEvent(EventKind.AGENT_OFFLINE, "t1", {"n": 1})])
         conn.commit()
 
-    async def prune() -> int:
-        async with (
-            await psycopg.AsyncConnection.connect(database) as aconn,
-            aconn.transaction(),
-        ):
-            return await events.prune(aconn)
-
-    assert asyncio.run(prune()) == 1
+    assert prune(database) == 1
     old = _tail(database, "--after", "0.0")
     assert old.exit_code == EXIT_CURSOR_TOO_OLD
     assert old.stderr.startswith("error: cursor 0.0 is older than the events kept")
