@@ -28,6 +28,8 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
+from service.db import migrate
+
 log = logging.getLogger("eucora.db.chunks")
 
 Conn = psycopg.AsyncConnection[Any]
@@ -88,8 +90,7 @@ async def make_ahead(conn: Conn, now: datetime, ahead: timedelta = AHEAD) -> lis
     autocommit connection (each in a transaction of its own); the chunks made. Nothing
     on plain PostgreSQL."""
     assert conn.autocommit, "one transaction per chunk: never two hypertable locks at once"
-    cur = await conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
-    if await cur.fetchone() is None:
+    if not await migrate.uses_timescaledb(conn):
         return []
     made: list[str] = []
     for (table,) in await (await conn.execute(_HYPERTABLES)).fetchall():

@@ -193,12 +193,19 @@ def timescaledb_status(conn: psycopg.Connection[Any]) -> TimescaleStatus:
     )
 
 
+_EXTENSION_VERSION = "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
+
+
 def database_mode(conn: psycopg.Connection[Any]) -> str:
     """'timescaledb <version>' when the extension is installed here, else 'postgresql'."""
-    row = conn.execute(
-        "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
-    ).fetchone()
+    row = conn.execute(_EXTENSION_VERSION).fetchone()
     return f"timescaledb {row[0]}" if row else "postgresql"
+
+
+async def uses_timescaledb(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether this database has the extension (its TimescaleDB mode), for work that
+    only that mode needs."""
+    return await (await conn.execute(_EXTENSION_VERSION)).fetchone() is not None
 
 
 def _not_current_message(version: int, waiting: int, latest: int) -> str | None:

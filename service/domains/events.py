@@ -36,6 +36,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from schemas.events import Envelope, EventKind
+from service.db import migrate
 
 log = logging.getLogger("eucora.events")
 
@@ -355,8 +356,7 @@ async def prune(conn: Conn, batch: int = PRUNE_BATCH) -> int:
     await conn.execute(_PRUNE_MARK, params)
     cur = await conn.execute(_PRUNE_DELETE, params)
     n = max(cur.rowcount, 0)
-    cur = await conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
-    if await cur.fetchone() is not None:
+    if await migrate.uses_timescaledb(conn):
         before = await (await conn.execute(_DROP_BEFORE)).fetchone()
         assert before is not None
         await conn.execute(_DROP_CHUNKS, before)
