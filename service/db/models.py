@@ -143,6 +143,9 @@ class Agent(AgentDetailBase, table=True):
     broker_id: int | None = Field(default=None, sa_type=Integer)
     password_hash: str | None = Field(default=None, sa_type=Text, repr=False)
     provisioned_at: UtcTime | None = Field(default=None, sa_type=_TS)
+    # 0013: a certificate identity instead of a password: its serial (hex) and expiry.
+    cert_serial: str | None = Field(default=None, sa_type=Text)
+    cert_not_after: UtcTime | None = Field(default=None, sa_type=_TS)
 
 
 class AgentHealth(SQLModel):

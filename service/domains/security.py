@@ -19,9 +19,10 @@ from service.domains import events
 from service.domains.events import NewEvent
 
 SecurityEventKind = Literal[
-    "provisioned",  # an account given (detail: broker_id)
+    "provisioned",  # an account given (broker_id; a certificate: identity, serial)
     "credentials_rotated",  # a new password (broker_id)
-    "credentials_revoked",  # the account taken away (broker_id, by: revoked | deleted)
+    "credentials_revoked",  # the account taken away (broker_id, by: revoked | deleted;
+    # a certificate: serial)
     "deleted",  # removed from the registry
     "first_registration",  # the agent's first register message (hostname, platform...)
     "re_registration",  # a later one that changed fields (fields, registration_ts)
