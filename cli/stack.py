@@ -44,6 +44,12 @@ def up(
     mqtts_port: Annotated[
         int | None, typer.Option(help="broker 1's TLS port (default 18883 beside 11883)")
     ] = None,
+    mqtts_cert_port: Annotated[
+        int | None,
+        typer.Option(
+            help="broker 1's port for agents with a client certificate (default 19883 beside 18883)"
+        ),
+    ] = None,
     service_port: Annotated[
         int | None,
         typer.Option(
@@ -97,6 +103,7 @@ def up(
         urls = Stack(dir).up(
             mqtt_port=mqtt_port,
             mqtts_port=mqtts_port,
+            mqtts_cert_port=mqtts_cert_port,
             service_port=service_port,
             brokers=brokers,
             bind=bind,

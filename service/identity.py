@@ -7,6 +7,7 @@ Every broker of one host reads the same *auth folder* (`EUCORA_AUTH_DIR`, the st
     agents.acl      `pattern` lines: each agent its own topics, by username (%u)
     service.passwd  the bridge and operator accounts (the service listener)
     service.acl     what those accounts may do
+    agents.crl      the certificates the certificate listeners refuse (service/revocation.py)
     pids/NAME.pid   the pid of each broker started on these files (who gets SIGHUP)
 
 The database is the source of truth (agents.password_hash, migration 0007); these
@@ -132,6 +133,10 @@ class AuthDir:
         return self.path / "service.acl"
 
     @property
+    def crl_file(self) -> Path:
+        return self.path / "agents.crl"
+
+    @property
     def pid_dir(self) -> Path:
         return self.path / "pids"
 
@@ -184,6 +189,11 @@ class AuthDir:
         if os.geteuid() == 0:
             os.chown(tmp, folder.st_uid, folder.st_gid)
         os.replace(tmp, path)
+
+    def write_crl(self, pem: bytes) -> None:
+        """Replace the CRL (the caller holds lock()): renamed into place like the other
+        files, so a broker reloading never reads half of it."""
+        self._write(self.crl_file, pem.decode("ascii"))
 
     def append_agents(self, hashes: Mapping[str, str]) -> None:
         """Add agents' lines: one write, whatever the number (the caller holds lock())."""

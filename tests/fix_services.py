@@ -58,6 +58,8 @@ def broker_factory() -> Iterator[Callable[..., Broker]]:
                 extra=extra,
                 # A CA and server certificate made for this broker (in root/ca): ~2 ms.
                 tls_port=free_port() if tls else None,
+                # With TLS, a certificate listener too (agents with a client certificate).
+                cert_port=free_port() if tls else None,
             )
             cleanup.callback(b.kill)  # runs before the folder goes (last in, first out)
             b.start()
@@ -78,7 +80,10 @@ def register_broker(broker: Broker, database_url: str, broker_id: int = 1) -> No
     from service.domains import accounts
 
     with connect(database_url) as conn, conn.transaction():
-        accounts.register_brokers(conn, [(broker_id, broker.service_endpoint, broker.agent_url)])
+        accounts.register_brokers(
+            conn,
+            [(broker_id, broker.service_endpoint, broker.agent_url, broker.cert_agent_url)],
+        )
 
 
 @dataclass

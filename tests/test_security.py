@@ -72,6 +72,7 @@ class Probe:
         ca_file: str | None = None,
         tls: bool = False,
         will: tuple[str, bytes] | None = None,
+        cert: tuple[str, str] | None = None,  # a client certificate and its key (mTLS)
     ):
         self.port = port
         self.client = paho.Client(
@@ -80,7 +81,10 @@ class Probe:
         if username is not None:
             self.client.username_pw_set(username, password)
         if tls:
-            self.client.tls_set_context(ssl.create_default_context(cafile=ca_file))
+            context = ssl.create_default_context(cafile=ca_file)
+            if cert:
+                context.load_cert_chain(*cert)
+            self.client.tls_set_context(context)
         if will:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.connack: queue.Queue[str] = queue.Queue()
@@ -163,7 +167,10 @@ class Probe:
 def register(broker: Broker, database: str, broker_id: int = 1) -> None:
     """The broker in the registry's `brokers` table, as `eucora stack up` does."""
     with connect(database) as conn, conn.transaction():
-        accounts.register_brokers(conn, [(broker_id, broker.service_endpoint, broker.agent_url)])
+        accounts.register_brokers(
+            conn,
+            [(broker_id, broker.service_endpoint, broker.agent_url, broker.cert_agent_url)],
+        )
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 from string import Template
 
 from schemas.topics import TopicTree
-from service import identity
+from service import identity, revocation
 from service.stack import tls
 from service.stack.process import (
     StackError,
@@ -58,6 +58,9 @@ class Broker:
     # More names for the server certificate (DNS names or IPs agents dial), besides
     # the bind address, localhost, 127.0.0.1 and this host's name.
     tls_names: tuple[str, ...] = ()
+    # The certificate listener (agents with a client certificate signed by the CA in
+    # `ca_dir`) on this port; needs `tls_port` (it shares the server certificate).
+    cert_port: int | None = None
 
     def __post_init__(self) -> None:
         self.service_port = self.service_port or self.port + 1000
@@ -102,6 +105,25 @@ class Broker:
         return f"mqtts://{cred}{self._client_host}:{self.tls_port}"
 
     @property
+    def cert_agent_url(self) -> str | None:
+        """What agents with a certificate are given (no credentials); None without a
+        certificate listener."""
+        if self.cert_port is None or self.tls_port is None:
+            return None
+        return f"mqtts://{self._client_host}:{self.cert_port}"
+
+    @property
+    def serves_certificates(self) -> bool:
+        """The certificate listener is in the config this broker last started with (a
+        broker started before the listener existed gets it at its next start)."""
+        if self.cert_agent_url is None:
+            return False
+        try:
+            return f"listener {self.cert_port} " in self.config_file.read_text()
+        except OSError:
+            return False
+
+    @property
     def _client_host(self) -> str:
         # The address a local client dials; the certificate names it too.
         return "127.0.0.1" if self.bind in ("0.0.0.0", "::", "") else self.bind  # noqa: S104
@@ -141,10 +163,13 @@ class Broker:
             data_dir=str(self.data_dir),
             user=user.pw_name if user else _current_user(),
             tls_listener=self._tls_listener(),
+            cert_listener=self._cert_listener(),
             extra=self.extra,
         )
         self.config_file.write_text(text)
         auth.prepare(self.tree, self.passwords, owner=user.pw_uid if user else None)
+        if self.cert_agent_url is not None:
+            revocation.ensure_crl(auth, self.ca.signer())
         if user:
             check_reachable(self.data_dir.parent, user)
             check_reachable(auth.path.parent, user)
@@ -173,6 +198,28 @@ class Broker:
             f"acl_file {self.auth.agents_acl}",
         ])  # fmt: skip
 
+    def _cert_listener(self) -> str:
+        if self.cert_agent_url is None:
+            return ""
+        tls_dir = self.data_dir / "tls"  # _tls_listener() issued the server certificate
+        return "\n".join([
+            f"listener {self.cert_port} {self.bind}",
+            "protocol mqtt",
+            f"cafile {tls_dir / 'ca.pem'}",
+            f"certfile {tls_dir / 'server.pem'}",
+            f"keyfile {tls_dir / 'server.key'}",
+            "tls_version tlsv1.2",
+            # A client certificate signed by the CA and not in the CRL, or no TLS session.
+            "require_certificate true",
+            f"crlfile {self.auth.crl_file}",
+            # The certificate's CN is the username, and the client id: an agent can never
+            # take another's id. No password is checked here (nor read).
+            "use_identity_as_username true",
+            "use_username_as_clientid true",
+            "allow_anonymous false",
+            f"acl_file {self.auth.agents_acl}",
+        ])  # fmt: skip
+
     def start(self, timeout: float = 10.0) -> None:
         if self.running:
             return
@@ -182,6 +229,10 @@ class Broker:
         if self.tls_port is not None:
             ports.append(self.tls_port)
             options.append("--mqtts-port")
+        if self.cert_agent_url is not None:
+            assert self.cert_port is not None
+            ports.append(self.cert_port)
+            options.append("--mqtts-cert-port")
         for port, option in zip(ports, options, strict=True):
             if port_open(self._client_host, port):
                 raise StackError(f"port {port} is already in use: choose another {option}")

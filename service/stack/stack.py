@@ -7,9 +7,10 @@ pids), `secrets.json` (generated passwords, mode 0600, never printed in logs) an
 
 With `--brokers N` the stack runs N brokers (shards of one fleet) from the same
 config: broker i (1..N) listens for agents on mqtt_port + i - 1 (and on its own TLS
-port), for the bridge and operators on service_port + i - 1 (default mqtt_port +
-1000), keeps its data in `mosquitto/` (broker 1) or `mosquitto-i/`, and is
-registered in the database's `brokers` table, where each agent has its home.
+port, and certificate port for agents with a client certificate), for the bridge and
+operators on service_port + i - 1 (default mqtt_port + 1000), keeps its data in
+`mosquitto/` (broker 1) or `mosquitto-i/`, and is registered in the database's
+`brokers` table, where each agent has its home.
 
 With `--events nats` the stack also runs a nats-server with JetStream (`nats/`, client
 port 14222 beside the default ports) and gives the bridge its URL as
@@ -47,6 +48,8 @@ from service.stack.process import (
 DEFAULT_DIR = Path(".stack")
 DEFAULT_MQTT_PORT = 11883
 DEFAULT_MQTTS_PORT = 18883
+# Certificate listeners (client certificates, mTLS): 19883... beside 18883...
+DEFAULT_MQTTS_CERT_PORT = 19883
 DEFAULT_DB_PORT = 15432
 DEFAULT_NATS_PORT = 14222
 # Where events go (`--events`): nowhere, or a local nats-server with JetStream.
@@ -111,6 +114,7 @@ class Stack:
         tls_ports: list[int] = st.get("mqtts_ports") or (
             [st["mqtts_port"]] if st.get("mqtts_port") else []
         )
+        cert_ports: list[int] = st.get("mqtts_cert_ports") or []
         service_base = st.get("service_port") or port - number + 1 + SERVICE_PORT_OFFSET
         return Broker(
             data_dir=self.dir / ("mosquitto" if number == 1 else f"mosquitto-{number}"),
@@ -120,6 +124,7 @@ class Stack:
             tree=TopicTree(st.get("topic_root", DEFAULT_TOPIC_ROOT)),
             extra=st.get("broker_extra", ""),
             tls_port=tls_ports[number - 1] if len(tls_ports) >= number else None,
+            cert_port=cert_ports[number - 1] if len(cert_ports) >= number else None,
             ca_dir=self.dir / "ca",
             bind=st.get("mqtt_bind", "127.0.0.1"),
             tls_names=tuple(st.get("tls_names", ())),
@@ -175,6 +180,7 @@ class Stack:
         *,
         mqtt_port: int | None = None,
         mqtts_port: int | None = None,
+        mqtts_cert_port: int | None = None,
         bind: str | None = None,
         db_port: int | None = None,
         metrics_port: int | None = None,
@@ -222,6 +228,19 @@ class Stack:
             port = DEFAULT_MQTTS_PORT + len(tls_ports) if default else free_port()
             if port not in taken:
                 tls_ports.append(port)
+        cert_ports: list[int] = st.get("mqtts_cert_ports") or []
+        if mqtts_cert_port:
+            cert_ports[:1] = [mqtts_cert_port]
+        taken |= set(tls_ports)
+        while len(cert_ports) < count:
+            # Certificate listeners follow the TLS ports' rule: 19883... beside the
+            # default 18883..., free ports on a stack whose TLS ports are free ones.
+            default = tls_ports[0] == DEFAULT_MQTTS_PORT or (
+                cert_ports[:1] == [DEFAULT_MQTTS_CERT_PORT]
+            )
+            port = DEFAULT_MQTTS_CERT_PORT + len(cert_ports) if default else free_port()
+            if port not in taken:
+                cert_ports.append(port)
         if events is not None and events not in EVENTS_TARGETS:
             raise StackError(f"--events must be one of {', '.join(EVENTS_TARGETS)}, not {events}")
         events = events or st.get("events") or "none"
@@ -238,6 +257,7 @@ class Stack:
             brokers=count,
             mqtts_ports=tls_ports,
             mqtts_port=tls_ports[0],
+            mqtts_cert_ports=cert_ports,
             service_port=service_base,
             db_port=db_port or st.get("db_port") or DEFAULT_DB_PORT,
             metrics_port=metrics_port or st.get("metrics_port") or free_port(),
@@ -277,22 +297,33 @@ class Stack:
             grafana.grant_login(conn, password)
 
     def _register_brokers(self) -> None:
-        """Each broker in the `brokers` table (idempotent); and the agents file rebuilt
+        """Each broker in the `brokers` table (idempotent); the agents file rebuilt
         from the registry when this folder has none yet (e.g. a new host on an
-        existing database), then every broker reloaded."""
+        existing database), and the CRL when it does not list what the registry has
+        revoked; then every broker reloaded."""
+        from service import revocation
         from service.db.connect import connect
         from service.domains import accounts
 
+        brokers = self.brokers()
         with connect(self.database_url()) as conn, conn.transaction():
             accounts.register_brokers(
                 conn,
-                [(i, b.service_endpoint, b.agent_url) for i, b in enumerate(self.brokers(), 1)],
-            )
+                [
+                    (i, b.service_endpoint, b.agent_url,
+                     b.cert_agent_url if b.serves_certificates else None)
+                    for i, b in enumerate(brokers, 1)
+                ],
+            )  # fmt: skip
             auth = identity.AuthDir(self.auth_dir)
             if not auth.agents():
                 hashes = accounts.account_hashes(conn)
                 if hashes:
                     identity.add_agents(auth, hashes)
+            if any(b.serves_certificates for b in brokers):
+                revoked = accounts.revoked_certificates(conn)
+                if {serial for serial, _ in revoked} != revocation.listed(auth):
+                    revocation.publish_crl(auth, brokers[0].ca.signer(), revoked)
 
     def urls(self) -> dict[str, Any]:
         brokers = self.brokers()
@@ -319,6 +350,9 @@ class Stack:
         }
         if broker.tls_port is not None:
             env["EUCORA_CA_FILE"] = str(broker.ca.cert_file)
+            # What `agents provision --cert` signs with and `agents revoke` signs the
+            # CRL with: the CA's private key (mode 0600, this account's).
+            env["EUCORA_CA_KEY"] = str(broker.ca.key_file)
         events_url = self.events_url()
         if events_url:
             env["EUCORA_EVENTS_URL"] = events_url
