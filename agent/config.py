@@ -1,13 +1,17 @@
 """The reference agent's configuration: flags > environment > file > defaults.
 
 The file is TOML or JSON (by its extension); the JSON that `eucora agents provision
-ID --json` prints (agent_id, mqtt_url, username, password, ca_file) is a valid file.
+ID --json` prints (agent_id, mqtt_url, username, password, ca_file, cert_file,
+key_file) is a valid file. An agent authenticates with a password, or with a client
+certificate (cert_file + key_file, from `agents provision --cert`) on the brokers'
+certificate listener.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -27,6 +31,8 @@ ENV: dict[str, str] = {
     "password": "EUCORA_AGENT_PASSWORD",
     "topic_root": "EUCORA_TOPIC_ROOT",
     "ca_file": "EUCORA_CA_FILE",
+    "cert_file": "EUCORA_CERT_FILE",
+    "key_file": "EUCORA_KEY_FILE",
     "telemetry_interval": "EUCORA_AGENT_TELEMETRY_INTERVAL",
     "heartbeat_interval": "EUCORA_AGENT_HEARTBEAT_INTERVAL",
     "keepalive": "EUCORA_AGENT_KEEPALIVE",
@@ -50,6 +56,10 @@ class AgentConfig:
     password: str | None = field(default=None, repr=False)
     topic_root: str = DEFAULT_TOPIC_ROOT
     ca_file: str | None = None
+    # A client certificate (CN = agent_id) and its private key: the identity instead
+    # of a password, on a certificate listener.
+    cert_file: str | None = None
+    key_file: str | None = None
     timing: Timing = field(default_factory=Timing)
     tags: dict[str, str] = field(default_factory=dict)
     buffer_size: int = 10_000
@@ -127,10 +137,12 @@ def load(
         raise ConfigError(f"the MQTT username {mqtt.username!r} must be the agent id {agent_id!r}")
     if doc.get("username") and doc["username"] != agent_id:
         raise ConfigError(f"username {doc['username']!r} must be the agent id {agent_id!r}")
+    cert_file, key_file = pick("cert_file"), pick("key_file")
     password = pick("password") or mqtt.password
-    if not password:
+    if not password and not cert_file:
         raise ConfigError(
             "no password: put it in EUCORA_MQTT_URL, EUCORA_AGENT_PASSWORD or the config file"
+            " (or give a client certificate: cert_file and key_file)"
         )
 
     def number(name: str, default: float, *, minimum: float) -> float:
@@ -172,6 +184,25 @@ def load(
             f"CA file {ca_file} (from {where}) not found: copy the broker's CA certificate"
             " to this host and set ca_file in the config file (or EUCORA_CA_FILE) to its path"
         )
+    for name, value in (("cert_file", cert_file), ("key_file", key_file)):
+        if value and not Path(str(value)).is_file():
+            where = ENV[name] if name not in doc or env.get(ENV[name]) else path
+            raise ConfigError(
+                f"{'certificate' if name == 'cert_file' else 'key'} file {value} (from {where})"
+                f" not found: copy the agent's certificate and key (from `eucora agents"
+                f" provision --cert`) to this host and set {name} (or {ENV[name]}) to its path"
+            )
+    if bool(cert_file) != bool(key_file):
+        raise ConfigError("cert_file and key_file go together: give both or neither")
+    if cert_file:
+        try:  # unreadable, not PEM, or a key of another certificate: say so at start
+            ssl.create_default_context().load_cert_chain(str(cert_file), str(key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot use the certificate {cert_file} with the key {key_file}: {exc}"
+            ) from None
+    if cert_file and not mqtt.tls:
+        raise ConfigError(f"a client certificate needs an mqtts:// broker URL, not {mqtt}")
     if allow_list and not Path(str(allow_list)).is_file():
         raise ConfigError(f"allow-list file not found: {allow_list}")
     mqtt_version = str(pick("mqtt_version") or "5")
@@ -183,9 +214,11 @@ def load(
         mqtt_version=mqtt_version,
         agent_id=str(agent_id),
         mqtt=mqtt,
-        password=str(password),
+        password=str(password) if password else None,
         topic_root=check_topic_root(str(pick("topic_root") or DEFAULT_TOPIC_ROOT)),
         ca_file=str(ca_file) if ca_file else None,
+        cert_file=str(cert_file) if cert_file else None,
+        key_file=str(key_file) if key_file else None,
         timing=timing,
         tags=parse_tags(pick("tags")),
         buffer_size=int(number("buffer_size", 10_000, minimum=1)),

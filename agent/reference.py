@@ -95,6 +95,8 @@ def run(config: AgentConfig) -> int:
         epochs=epochs,
         buffer=open_buffer(config.state_dir, config.buffer_size, config.buffer_max_age),
         ca_file=config.ca_file,
+        cert_file=config.cert_file,
+        key_file=config.key_file,
         on_fatal=fatal,
         on_stopped=loop.stop,
         on_task=on_task,

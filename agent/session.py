@@ -111,6 +111,8 @@ class AgentSession:
         buffer: Buffer | None = None,  # default: in memory, buffer_size samples
         ca_file: str | None = None,
         password: str | None = None,
+        cert_file: str | None = None,  # a client certificate (with key_file): mTLS
+        key_file: str | None = None,
         rng: random.Random | None = None,
         on_fatal: Callable[[str], None] | None = None,
         on_stopped: Callable[[], None] | None = None,
@@ -175,9 +177,13 @@ class AgentSession:
                 CallbackAPIVersion.VERSION2, client_id=agent_id,
                 protocol=MQTTProtocolVersion.MQTTv311, clean_session=False,
             )  # fmt: skip
+        # With a certificate the broker takes the username from its CN and ignores this.
         client.username_pw_set(url.username or agent_id, password or url.password)
         if url.tls:
-            client.tls_set_context(ssl.create_default_context(cafile=ca_file))
+            context = ssl.create_default_context(cafile=ca_file)
+            if cert_file:
+                context.load_cert_chain(cert_file, key_file)
+            client.tls_set_context(context)
         client.max_inflight_messages_set(100)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
