@@ -1,6 +1,6 @@
 """Provisioning benchmark: a fleet's broker accounts at scale, on sharded brokers.
 
-    python -m bench.provision [--agents 100000] [--brokers 2]
+    python -m bench.provision [--agents 100000] [--brokers 2] [--cert]
 
 Starts its own stack (`--brokers` Mosquittos from the project's config sharing one
 auth folder, PostgreSQL, no bridge) in a temporary folder and measures, through the
@@ -21,15 +21,28 @@ real `eucora` commands (a separate process each, Python start-up included):
    its connections are dropped, and until every broker refuses a new one.
 4. Each broker's RSS (VmRSS from /proc) with the fleet's file loaded.
 
+With `--cert`, in the same run and stack, the same for certificate identities
+(`agents provision --cert`, docs/broker.md "Certificate identities"): `--agents`
+more agents provisioned with certificates (`--from-file F --cert --output DIR`), one
+more agent at that fleet (the command, the CliRunner call, and the provision
+function called alone: no interpreter start-up, no Typer; each until the agent's
+first connection on the certificate listener), and the revocation of a certificate
+agent connected to every broker (CRL, reload, takeover). The password path's one
+more agent is measured the same three ways beside it.
+
 Prints one JSON document. Speed depends on the machine: compare ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -83,10 +96,34 @@ def eucora(env: dict[str, str], *args: str, stdin: str | None = None) -> tuple[f
     return took, done.stdout
 
 
+def called(args: dict[str, Any]) -> tuple[float, str]:
+    """`access.provision` called as a function: no interpreter start-up, no Typer (its
+    command tree, built by every CliRunner call, costs 50-150 ms here)."""
+    from cli import access
+
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        access.provision(**args)
+    return time.perf_counter() - t0, out.getvalue()
+
+
+def provision_args(env: dict[str, str], agent_id: str, **more: Any) -> dict[str, Any]:
+    return {
+        "agent_ids": [agent_id], "from_file": None, "rotate": False, "output": None,
+        "cert": False, "json": True, "database_url": env["EUCORA_DATABASE_URL"],
+        "auth_dir": Path(env["EUCORA_AUTH_DIR"]), "ca_file": Path(env["EUCORA_CA_FILE"]),
+        "ca_key": Path(env["EUCORA_CA_KEY"]),
+    } | more  # fmt: skip
+
+
 class Client:
     """One agent connection; `connect()` says whether the broker accepted it."""
 
-    def __init__(self, url: str, username: str, password: str, ca_file: str | None) -> None:
+    def __init__(
+        self, url: str, username: str, password: str | None, ca_file: str | None,
+        cert: tuple[str, str] | None = None,
+    ) -> None:  # fmt: skip
         target = MqttUrl.parse(url)
         self.target = target
         self.client = paho.Client(
@@ -94,7 +131,10 @@ class Client:
         )
         self.client.username_pw_set(username, password)
         if target.tls:
-            self.client.tls_set(ca_certs=ca_file)
+            context = ssl.create_default_context(cafile=ca_file)
+            if cert:
+                context.load_cert_chain(*cert)
+            self.client.tls_set_context(context)
         self.answer = threading.Event()
         self.accepted = False
         self.dropped = threading.Event()
@@ -119,7 +159,33 @@ class Client:
         self.client.loop_stop()
 
 
+def cert_of(doc: dict[str, Any]) -> tuple[str, str] | None:
+    return (doc["cert_file"], doc["key_file"]) if doc.get("cert_file") else None
+
+
+# An MQTT 3.1.1 CONNECT (client id "probe": the broker uses the certificate's CN).
+CONNECT = b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05probe"
+
+
+def cert_attempt(url: str, doc: dict[str, Any]) -> bool:
+    """A certificate agent's connection on the certificate listener: accepted (CONNACK
+    0) or refused (a failed handshake: with TLS 1.3 it shows at the first read, which
+    paho would wait out for its CONNACK timeout)."""
+    target = MqttUrl.parse(url)
+    context = ssl.create_default_context(cafile=doc["ca_file"])
+    context.load_cert_chain(doc["cert_file"], doc["key_file"])
+    with socket.create_connection((target.host, target.port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=target.host) as tls:
+                tls.sendall(CONNECT)
+                return tls.recv(4) == b"\x20\x02\x00\x00"
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+            return False
+
+
 def attempt(url: str, doc: dict[str, Any]) -> bool:
+    if cert_of(doc):
+        return cert_attempt(url, doc)
     c = Client(url, doc["username"], doc["password"], doc["ca_file"])
     try:
         return c.connect()
@@ -141,20 +207,59 @@ def revocation(
 ) -> tuple[float, float, float]:
     """The agent connected to every broker, then revoked: the command's time, the time
     until every connection is dropped, and until every broker refuses a new one."""
-    clients = [Client(b.agent_url, doc["username"], doc["password"], doc["ca_file"])
-               for b in stack.brokers()]  # fmt: skip
+    cert = cert_of(doc)
+    urls = [str(b.cert_agent_url) if cert else b.agent_url for b in stack.brokers()]
+    clients = [Client(u, doc["username"], doc["password"], doc["ca_file"], cert) for u in urls]
     assert all(c.connect() for c in clients), "the agent could not connect"
     t0 = time.perf_counter()
     command_s, _ = run(env, "agents", "revoke", doc["agent_id"])
     for c in clients:
         c.dropped.wait(60)
     dropped_s = time.perf_counter() - t0
-    for b in stack.brokers():
-        poll(lambda b=b: not attempt(b.agent_url, doc))
+    for u in urls:
+        poll(lambda u=u: not attempt(u, doc))
     refused_s = time.perf_counter() - t0
     for c in clients:
         c.close()
     return command_s, dropped_s, refused_s
+
+
+def certificates(stack: Stack, env: dict[str, str], root: Path, n: int) -> dict[str, Any]:
+    """The certificate identity's numbers, in the stack that holds the password fleet."""
+    out = root / "certs"
+    out.mkdir()
+    ids = root / "cert-fleet.txt"
+    ids.write_text("".join(f"cert-{i:06d}\n" for i in range(n)))
+    fleet_s, text = eucora(env, "agents", "provision", "--from-file", str(ids), "--cert",
+                           "--output", str(out), "--json")  # fmt: skip
+    docs = {d["agent_id"]: d for d in json.loads(text)}
+    saved = lambda a: json.loads((out / f"{a}.json").read_text())  # noqa: E731
+    result: dict[str, Any] = {"agents": n, "provision_fleet_s": round(fleet_s, 2)}
+    runs = [
+        ("command", lambda a: eucora(env, "agents", "provision", a, "--cert", "-o", str(out))),
+        ("in_process", lambda a: in_process(env, "agents", "provision", a, "--cert", "-o",
+                                            str(out))),
+        ("function", lambda a: called(provision_args(env, a, cert=True, output=out))),
+    ]  # fmt: skip
+    runs[1][1]("cert-warm-1")
+    runs[2][1]("cert-warm-2")
+    for name, run in runs:
+        agent_id = f"cert-extra-{name}"
+        t0 = time.perf_counter()
+        took, _ = run(agent_id)
+        doc = saved(agent_id)
+        poll(lambda doc=doc: attempt(doc["mqtt_url"], doc))
+        result[f"one_more_{name}_ms"] = round(took * 1000)
+        result[f"one_more_{name}_until_it_connects_ms"] = round((time.perf_counter() - t0) * 1000)
+    last = str(stack.brokers()[-1].cert_agent_url)
+    victims = [saved(a) for a, d in docs.items() if d["mqtt_url"] == last]
+    for name, run in (("command", eucora), ("in_process", in_process)):
+        revoke_s, dropped_s, refused_s = revocation(stack, env, victims.pop(), run)
+        result[f"revoke_{name}_ms"] = round(revoke_s * 1000)
+        result[f"revoke_{name}_until_dropped_everywhere_ms"] = round(dropped_s * 1000)
+        result[f"revoke_{name}_until_refused_everywhere_ms"] = round(refused_s * 1000)
+    result["crl_bytes"] = (stack.auth_dir / "agents.crl").stat().st_size
+    return result
 
 
 def baseline_write(n: int, path: Path) -> float:
@@ -178,6 +283,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--agents", type=int, default=100_000)
     ap.add_argument("--brokers", type=int, default=2)
+    ap.add_argument("--cert", action="store_true", help="certificate identities too")
     args = ap.parse_args()
     n = args.agents
     with tempfile.TemporaryDirectory(prefix="eucora-bench-prov-") as tmp:
@@ -211,6 +317,13 @@ def main() -> None:
             poll(lambda: attempt(extra2["mqtt_url"], extra2))
             usable2_s = time.perf_counter() - two_t0
 
+            called(provision_args(env, "warm-up-2"))
+            three_t0 = time.perf_counter()
+            three_s, out = called(provision_args(env, "extra-3"))
+            extra3 = json.loads(out)
+            poll(lambda: attempt(extra3["mqtt_url"], extra3))
+            usable3_s = time.perf_counter() - three_t0
+
             last = stack.brokers()[-1].agent_url
             victims = [d for d in docs if d["mqtt_url"] == last]
             revoke_s, dropped_s, refused_s = revocation(stack, env, victims[0], eucora)
@@ -237,7 +350,11 @@ def main() -> None:
                 "password_file_mib": round(
                     (stack.auth_dir / "agents.passwd").stat().st_size / 2**20, 1
                 ),
+                "one_more_function_ms": round(three_s * 1000),
+                "one_more_function_until_it_connects_ms": round(usable3_s * 1000),
             }
+            if args.cert:
+                result["certificates"] = certificates(stack, env, root, n)
         finally:
             stack.down()
     print(json.dumps(result, indent=2))
