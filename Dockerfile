@@ -15,5 +15,5 @@ COPY mosquitto mosquitto
 RUN pip install --no-cache-dir -e ".[server]"
 ENV EUCORA_STACK_DIR=/data
 VOLUME /data
-EXPOSE 11883 18883 9108
+EXPOSE 11883 18883 19883 9108
 ENTRYPOINT ["eucora"]
