@@ -108,6 +108,16 @@ async def _take_over_all(
     return failed
 
 
+def confirm_reload(urls: Sequence[MqttUrl], *, connack_s: float = 10.0) -> list[str]:
+    """Wait until each broker has applied a reload signalled before this call: a
+    connection made now is answered only after it (Mosquitto handles the signal
+    before it reads that CONNECT). Needed for the CRL alone: a TLS connection is bound
+    to the listener's context when it is accepted, so one accepted in the loop round
+    of the signal would still be checked against the old CRL. The brokers that did not
+    answer, one line each."""
+    return asyncio.run(_take_over_all(urls, "eucora-reload-check", None, connack_s))
+
+
 def drop_connections(
     agent_id: str, urls: Sequence[MqttUrl], *, ca_file: str | None = None, connack_s: float = 10.0
 ) -> list[str]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.config import DEFAULT_TOPIC_ROOT
+from schemas.config import DEFAULT_TOPIC_ROOT, MqttUrl
 from schemas.topics import TopicTree
 from service import identity
 from service.stack.broker import Broker
@@ -324,6 +324,11 @@ class Stack:
                 revoked = accounts.revoked_certificates(conn)
                 if {serial for serial, _ in revoked} != revocation.listed(auth):
                     revocation.publish_crl(auth, brokers[0].ca.signer(), revoked)
+                    # The brokers refuse those certificates once `stack up` returns.
+                    operator = [MqttUrl.parse(b.url(identity.OPERATOR_USER)) for b in brokers]
+                    failed = revocation.confirm_reload(operator)
+                    if failed:
+                        raise StackError("; ".join(failed))
 
     def urls(self) -> dict[str, Any]:
         brokers = self.brokers()
