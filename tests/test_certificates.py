@@ -29,7 +29,7 @@ from agent import config as agent_config
 from cli.main import app as eucora
 from schemas.config import ConfigError, MqttUrl
 from schemas.topics import AGENT_KINDS, Kind
-from service import identity
+from service import identity, revocation
 from service.db.connect import connect
 from service.stack.broker import Broker
 from service.stack.stack import Stack
@@ -455,3 +455,35 @@ def test_agent_config_needs_both_certificate_files(tmp_path: Path) -> None:
         agent_config.load(env={**base, "EUCORA_CERT_FILE": crt, "EUCORA_KEY_FILE": other[1]})
     with pytest.raises(ConfigError, match="no password"):
         agent_config.load(env=base)
+
+
+def test_a_lost_crl_comes_back_from_the_registry(
+    shards: Stack, database: str, tmp_path: Path
+) -> None:
+    env: dict[str, str | None] = {**shards.env()}
+    doc = provision_cert(env, tmp_path, "lost-1")
+    assert runner.invoke(cli, ["revoke", "lost-1"], env=env).exit_code == 0
+    shards.down()
+    (shards.auth_dir / "agents.crl").unlink()
+    shards.up(bridge=False)
+    serial = x509.load_pem_x509_certificate(Path(doc["cert_file"]).read_bytes()).serial_number
+    assert crl_serials((shards.auth_dir / "agents.crl").read_bytes()) == {serial}
+    port = shards.broker(1).cert_port
+    assert port is not None
+    assert handshake(port, doc["ca_file"], (doc["cert_file"], doc["key_file"])).startswith(
+        "refused"
+    )
+
+
+def test_a_crl_close_to_its_next_update_is_signed_again(tmp_path: Path) -> None:
+    """An expired CRL would fail every handshake: a broker start renews it early."""
+    ca = CertificateAuthority(tmp_path / "ca").ensure()
+    auth = identity.AuthDir(tmp_path / "auth")
+    auth.path.mkdir()
+    when = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    auth.write_crl(ca.signer().crl([(12345, when)], days=30))
+    revocation.ensure_crl(auth, ca.signer())
+    crl = x509.load_pem_x509_crl(auth.crl_file.read_bytes())
+    assert crl.next_update_utc is not None
+    assert crl.next_update_utc - when > datetime.timedelta(days=3000)
+    assert [(r.serial_number, r.revocation_date_utc) for r in crl] == [(12345, when)]
