@@ -295,7 +295,7 @@ def _config(
         # Without TLS there is nothing to trust; with mqtts and no CA file the broker's
         # certificate must chain to the agent's system trust store.
         "ca_file": str(ca_file.resolve()) if tls and ca_file else None,
-        # Password identities: no client certificate.
+        # A certificate identity's files (absolute paths); None with a password.
         "cert_file": str(cert_file.resolve()) if cert_file else None,
         "key_file": str(key_file.resolve()) if key_file else None,
     }
