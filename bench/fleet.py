@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from cli.agents import app as agents_app
 from cli.tasks import app as tasks_app
 from schemas.topics import Kind, TopicTree
 from service import identity
-from service.stack.process import free_port, free_port_range, wait_for
+from service.stack.process import StackError, free_port, free_port_range, wait_for
 from service.stack.stack import Stack
 
 SIMULATE = [sys.executable, "-c", "from cli.simulate import app; app()"]
@@ -62,6 +63,41 @@ PREFIX = "fleet"
 
 def say(message: str) -> None:
     print(f"# {message}", file=sys.stderr, flush=True)
+
+
+# How often the database is asked while waiting: a poll every 50 ms of a count over
+# 100,000 agents (a new connection each) kept a PostgreSQL backend at ~20% of a core,
+# on the 2 cores being measured. Times are then known to within this.
+POLL_S = 1.0
+
+
+def wait_db(check: Callable[[], bool], timeout: float, what: str, every: float = POLL_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise StackError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def wait_fleet(count: Callable[[], int], n: int, timeout: float, stall: float) -> None:
+    """Until `count()` reaches n: a progress line a minute; give up after `timeout` s,
+    or after `stall` s without one more agent online (a ramp that still moves is
+    let finish: a 100,000-agent run on 2 cores was stopped at 3,600 s while it did)."""
+    started = last_change = last_said = time.monotonic()
+    best = -1
+    while (k := count()) < n:
+        now = time.monotonic()
+        if k > best:
+            best, last_change = k, now
+        if now - last_said >= 60:
+            say(f"{k} of {n} online after {now - started:.0f} s")
+            last_said = now
+        if now - started > timeout or now - last_change > stall:
+            raise StackError(
+                f"{k} of {n} agents online after {now - started:.0f} s"
+                f" ({now - last_change:.0f} s without one more)"
+            )
+        time.sleep(POLL_S)
 
 
 def scalar(database: str, sql: str, *args: Any) -> Any:
@@ -119,7 +155,7 @@ def page_count(database: str) -> tuple[int, int]:
 
 def wait_all_online(database: str, n: int, timeout: float) -> float:
     started = time.monotonic()
-    wait_for(lambda: online(database) == n, timeout, f"{n} agents online")
+    wait_db(lambda: online(database) == n, timeout, f"{n} agents online")
     return round(time.monotonic() - started, 1)
 
 
@@ -148,7 +184,7 @@ def storms(stack: Stack, database: str, n: int, timeout: float) -> dict[str, Any
         # The bridge caught up first (the newest stored sample is fresh): a broker
         # SIGKILLed with a backlog queued for the bridge loses that backlog (Mosquitto
         # keeps it in memory), which is the broker's durability, not the storm's cost.
-        wait_for(lambda: float(scalar(database, _NEWEST_AGE, f"{PREFIX}-%") or 1e9) < 2.0,
+        wait_db(lambda: float(scalar(database, _NEWEST_AGE, f"{PREFIX}-%") or 1e9) < 2.0,
                  timeout, "the bridge caught up before the storm")  # fmt: skip
         ids = [i + 1 for i, b in enumerate(stack.brokers()) if b in brokers]
         at_home = int(scalar(database, "SELECT count(*) FROM agents WHERE agent_id LIKE %s"
@@ -160,7 +196,7 @@ def storms(stack: Stack, database: str, n: int, timeout: float) -> dict[str, Any
             b.kill() if kill else b.stop()
         for b in brokers:
             b.start()
-        wait_for(lambda: scalar(database, renewed_sql, f"{PREFIX}-%", at, ids) == at_home,
+        wait_db(lambda: scalar(database, renewed_sql, f"{PREFIX}-%", at, ids) == at_home,
                  timeout, "every agent of the storm back in a new session")  # fmt: skip
         return {
             "agents": at_home,
@@ -226,11 +262,11 @@ def fanout(stack: Stack, database: str, n: int, timeout: float) -> dict[str, Any
     created = round(time.monotonic() - started, 1)
     correlation = orjson.loads(result.stdout)[0]["correlation_id"]
     count = "SELECT count(*) FROM tasks WHERE correlation_id = %s AND "
-    wait_for(lambda: scalar(database, count + "attempts > 0", correlation) == n, timeout,
-             "every task published")  # fmt: skip
+    wait_db(lambda: scalar(database, count + "attempts > 0", correlation) == n, timeout,
+            "every task published", every=0.25)  # fmt: skip
     published = round(time.monotonic() - started, 1)
-    wait_for(lambda: scalar(database, count + "status <> 'PENDING'", correlation) == n, timeout,
-             "every task acknowledged")  # fmt: skip
+    wait_db(lambda: scalar(database, count + "status <> 'PENDING'", correlation) == n, timeout,
+            "every task acknowledged", every=0.25)  # fmt: skip
     assigned = round(time.monotonic() - started, 1)
     # The baseline: the same number of messages of the same size to the same topics.
     tree = TopicTree()
@@ -292,7 +328,8 @@ def main() -> None:
     parser.add_argument("--telemetry-interval", type=float, default=60)
     parser.add_argument("--telemetry-window", type=float, default=600)
     parser.add_argument("--connect-rate", type=float, default=2000)
-    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--timeout", type=float, default=1800, help="longest wait of a phase, s")
+    parser.add_argument("--stall", type=float, default=600, help="give up a ramp stuck this many s")
     parser.add_argument("--skip", nargs="*", default=[], choices=["storms", "fanout", "telemetry"])
     args = parser.parse_args()
     print(orjson.dumps(run(args)).decode(), flush=True)
@@ -322,8 +359,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sim = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         try:
-            wait_for(lambda: online(database) == n or sim.poll() is not None, args.timeout,
-                     "the fleet online")  # fmt: skip
+            wait_fleet(lambda: n if sim.poll() is not None else online(database), n,
+                       args.timeout, args.stall)  # fmt: skip
             if sim.poll() is not None:
                 raise RuntimeError(log.read_text()[-3000:])
             total, pages = page_count(database)

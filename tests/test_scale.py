@@ -47,7 +47,7 @@ def test_10000_agents_on_two_brokers(capsys: pytest.CaptureFixture[str]) -> None
     n = 10_000
     args = argparse.Namespace(
         agents=n, brokers=2, telemetry_interval=30.0, telemetry_window=60.0,
-        connect_rate=2000.0, timeout=900.0, skip=[],
+        connect_rate=2000.0, timeout=900.0, stall=300.0, skip=[],
     )  # fmt: skip
     report = fleet.run(args)
     _report(capsys, "fleet of 10,000 on 2 brokers", report)
