@@ -24,6 +24,9 @@ FLUSH_SECONDS = Histogram(
 )
 FLUSH_FAILURES = Counter("eucora_batch_failures", "Batches that failed to store and were retried")
 PENDING = Gauge("eucora_unacked_in_flight", "Messages received but not yet acknowledged")
+QOS0_DROPPED = Counter(
+    "eucora_qos0_dropped", "QoS 0 messages dropped because max_pending were unacknowledged"
+)
 MQTT_CONNECTED = Gauge(
     "eucora_mqtt_connected", "1 while the bridge is connected to every broker it links"
 )

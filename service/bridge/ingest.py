@@ -19,7 +19,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,7 +89,6 @@ class Ingest:
         # counters, cheaper per message than a semaphore.
         self._taken: list[int] = []
         self._freed = 0
-        self._room = threading.Event()
         metrics.PENDING.set_function(lambda: self.pending)
         self._stopping = False
         self._subscriptions = subscriptions(tree, share_group)
@@ -101,6 +99,13 @@ class Ingest:
         """Consume from one more broker (before that link starts)."""
         self._taken.append(0)  # its paho thread's counter, before it can receive
         self.links.append(link)
+        # The brokers never send more unacknowledged QoS 1 messages than the links'
+        # Receive Maximums, whose sum is max_pending. A link asks when it starts (paho
+        # reconnects with the same CONNECT), so once brokers are added to a running
+        # bridge the older links keep their larger share: the sum stays bounded.
+        share = max(1, self.limits.max_pending // len(self.links))
+        for each in self.links:
+            each.receive_maximum = min(share, 65535)
         link.subscribe(self._subscriptions)
         link.consume(self._receive, len(self.links) - 1)
 
@@ -111,16 +116,18 @@ class Ingest:
         return sum(self._taken) - self._freed
 
     def _receive(self, client: paho.Client, link: int, msg: paho.MQTTMessage) -> None:
-        # Blocks paho's thread when max_pending messages are unacknowledged: that is
-        # the back-pressure that leaves the rest queued at the broker.
-        taken, limit = self._taken, self.limits.max_pending
-        while sum(taken) - self._freed >= limit:
-            self._room.clear()
-            if sum(taken) - self._freed < limit:
-                break  # released between the check and the clear
-            if not self._room.wait(1.0) and self._stopping:
-                return
+        # Never blocks paho's thread: a network thread that waits sends no PINGREQ, and
+        # its broker drops the bridge after 1.5 x keepalive with every unacknowledged
+        # message to deliver again (seen at 100,000 agents on 7 brokers: each link
+        # dropped every minute or two, the bridge storing nothing new). QoS 1 messages
+        # are bounded by the brokers instead: each link asks for a Receive Maximum that
+        # is its share of max_pending (add_link). QoS 0 has no flow control: past the
+        # bound it is dropped (at most once, as its sender chose) and counted.
         if self._stopping:  # not acknowledged: the broker redelivers it to a bridge
+            return
+        taken = self._taken
+        if msg.qos == 0 and sum(taken) - self._freed >= self.limits.max_pending:
+            metrics.QOS0_DROPPED.inc()
             return
         taken[link] += 1  # counted in RECEIVED by the loop, a batch at a time (a
         # prometheus inc per message took 7% of the bridge's CPU: it takes a lock)
@@ -253,7 +260,6 @@ class Ingest:
                 for index, link in enumerate(self.links):
                     link.ack(item for item in batch if item.link == index)
         self._freed += len(batch)
-        self._room.set()
 
     async def stop(self) -> None:
         """Stop taking messages; what is already received is stored and acknowledged."""
