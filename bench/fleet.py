@@ -322,6 +322,10 @@ def telemetry_window(database: str, n: int, interval: float, window: float) -> d
 
 
 def main() -> None:
+    # A stopped benchmark must stop its stack too: SIGTERM ends it through the `finally`
+    # (by default it killed only this process and left 7 brokers, the bridge and
+    # PostgreSQL running with a fleet's sessions).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=100_000)
     parser.add_argument("--brokers", type=int, default=7)
