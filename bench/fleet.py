@@ -71,14 +71,6 @@ def say(message: str) -> None:
 POLL_S = 1.0
 
 
-def wait_db(check: Callable[[], bool], timeout: float, what: str, every: float = POLL_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise StackError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-
-
 def wait_fleet(count: Callable[[], int], n: int, timeout: float, stall: float) -> None:
     """Until `count()` reaches n: a progress line a minute; give up after `timeout` s,
     or after `stall` s without one more agent online (a ramp that still moves is
@@ -155,7 +147,7 @@ def page_count(database: str) -> tuple[int, int]:
 
 def wait_all_online(database: str, n: int, timeout: float) -> float:
     started = time.monotonic()
-    wait_db(lambda: online(database) == n, timeout, f"{n} agents online")
+    wait_for(lambda: online(database) == n, timeout, f"{n} agents online", POLL_S)
     return round(time.monotonic() - started, 1)
 
 
@@ -184,8 +176,8 @@ def storms(stack: Stack, database: str, n: int, timeout: float) -> dict[str, Any
         # The bridge caught up first (the newest stored sample is fresh): a broker
         # SIGKILLed with a backlog queued for the bridge loses that backlog (Mosquitto
         # keeps it in memory), which is the broker's durability, not the storm's cost.
-        wait_db(lambda: float(scalar(database, _NEWEST_AGE, f"{PREFIX}-%") or 1e9) < 2.0,
-                 timeout, "the bridge caught up before the storm")  # fmt: skip
+        wait_for(lambda: float(scalar(database, _NEWEST_AGE, f"{PREFIX}-%") or 1e9) < 2.0,
+                 timeout, "the bridge caught up before the storm", POLL_S)  # fmt: skip
         ids = [i + 1 for i, b in enumerate(stack.brokers()) if b in brokers]
         at_home = int(scalar(database, "SELECT count(*) FROM agents WHERE agent_id LIKE %s"
                                        " AND coalesce(broker_id, 1) = ANY(%s)",
@@ -196,8 +188,8 @@ def storms(stack: Stack, database: str, n: int, timeout: float) -> dict[str, Any
             b.kill() if kill else b.stop()
         for b in brokers:
             b.start()
-        wait_db(lambda: scalar(database, renewed_sql, f"{PREFIX}-%", at, ids) == at_home,
-                 timeout, "every agent of the storm back in a new session")  # fmt: skip
+        wait_for(lambda: scalar(database, renewed_sql, f"{PREFIX}-%", at, ids) == at_home,
+                 timeout, "every agent of the storm back in a new session", POLL_S)  # fmt: skip
         return {
             "agents": at_home,
             "seconds_to_all_back": round(time.monotonic() - started, 1),
@@ -262,11 +254,11 @@ def fanout(stack: Stack, database: str, n: int, timeout: float) -> dict[str, Any
     created = round(time.monotonic() - started, 1)
     correlation = orjson.loads(result.stdout)[0]["correlation_id"]
     count = "SELECT count(*) FROM tasks WHERE correlation_id = %s AND "
-    wait_db(lambda: scalar(database, count + "attempts > 0", correlation) == n, timeout,
-            "every task published", every=0.25)  # fmt: skip
+    wait_for(lambda: scalar(database, count + "attempts > 0", correlation) == n, timeout,
+             "every task published", 0.25)  # fmt: skip
     published = round(time.monotonic() - started, 1)
-    wait_db(lambda: scalar(database, count + "status <> 'PENDING'", correlation) == n, timeout,
-            "every task acknowledged", every=0.25)  # fmt: skip
+    wait_for(lambda: scalar(database, count + "status <> 'PENDING'", correlation) == n, timeout,
+             "every task acknowledged", 0.25)  # fmt: skip
     assigned = round(time.monotonic() - started, 1)
     # The baseline: the same number of messages of the same size to the same topics.
     tree = TopicTree()

@@ -71,13 +71,14 @@ def alive(pid: int | None) -> bool:
     return True
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `check` until it holds; raise StackError naming `what` after `timeout` s."""
+def wait_for(check: Callable[[], bool], timeout: float, what: str, every: float = 0.05) -> None:
+    """Poll `check` every `every` s until it holds; raise StackError naming `what` after
+    `timeout` s."""
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
             raise StackError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def stop_pid(pid: int | None, *, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
