@@ -197,9 +197,8 @@ def build(settings: Settings, *, routes: Routes | None = None) -> Bridge:
     )
 
     def make_link(url: MqttUrl) -> BrokerLink:
-        return BrokerLink(
-            url, settings.client_id, ca_file=settings.ca_file, receive_maximum=limits.max_pending
-        )
+        # Its Receive Maximum is set by Ingest.add_link: its share of max_pending.
+        return BrokerLink(url, settings.client_id, ca_file=settings.ca_file)
 
     brokers = BrokerSet(settings.database_url, settings.mqtt, make_link)
     # Well inside offline_after, so last_seen never lags enough to look stale.
