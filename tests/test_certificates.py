@@ -14,7 +14,7 @@ import queue
 import socket
 import ssl
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +35,22 @@ from service.stack.broker import Broker
 from service.stack.stack import Stack
 from service.stack.tls import CertificateAuthority, ClientCertificate, Signer, crl_serials
 from tests.test_agents_support import LoopThread, loop_thread, wait
-from tests.test_security import TIMEOUT, TREE, Probe, cli, query, register, service_probe
-from tests.test_shards import shards
+from tests.test_security import (
+    TIMEOUT,
+    TREE,
+    Probe,
+    cli,
+    cli_env,
+    query,
+    register,
+    service_probe,
+)
+from tests.test_shards import probes, shards
 
-__all__ = ["loop_thread", "shards"]  # fixtures
+__all__ = ["loop_thread", "probes", "shards"]  # fixtures
 
 runner = CliRunner()
 RELOAD = "Reloading config."  # what Mosquitto 2.0.11 logs on SIGHUP (src/loop.c)
-
-
-@pytest.fixture
-def probes() -> Iterator[list[Probe]]:
-    made: list[Probe] = []
-    yield made
-    for p in made:
-        p.close()
 
 
 @pytest.fixture
@@ -63,14 +64,12 @@ def tls_broker(broker_factory: Callable[..., Broker], database: str) -> Broker:
 
 def env_of(broker: Broker, database: str, **more: str | None) -> dict[str, str | None]:
     """What `eval "$(eucora stack env)"` gives an operator, for one broker."""
-    return {
-        "EUCORA_DATABASE_URL": database,
-        "EUCORA_AUTH_DIR": str(broker.auth.path),
+    return cli_env(broker, database, **{
         "EUCORA_CA_FILE": str(broker.ca.cert_file),
         "EUCORA_CA_KEY": str(broker.ca.key_file),
         "EUCORA_MQTT_URL": broker.url(identity.OPERATOR_USER),
         **more,
-    }
+    })  # fmt: skip
 
 
 def run(env: dict[str, str | None], *args: str) -> Result:
