@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +27,7 @@ from schemas.validate import parse
 from service import identity
 from service.bridge.app import BridgeApp
 from service.bridge.message import Inbound
-from service.bridge.routes import BULK, Routes, default_routes, on_register
+from service.bridge.routes import BULK, Reject, Routes, default_routes, on_register
 from service.bridge.store import Store
 from service.config import Settings
 from service.stack.broker import Broker
@@ -112,11 +112,12 @@ def test_a_report_on_an_unknown_deployment_is_dead_lettered_not_counted_as_store
 POISON = "poison-host"
 
 
-async def failing_register(conn: psycopg.AsyncConnection[Any], item: Inbound) -> None:
+async def failing_register(
+    conn: psycopg.AsyncConnection[Any], items: Sequence[Inbound], reject: Reject
+) -> None:
     """The real handler, except that it fails half-way for one hostname: a bug."""
-    await on_register(conn, item)
-    assert item.agent_id is not None
-    if getattr(item.model, "hostname", None) == POISON:
+    await on_register(conn, items, reject)
+    if any(getattr(item.model, "hostname", None) == POISON for item in items):
         raise RuntimeError("a bug in a handler")
 
 

@@ -669,11 +669,11 @@ def test_owe_again_sets_open_tasks_due(database: str, db: Db) -> None:
             (agent, status, cancel, cancel, name),
         )
 
-    async def run() -> int:
+    async def run() -> dict[str, int]:
         async with await psycopg.AsyncConnection.connect(database) as conn:
-            return await owe_again(conn, "a")
+            return await owe_again(conn, ["a"])
 
-    assert asyncio.run(run()) == 3
+    assert asyncio.run(run()) == {"a": 3}
     due = db.all("SELECT created_by FROM tasks WHERE next_publish_at <= now() ORDER BY created_by")
     assert due == [("assigned",), ("cancelled",), ("pending",)]
 

@@ -4,7 +4,7 @@ In order, inside one transaction:
   1. lock (touch) every agent the batch concerns, in sorted order: last_seen, and the
      deadlock-free order for everything after (see service/domains/agents.py);
   2. telemetry samples of the whole batch with one COPY (service/domains/telemetry.py);
-  3. each other message through its route (routes.py);
+  3. the other messages, each kind's all at once through its route (routes.py);
   4. dead letters: invalid messages, and messages their handler rejected or failed on.
      A payload naming another agent (identity) is a security event as well.
 The caller acknowledges the batch only after `flush` returns, i.e. after COMMIT.
@@ -32,9 +32,9 @@ import psycopg
 from schemas.payloads import Heartbeat
 from schemas.states import DeadLetterReason
 from schemas.topics import Kind
-from service import logs, metrics
+from service import metrics
 from service.bridge.message import Inbound
-from service.bridge.routes import Rejected, Routes
+from service.bridge.routes import Routes
 from service.db.connect import connect_async
 from service.domains import agents, dead_letters, events, security, telemetry
 from service.domains.dead_letters import DeadLetter
@@ -231,8 +231,7 @@ class Store:
                 inserted = await telemetry.store(conn, rows)
                 metrics.ROWS.labels("telemetry").inc(inserted)
                 metrics.DUPLICATES.inc(len(rows) - inserted)
-            for item in routed:
-                await self._route(conn, item, reject)
+            await self._route(conn, routed, reject)
             if letters:
                 await dead_letters.write(conn, letters)
             if mismatches:
@@ -242,20 +241,20 @@ class Store:
         return dead
 
     async def _route(
-        self, conn: Conn, item: Inbound, reject: Callable[[Inbound, str, str], None]
+        self, conn: Conn, routed: Sequence[Inbound], reject: Callable[[Inbound, str, str], None]
     ) -> None:
-        assert item.kind is not None
-        handler = self.routes.handlers.get(item.kind)
-        if handler is None:  # Routes refuses such a table; never acknowledge silently
-            reject(item, DeadLetterReason.UNSUPPORTED, f"no route for {item.kind.value}")
-            return
-        # Every line logged while handling it (here, in the route, in the domain) names
-        # the message's agent and task or deployment.
-        with logs.context(**item.log_fields()):
-            try:
-                await handler(conn, item)
-            except Rejected as exc:  # raised before the handler wrote anything
-                reject(item, exc.reason, exc.detail)
+        """Each kind's messages to its handler, all at once, in the route table's order."""
+        by_kind: dict[Kind, list[Inbound]] = {}
+        for item in routed:
+            assert item.kind is not None
+            by_kind.setdefault(item.kind, []).append(item)
+        for kind, items in by_kind.items():
+            if kind not in self.routes.handlers:  # Routes refuses such a table; never ack silently
+                for item in items:
+                    reject(item, DeadLetterReason.UNSUPPORTED, f"no route for {kind.value}")
+        for kind, handler in self.routes.handlers.items():
+            if kind in by_kind:
+                await handler(conn, by_kind[kind], reject)
 
 
 async def _rollback(conn: Conn) -> None:

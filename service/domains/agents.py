@@ -30,7 +30,7 @@ from schemas.states import AgentState
 from service import metrics
 from service.domains import events
 from service.domains.events import NewEvent
-from service.domains.security import security_event_async
+from service.domains.security import as_events, security_event_async
 
 log = logging.getLogger("eucora.agents")
 
@@ -101,86 +101,129 @@ def status_event(
     )
 
 
-async def _ensure_agent(conn: Conn, agent_id: str) -> None:
+async def _ensure_agents(conn: Conn, ids: Sequence[str]) -> None:
+    """Rows for agents never seen before (sorted: the same lock order everywhere)."""
     await conn.execute(
-        "INSERT INTO agents (agent_id) VALUES (%s) ON CONFLICT (agent_id) DO NOTHING", (agent_id,)
+        "INSERT INTO agents (agent_id) SELECT id FROM unnest(%s::text[]) AS u(id) ORDER BY id"
+        " ON CONFLICT (agent_id) DO NOTHING",
+        (sorted(set(ids)),),
     )
 
 
-async def apply_status(conn: Conn, agent_id: str, msg: Status) -> bool:
-    """Apply an online/offline message; True when it was a transition (stored)."""
-    await _ensure_agent(conn, agent_id)
-    cur = await conn.execute(
-        "SELECT status, status_epoch FROM agents WHERE agent_id = %s FOR UPDATE", (agent_id,)
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    current, current_epoch = row
-    result = judge(current, current_epoch, msg.state, msg.epoch)
-    source = "last_will" if msg.reason == WILL_REASON else "agent"
-    if result.verdict is Verdict.DUPLICATE:
-        return False
-    if result.verdict is Verdict.IGNORE:
-        metrics.STATUS_IGNORED.inc()
-        reason = f"ignored: {result.why}" + (f" ({msg.reason})" if msg.reason else "")
-        # Once per (state, epoch): a retained message seen again after a bridge restart
-        # is the same event, not a new one.
-        await conn.execute(
-            """
-            INSERT INTO agent_status_events
-                (time, agent_id, state, epoch, reason, source, session_present, accepted)
-            SELECT clock_timestamp(), %(id)s, %(state)s, %(epoch)s, %(reason)s, %(source)s,
-                   %(sp)s, false
-             WHERE NOT EXISTS (
-                SELECT 1 FROM agent_status_events
-                 WHERE agent_id = %(id)s AND state = %(state)s AND epoch = %(epoch)s
-                   AND NOT accepted)
-            """,
-            {
-                "id": agent_id,
-                "state": msg.state.value,
-                "epoch": msg.epoch,
-                "reason": reason,
-                "source": source,
-                "sp": msg.session_present,
-            },
+# One statement for every status row of a batch. An ignored message is recorded once
+# per (agent, state, epoch): a retained message seen again after a bridge restart is the
+# same event, not a new one. Rows keep the batch's order (clock_timestamp per row).
+_STATUS_ROWS = """
+INSERT INTO agent_status_events
+    (time, agent_id, state, epoch, reason, source, session_present, accepted)
+SELECT clock_timestamp(), u.id, u.state, u.epoch, u.reason, u.source, u.sp, u.accepted
+  FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::bool[],
+              %s::bool[]) WITH ORDINALITY AS u(id, state, epoch, reason, source, sp, accepted, n)
+ WHERE u.accepted OR NOT EXISTS (
+        SELECT 1 FROM agent_status_events e
+         WHERE e.agent_id = u.id AND e.state = u.state AND e.epoch = u.epoch AND NOT e.accepted)
+ ORDER BY u.n
+"""
+
+_SET_STATUS = """
+UPDATE agents a SET status = u.state, status_epoch = u.epoch,
+       status_changed_at = clock_timestamp(), status_reason = u.reason,
+       session_present = u.sp, updated_at = now()
+  FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::bool[])
+       AS u(id, state, epoch, reason, sp)
+ WHERE a.agent_id = u.id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRow:
+    """One agent_status_events row a message makes (accepted: a transition)."""
+
+    agent_id: str
+    msg: Status
+    accepted: bool
+    reason: str | None
+    source: str
+
+    def event(self) -> NewEvent:
+        m = self.msg
+        return status_event(
+            self.agent_id, m.state.value, m.epoch, m.reason, self.source, m.session_present
         )
-        log.info(
-            "status ignored",
-            extra={"agent_id": agent_id, "state": msg.state.value, "epoch": msg.epoch,
-                   "current_epoch": current_epoch, "why": result.why},
-        )  # fmt: skip
-        return False
-    online = msg.state is AgentState.ONLINE
-    await conn.execute(
-        """
-        UPDATE agents SET status = %(state)s, status_epoch = %(epoch)s,
-               status_changed_at = clock_timestamp(), status_reason = %(reason)s,
-               session_present = CASE WHEN %(online)s THEN %(sp)s ELSE session_present END,
-               updated_at = now()
-         WHERE agent_id = %(id)s
-        """,
-        {
-            "id": agent_id,
-            "state": msg.state.value,
-            "epoch": msg.epoch,
-            "reason": msg.reason,
-            "online": online,
-            "sp": msg.session_present,
-        },
+
+
+async def apply_statuses(conn: Conn, msgs: Sequence[tuple[str, Status]]) -> list[StatusRow]:
+    """Apply online/offline messages (a batch's, in arrival order) with a fixed number
+    of statements however many there are: the agents' rows are locked and read once,
+    every message judged here against the state the ones before it left, and the
+    outcome written set-wise. Returns the transitions (accepted), in order."""
+    if not msgs:
+        return []
+    ids = sorted({agent_id for agent_id, _ in msgs})
+    await _ensure_agents(conn, ids)
+    cur = await conn.execute(
+        "SELECT agent_id, status, status_epoch, session_present FROM agents"
+        " WHERE agent_id = ANY(%s) ORDER BY agent_id FOR UPDATE",
+        (ids,),
     )
-    await conn.execute(
-        """
-        INSERT INTO agent_status_events
-            (time, agent_id, state, epoch, reason, source, session_present, accepted)
-        VALUES (clock_timestamp(), %s, %s, %s, %s, %s, %s, true)
-        """,
-        (agent_id, msg.state.value, msg.epoch, msg.reason, source, msg.session_present),
-    )
-    state, sp = msg.state.value, msg.session_present
-    await events.record(conn, [status_event(agent_id, state, msg.epoch, msg.reason, source, sp)])
-    metrics.STATUS_TRANSITIONS.labels(msg.state.value).inc()
-    return True
+    now: dict[str, tuple[str | None, int | None, bool | None]] = {
+        agent_id: (status, epoch, sp) for agent_id, status, epoch, sp in await cur.fetchall()
+    }
+    rows: list[StatusRow] = []
+    ignored_seen: set[tuple[str, str, int]] = set()
+    final: dict[str, tuple[str, int, str | None, bool | None]] = {}
+    for agent_id, msg in msgs:
+        current, current_epoch, current_sp = now[agent_id]
+        result = judge(current, current_epoch, msg.state, msg.epoch)
+        source = "last_will" if msg.reason == WILL_REASON else "agent"
+        if result.verdict is Verdict.DUPLICATE:
+            continue
+        if result.verdict is Verdict.IGNORE:
+            metrics.STATUS_IGNORED.inc()
+            key = (agent_id, msg.state.value, msg.epoch)
+            if key not in ignored_seen:
+                ignored_seen.add(key)
+                why = f"ignored: {result.why}" + (f" ({msg.reason})" if msg.reason else "")
+                rows.append(StatusRow(agent_id, msg, False, why, source))
+            log.info(
+                "status ignored",
+                extra={"agent_id": agent_id, "state": msg.state.value, "epoch": msg.epoch,
+                       "current_epoch": current_epoch, "why": result.why},
+            )  # fmt: skip
+            continue
+        sp = msg.session_present if msg.state is AgentState.ONLINE else current_sp
+        now[agent_id] = (msg.state.value, msg.epoch, sp)
+        final[agent_id] = (msg.state.value, msg.epoch, msg.reason, sp)
+        rows.append(StatusRow(agent_id, msg, True, msg.reason, source))
+        metrics.STATUS_TRANSITIONS.labels(msg.state.value).inc()
+    if final:
+        changed = sorted(final)
+        await conn.execute(
+            _SET_STATUS,
+            (
+                changed,
+                [final[a][0] for a in changed],
+                [final[a][1] for a in changed],
+                [final[a][2] for a in changed],
+                [final[a][3] for a in changed],
+            ),
+        )
+    if rows:
+        await conn.execute(
+            _STATUS_ROWS,
+            (
+                [r.agent_id for r in rows],
+                [r.msg.state.value for r in rows],
+                [r.msg.epoch for r in rows],
+                [r.reason for r in rows],
+                [r.source for r in rows],
+                [r.msg.session_present for r in rows],
+                [r.accepted for r in rows],
+            ),
+        )
+    accepted = [r for r in rows if r.accepted]
+    await events.record(conn, [r.event() for r in accepted])
+    return accepted
 
 
 # Registration fields whose changes are kept in agent_changes.
@@ -215,62 +258,94 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f for f in TRACKED_FIELDS if old.get(f) != new.get(f)]
 
 
-async def apply_registration(conn: Conn, agent_id: str, reg: Register) -> None:
-    await _ensure_agent(conn, agent_id)
+_SET_REGISTRATION = f"""
+UPDATE agents a SET {", ".join(f"{f} = u.{f}" for f in TRACKED_FIELDS)},
+       registered_at = now(), registration_ts = u.ts, updated_at = now()
+  FROM unnest(%s::text[], {
+    ", ".join("%s::jsonb[]" if f in ("hardware", "tags") else "%s::text[]" for f in TRACKED_FIELDS)
+}, %s::timestamptz[]) AS u(id, {", ".join(TRACKED_FIELDS)}, ts)
+ WHERE a.agent_id = u.id
+"""
+
+
+async def apply_registrations(conn: Conn, regs: Sequence[tuple[str, Register]]) -> None:
+    """Apply registrations (a batch's, in arrival order) set-wise, as `apply_statuses`
+    does: each one is compared with what the ones before it left, its changes kept in
+    agent_changes and as events, and every agent's row written once."""
+    if not regs:
+        return
+    ids = sorted({agent_id for agent_id, _ in regs})
+    await _ensure_agents(conn, ids)
     cur = await conn.execute(
-        f"SELECT registered_at, registration_ts, {', '.join(TRACKED_FIELDS)}"
-        " FROM agents WHERE agent_id = %s FOR UPDATE",
-        (agent_id,),
+        f"SELECT agent_id, registered_at IS NOT NULL, registration_ts, {', '.join(TRACKED_FIELDS)}"
+        " FROM agents WHERE agent_id = ANY(%s) ORDER BY agent_id FOR UPDATE",
+        (ids,),
     )
-    row = await cur.fetchone()
-    assert row is not None
-    registered_at, registration_ts = row[0], row[1]
-    old = dict(zip(TRACKED_FIELDS, row[2:], strict=True))
-    if registration_ts is not None and reg.ts < registration_ts:
-        # An older registration committed after a newer one (two bridges, redelivery).
-        metrics.REGISTRATIONS.labels("out_of_order").inc()
-        return
-    new = registration_record(reg)
-    changes = changed_fields(old, new) if registered_at is not None else []
-    await conn.execute(
-        f"""
-        UPDATE agents SET {", ".join(f"{f} = %({f})s" for f in TRACKED_FIELDS)},
-               registered_at = now(), registration_ts = %(ts)s, updated_at = now()
-         WHERE agent_id = %(id)s
-        """,
-        {
-            **{f: Jsonb(v) if isinstance(v, dict) else v for f, v in new.items()},
-            "ts": reg.ts,
-            "id": agent_id,
-        },
-    )
-    if registered_at is None:
-        metrics.REGISTRATIONS.labels("new").inc()
-        await events.record(conn, [NewEvent(EventKind.AGENT_REGISTERED, agent_id, new)])
-        await security_event_async(
-            conn,
-            "first_registration",
-            [(agent_id, {k: new[k] for k in ("hostname", "platform", "ip_address",
-                                             "agent_version")})],
-        )  # fmt: skip
-        return
-    if not changes:
-        metrics.REGISTRATIONS.labels("unchanged").inc()
-        return
-    metrics.REGISTRATIONS.labels("changed").inc()
-    async with conn.cursor() as cur2:
-        await cur2.executemany(
-            "INSERT INTO agent_changes (time, agent_id, field, old_value, new_value)"
-            " VALUES (now(), %s, %s, %s, %s)",
-            [(agent_id, f, Jsonb(old[f]), Jsonb(new[f])) for f in changes],
+    state: dict[str, tuple[bool, Any, dict[str, Any]]] = {
+        row[0]: (row[1], row[2], dict(zip(TRACKED_FIELDS, row[3:], strict=True)))
+        for row in await cur.fetchall()
+    }
+    final: dict[str, tuple[dict[str, Any], Any]] = {}
+    changes: list[tuple[str, str, Any, Any]] = []
+    new_events: list[NewEvent] = []
+    first: list[tuple[str, dict[str, Any]]] = []
+    again: list[tuple[str, dict[str, Any]]] = []
+    for agent_id, reg in regs:
+        registered, registration_ts, old = state[agent_id]
+        if registration_ts is not None and reg.ts < registration_ts:
+            # An older registration committed after a newer one (two bridges, redelivery).
+            metrics.REGISTRATIONS.labels("out_of_order").inc()
+            continue
+        new = registration_record(reg)
+        state[agent_id] = (True, reg.ts, new)
+        final[agent_id] = (new, reg.ts)
+        if not registered:
+            metrics.REGISTRATIONS.labels("new").inc()
+            new_events.append(NewEvent(EventKind.AGENT_REGISTERED, agent_id, new))
+            first.append((agent_id, {k: new[k] for k in ("hostname", "platform", "ip_address",
+                                                         "agent_version")}))  # fmt: skip
+            new_events += as_events("first_registration", first[-1:])
+            continue
+        fields = changed_fields(old, new)
+        if not fields:
+            metrics.REGISTRATIONS.labels("unchanged").inc()
+            continue
+        metrics.REGISTRATIONS.labels("changed").inc()
+        changes += [(agent_id, f, old[f], new[f]) for f in fields]
+        new_events += [change_event(agent_id, f, old[f], new[f]) for f in fields]
+        again.append((agent_id, {"fields": fields, "registration_ts": reg.ts.isoformat()}))
+        new_events += as_events("re_registration", again[-1:])
+        log.info("agent re-registered with changes", extra={"agent_id": agent_id, "fields": fields})
+    if final:
+        written = sorted(final)
+        await conn.execute(
+            _SET_REGISTRATION,
+            (
+                written,
+                *(
+                    [
+                        Jsonb(final[a][0][f]) if f in ("hardware", "tags") else final[a][0][f]
+                        for a in written
+                    ]
+                    for f in TRACKED_FIELDS
+                ),
+                [final[a][1] for a in written],
+            ),
         )
-    await events.record(conn, [change_event(agent_id, f, old[f], new[f]) for f in changes])
-    await security_event_async(
-        conn,
-        "re_registration",
-        [(agent_id, {"fields": changes, "registration_ts": reg.ts.isoformat()})],
-    )
-    log.info("agent re-registered with changes", extra={"agent_id": agent_id, "fields": changes})
+    if changes:
+        await conn.execute(
+            "INSERT INTO agent_changes (time, agent_id, field, old_value, new_value)"
+            " SELECT now(), * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::jsonb[])",
+            (
+                [c[0] for c in changes],
+                [c[1] for c in changes],
+                [Jsonb(c[2]) for c in changes],
+                [Jsonb(c[3]) for c in changes],
+            ),
+        )
+    await security_event_async(conn, "first_registration", first, events_too=False)
+    await security_event_async(conn, "re_registration", again, events_too=False)
+    await events.record(conn, new_events)  # in the messages' order
 
 
 async def touch(conn: Conn, seen: dict[str, tuple[bool, bool]]) -> None:

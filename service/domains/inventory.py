@@ -8,7 +8,7 @@ nothing but the ordering guard; a changed one is also one `inventory.changed` ev
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,64 +77,96 @@ def change_event(agent_id: str, d: Diff) -> NewEvent:
     return NewEvent(EventKind.INVENTORY_CHANGED, agent_id, data)
 
 
-async def apply_inventory(
-    conn: psycopg.AsyncConnection[Any], agent_id: str, inv: Inventory
+async def apply_inventories(
+    conn: psycopg.AsyncConnection[Any], invs: Sequence[tuple[str, Inventory]]
 ) -> None:
-    """Apply a full software list (in the caller's transaction)."""
-    await conn.execute(
-        "INSERT INTO agents (agent_id) VALUES (%s) ON CONFLICT (agent_id) DO NOTHING", (agent_id,)
-    )
-    # The row lock serialises two bridges applying inventories of the same agent.
-    cur = await conn.execute(
-        "SELECT inventory_ts FROM agents WHERE agent_id = %s FOR UPDATE", (agent_id,)
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    if row[0] is not None and inv.ts < row[0]:
-        return  # an older list committed after a newer one: it must not roll back
-    cur = await conn.execute(
-        "SELECT name, version, publisher FROM inventory WHERE agent_id = %s", (agent_id,)
-    )
-    old: Listing = {name: (version, publisher) for name, version, publisher in await cur.fetchall()}
-    d = diff(old, listing(inv.software))
-    if not d:
-        await conn.execute(
-            "UPDATE agents SET inventory_ts = %s WHERE agent_id = %s", (inv.ts, agent_id)
-        )
+    """Apply full software lists (a batch's, in arrival order), in the caller's
+    transaction, with a fixed number of statements: the agents' rows are locked (this
+    serialises two bridges applying inventories of the same agent) and their lists read
+    once; each list is compared with the one before it; the `inventory` table gets each
+    agent's net difference, inventory_changes every list's own."""
+    if not invs:
         return
+    ids = sorted({agent_id for agent_id, _ in invs})
+    await conn.execute(
+        "INSERT INTO agents (agent_id) SELECT id FROM unnest(%s::text[]) AS u(id) ORDER BY id"
+        " ON CONFLICT (agent_id) DO NOTHING",
+        (ids,),
+    )
+    cur = await conn.execute(
+        "SELECT agent_id, inventory_ts FROM agents WHERE agent_id = ANY(%s)"
+        " ORDER BY agent_id FOR UPDATE",
+        (ids,),
+    )
+    ts: dict[str, Any] = dict(await cur.fetchall())
+    cur = await conn.execute(
+        "SELECT agent_id, name, version, publisher FROM inventory WHERE agent_id = ANY(%s)",
+        (ids,),
+    )
+    stored: dict[str, Listing] = {agent_id: {} for agent_id in ids}
+    for agent_id, name, version, publisher in await cur.fetchall():
+        stored[agent_id][name] = (version, publisher)
+    current = {agent_id: dict(lst) for agent_id, lst in stored.items()}
+    applied: dict[str, bool] = {}  # agent -> its list changed
+    history: list[tuple[str, str, str, str | None, str | None, str | None]] = []
+    changed_events: list[NewEvent] = []
+    for agent_id, inv in invs:
+        if ts[agent_id] is not None and inv.ts < ts[agent_id]:
+            continue  # an older list committed after a newer one: it must not roll back
+        ts[agent_id] = inv.ts
+        new = listing(inv.software)
+        d = diff(current[agent_id], new)
+        current[agent_id] = new
+        applied[agent_id] = applied.get(agent_id, False) or bool(d)
+        if not d:
+            continue
+        history += [(agent_id, n, "added", None, v, p) for n, v, p in d.added]
+        history += [(agent_id, n, "removed", v, None, p) for n, v, p in d.removed]
+        history += [(agent_id, n, "changed", o, v, p) for n, o, v, p in d.changed]
+        changed_events.append(change_event(agent_id, d))
+        metrics.INVENTORY_CHANGES.labels("added").inc(len(d.added))
+        metrics.INVENTORY_CHANGES.labels("removed").inc(len(d.removed))
+        metrics.INVENTORY_CHANGES.labels("changed").inc(len(d.changed))
+    net = {agent_id: diff(stored[agent_id], current[agent_id]) for agent_id in applied}
+    removed = [(a, n) for a, d in net.items() for n, _, _ in d.removed]
+    updated = [(a, n, v, p) for a, d in net.items() for n, _, v, p in d.changed]
+    added = [(a, n, v, p) for a, d in net.items() for n, v, p in d.added]
     async with conn.cursor() as c:
-        if d.removed:
+        if removed:
             await c.execute(
-                "DELETE FROM inventory WHERE agent_id = %s AND name = ANY(%s)",
-                (agent_id, [r[0] for r in d.removed]),
+                "DELETE FROM inventory i USING unnest(%s::text[], %s::text[]) AS u(id, name)"
+                " WHERE i.agent_id = u.id AND i.name = u.name",
+                ([r[0] for r in removed], [r[1] for r in removed]),
             )
-        if d.changed:
-            await c.executemany(
-                "UPDATE inventory SET version = %s, publisher = %s, updated_at = now()"
-                " WHERE agent_id = %s AND name = %s",
-                [(new, pub, agent_id, name) for name, _, new, pub in d.changed],
+        if updated:
+            await c.execute(
+                "UPDATE inventory i SET version = u.version, publisher = u.publisher,"
+                " updated_at = now()"
+                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])"
+                " AS u(id, name, version, publisher)"
+                " WHERE i.agent_id = u.id AND i.name = u.name",
+                tuple([r[i] for r in updated] for i in range(4)),
             )
-        if d.added:
+        if added:
             async with c.copy(
                 "COPY inventory (agent_id, name, version, publisher) FROM STDIN"
             ) as copy:
-                for name, version, publisher in d.added:
-                    await copy.write_row((agent_id, name, version, publisher))
-        async with c.copy(
-            "COPY inventory_changes (agent_id, name, change, old_version, new_version, publisher)"
-            " FROM STDIN"
-        ) as copy:
-            for name, version, publisher in d.added:
-                await copy.write_row((agent_id, name, "added", None, version, publisher))
-            for name, version, publisher in d.removed:
-                await copy.write_row((agent_id, name, "removed", version, None, publisher))
-            for name, old_v, new_v, publisher in d.changed:
-                await copy.write_row((agent_id, name, "changed", old_v, new_v, publisher))
-        await c.execute(
-            "UPDATE agents SET inventory_ts = %s, inventory_updated_at = now() WHERE agent_id = %s",
-            (inv.ts, agent_id),
-        )
-    await events.record(conn, [change_event(agent_id, d)])
-    metrics.INVENTORY_CHANGES.labels("added").inc(len(d.added))
-    metrics.INVENTORY_CHANGES.labels("removed").inc(len(d.removed))
-    metrics.INVENTORY_CHANGES.labels("changed").inc(len(d.changed))
+                for row in added:
+                    await copy.write_row(row)
+        if history:
+            async with c.copy(
+                "COPY inventory_changes"
+                " (agent_id, name, change, old_version, new_version, publisher) FROM STDIN"
+            ) as copy:
+                for change in history:
+                    await copy.write_row(change)
+        if applied:
+            agents = sorted(applied)
+            await c.execute(
+                "UPDATE agents a SET inventory_ts = u.ts, inventory_updated_at ="
+                " CASE WHEN u.changed THEN now() ELSE a.inventory_updated_at END"
+                " FROM unnest(%s::text[], %s::timestamptz[], %s::bool[]) AS u(id, ts, changed)"
+                " WHERE a.agent_id = u.id",
+                (agents, [ts[a] for a in agents], [applied[a] for a in agents]),
+            )
+    await events.record(conn, changed_events)

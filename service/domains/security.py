@@ -45,7 +45,8 @@ def _params(
     return event, [a for a, _ in rows], [Jsonb(d) for _, d in rows]
 
 
-def _events(event: SecurityEventKind, rows: Sequence[SecurityEvent]) -> list[NewEvent]:
+def as_events(event: SecurityEventKind, rows: Sequence[SecurityEvent]) -> list[NewEvent]:
+    """The events of these rows (one `security` event each)."""
     return [NewEvent(EventKind.SECURITY, a, {"event": event, "detail": d}) for a, d in rows]
 
 
@@ -56,13 +57,20 @@ def security_event(
     caller's transaction."""
     if rows:
         conn.execute(_INSERT, _params(event, rows))
-        events.record_sync(conn, _events(event, rows))
+        events.record_sync(conn, as_events(event, rows))
 
 
 async def security_event_async(
-    conn: psycopg.AsyncConnection[Any], event: SecurityEventKind, rows: Sequence[SecurityEvent]
+    conn: psycopg.AsyncConnection[Any],
+    event: SecurityEventKind,
+    rows: Sequence[SecurityEvent],
+    *,
+    events_too: bool = True,
 ) -> None:
-    """`security_event` on an async connection (the bridge)."""
+    """`security_event` on an async connection (the bridge). With events_too=False the
+    caller records `as_events(event, rows)` itself, among its own events in their order
+    (a batch of registrations or task reports)."""
     if rows:
         await conn.execute(_INSERT, _params(event, rows))
-        await events.record(conn, _events(event, rows))
+        if events_too:
+            await events.record(conn, as_events(event, rows))

@@ -4,7 +4,7 @@ SPEC "Tasks: lifecycle and the offline queue"; docs/tasks.md. The lifecycle's ru
 are the pure function `schemas.states.task_transition_allowed`; this module applies
 them to the database. Its callers are thin: the CLI (`create_tasks`, `cancel_task`),
 the bridge's outbox (`claim_due`, `mark_sent`, `expire`), its sweeps (`sweep`), the
-task-status handler (`apply_report`) and the status handler (`owe_again`).
+task-status handler (`apply_reports`) and the status handler (`owe_again`).
 
 Every task transition, and every report that changed nothing, leaves one row in
 task_events, and `record_events` is the only place that writes them.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 import psycopg
@@ -37,7 +37,7 @@ from schemas.states import task_transition_allowed as allowed
 from service import logs, metrics
 from service.domains import events
 from service.domains.events import NewEvent
-from service.domains.security import security_event_async
+from service.domains.security import as_events, security_event_async
 from service.domains.targets import Target, target_where
 
 log = logging.getLogger("eucora.tasks")
@@ -109,8 +109,11 @@ SELECT clock_timestamp(), e.* FROM unnest(
 """
 
 
-async def record_events(conn: Conn, history: Sequence[TaskEvent]) -> None:
-    """The one writer of task_events; each accepted row is also one event."""
+async def record_events(
+    conn: Conn, history: Sequence[TaskEvent], *, events_too: bool = True
+) -> None:
+    """The one writer of task_events; each accepted row is also one event (recorded
+    here, or with events_too=False by the caller, among its other events)."""
     if not history:
         return
     await conn.execute(
@@ -128,7 +131,8 @@ async def record_events(conn: Conn, history: Sequence[TaskEvent]) -> None:
             [e.reason for e in history],
         ),
     )
-    await events.record(conn, [e.event() for e in history if e.accepted])
+    if events_too:
+        await events.record(conn, [e.event() for e in history if e.accepted])
 
 
 async def notify_outbox(conn: Conn) -> None:
@@ -527,23 +531,31 @@ def task_log_fields(row: dict[str, Any]) -> dict[str, Any]:
 # agent stops a task itself at timeout_seconds).
 _OWE_AGAIN = f"""
 UPDATE tasks t SET next_publish_at = now()
- WHERE t.agent_id = %(agent_id)s
+ WHERE t.agent_id = ANY(%(agents)s)
    AND (t.next_publish_at IS NULL OR t.next_publish_at > now())
    AND ((t.status = ANY(%(unstarted)s) AND NOT t.cancel_requested AND {_EXPIRES} > now())
         OR (t.cancel_requested
             AND t.finished_at > now() - make_interval(secs => t.timeout_seconds)))
+RETURNING t.agent_id
 """
 
 
-async def owe_again(conn: Conn, agent_id: str) -> int:
-    """Owe `agent_id` its open tasks again (it came back without its session): they are
-    published on the outbox's next round. Returns how many tasks were set."""
-    cur = await conn.execute(_OWE_AGAIN, {"agent_id": agent_id, "unstarted": _states(*UNSTARTED)})
-    n = max(cur.rowcount, 0)
-    if n:
-        metrics.TASKS_OWED_AGAIN.inc(n)
+async def owe_again(conn: Conn, agent_ids: Sequence[str]) -> dict[str, int]:
+    """Owe these agents their open tasks again (they came back without their session):
+    they are published on the outbox's next round. Returns the count per agent owed
+    anything."""
+    if not agent_ids:
+        return {}
+    cur = await conn.execute(
+        _OWE_AGAIN, {"agents": sorted(set(agent_ids)), "unstarted": _states(*UNSTARTED)}
+    )
+    owed: dict[str, int] = {}
+    for (agent_id,) in await cur.fetchall():
+        owed[agent_id] = owed.get(agent_id, 0) + 1
+    if owed:
+        metrics.TASKS_OWED_AGAIN.inc(sum(owed.values()))
         await notify_outbox(conn)
-    return n
+    return owed
 
 
 # --- agent reports -------------------------------------------------------------------
@@ -595,37 +607,42 @@ def judge_report(
     return Verdict("illegal", f"{new.value} is not allowed from {current.value}")
 
 
+# One statement per round of a batch's reports (round k: each task's k-th report that
+# applies), so that no task appears twice in one UPDATE ... FROM.
 _APPLY = """
-UPDATE tasks SET
-    status = %(status)s,
-    progress = CASE WHEN %(progress)s::smallint IS NOT NULL THEN %(progress)s::smallint
-                    WHEN %(status)s = %(completed)s THEN 100 ELSE progress END,
-    result = coalesce(%(result)s, result),
-    error = coalesce(%(error)s, error),
-    assigned_at = coalesce(assigned_at, clock_timestamp()),
-    started_at = CASE WHEN %(status)s = %(running)s THEN coalesce(started_at, clock_timestamp())
-                      ELSE started_at END,
-    finished_at = CASE WHEN %(terminal)s THEN clock_timestamp() ELSE finished_at END,
+UPDATE tasks t SET
+    status = u.status,
+    progress = CASE WHEN u.progress IS NOT NULL THEN u.progress
+                    WHEN u.status = %(completed)s THEN 100 ELSE t.progress END,
+    result = coalesce(u.result, t.result),
+    error = coalesce(u.error, t.error),
+    assigned_at = coalesce(t.assigned_at, clock_timestamp()),
+    started_at = CASE WHEN u.status = %(running)s THEN coalesce(t.started_at, clock_timestamp())
+                      ELSE t.started_at END,
+    finished_at = CASE WHEN u.terminal THEN clock_timestamp() ELSE t.finished_at END,
     next_publish_at = NULL,
     updated_at = now()
- WHERE task_id = %(task_id)s
+  FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(progress)s::smallint[],
+              %(results)s::jsonb[], %(errors)s::text[], %(terminal)s::bool[])
+       AS u(task_id, status, progress, result, error, terminal)
+ WHERE t.task_id = u.task_id
 """
 
+# Which reports were recorded already: a QoS 1 redelivery, or the same report handled
+# by another bridge (plain subscriptions: each bridge gets every report).
 _SEEN = """
-SELECT 1 FROM task_events
- WHERE task_id = %s AND agent_id = %s AND status = %s AND source = 'agent'
-   AND detail->>'agent_ts' = %s
- LIMIT 1
+SELECT u.n FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[])
+       WITH ORDINALITY AS u(task_id, agent_id, status, agent_ts, n)
+ WHERE EXISTS (
+        SELECT 1 FROM task_events e
+         WHERE e.task_id = u.task_id AND e.agent_id = u.agent_id AND e.status = u.status
+           AND e.source = 'agent' AND e.detail->>'agent_ts' = u.agent_ts)
 """
-
-
-class UnknownTask(Exception):
-    """A report on a task that does not exist: there is no task to attach it to."""
 
 
 @dataclass(frozen=True)
 class ReportOutcome:
-    outcome: str  # a Verdict outcome, or "repeat" / "foreign"
+    outcome: str  # a Verdict outcome, or "repeat" / "foreign" / "unknown_task"
     task_id: uuid.UUID
     owner: str | None = None
     deployment_id: uuid.UUID | None = None
@@ -637,86 +654,131 @@ def _progress(value: float | None) -> int | None:
     return None if value is None else round(value)
 
 
-async def apply_report(conn: Conn, agent_id: str, report: TaskStatusReport) -> ReportOutcome:
-    """Apply an agent's task-status report (`agent_id` is the topic's: the broker's ACL
-    bound it to the account). The task's row is locked first, so the copies of a
-    report that two bridges handle at once serialise and the second one judges
-    against the first one's result. Raises UnknownTask."""
+async def apply_reports(
+    conn: Conn, reports: Sequence[tuple[str, TaskStatusReport]]
+) -> list[ReportOutcome]:
+    """Apply agents' task-status reports (a batch's, in arrival order; each `agent_id`
+    is its topic's: the broker's ACL bound it to the account), one outcome per report.
+    A fixed number of statements however many there are: the tasks' rows are locked
+    first (sorted), so the copies of a report that two bridges handle at once serialise
+    and the second judges against the first one's result; then the reports already
+    recorded are found in one query, every report is judged here against what the ones
+    before it left, and the changes are written set-wise. A report on a task that does
+    not exist gets the outcome "unknown_task" and writes nothing."""
+    if not reports:
+        return []
     cur = await conn.execute(
-        "SELECT agent_id, status, progress, correlation_id, deployment_id FROM tasks"
-        " WHERE task_id = %s FOR UPDATE",
-        (report.task_id,),
+        "SELECT task_id, agent_id, status, progress, correlation_id, deployment_id FROM tasks"
+        " WHERE task_id = ANY(%s) ORDER BY task_id FOR UPDATE",
+        (sorted({r.task_id for _, r in reports}),),
     )
-    row = await cur.fetchone()
-    if row is None:
-        metrics.TASK_REPORTS.labels("unknown_task").inc()
-        raise UnknownTask(f"task-status: no task {report.task_id}")
-    owner, current_text, current_progress, task_correlation, deployment_id = row
-    logs.bind(task_id=report.task_id, correlation_id=task_correlation, deployment_id=deployment_id)
-    agent_ts = report.ts.isoformat()
-    # The very message already recorded: a QoS 1 redelivery, or the same report handled
-    # by another bridge (plain subscriptions: each bridge gets every report). A new
-    # statement, so it sees what the lock holder committed.
-    cur = await conn.execute(_SEEN, (report.task_id, agent_id, report.status.value, agent_ts))
-    if await cur.fetchone() is not None:
-        metrics.TASK_REPORTS.labels("repeat").inc()
-        return ReportOutcome("repeat", report.task_id, owner)
-    current = TaskStatus(current_text)
-    correlation = (report.model_extra or {}).get("correlation_id")
-    detail: dict[str, Any] = {"agent_ts": agent_ts}
-    if report.error is not None:
-        detail["error"] = report.error[:1000]
+    tasks: dict[uuid.UUID, list[Any]] = {row[0]: list(row[1:]) for row in await cur.fetchall()}
+    # A new statement after the locks: it sees what their holders committed.
+    cur = await conn.execute(
+        _SEEN,
+        (
+            [r.task_id for _, r in reports],
+            [agent_id for agent_id, _ in reports],
+            [r.status.value for _, r in reports],
+            [r.ts.isoformat() for _, r in reports],
+        ),
+    )
+    seen = {n - 1 for (n,) in await cur.fetchall()}
+    recorded: set[tuple[uuid.UUID, str, str, str]] = set()
+    outcomes: list[ReportOutcome] = []
+    history: list[TaskEvent] = []
+    foreign: list[tuple[str, dict[str, Any]]] = []
+    ordered: list[NewEvent] = []  # the events of history and foreign, in order
+    rounds: list[dict[uuid.UUID, TaskStatusReport]] = []  # see _APPLY
+    applied_before: dict[uuid.UUID, int] = {}
+    for i, (agent_id, report) in enumerate(reports):
+        task = tasks.get(report.task_id)
+        if task is None:
+            metrics.TASK_REPORTS.labels("unknown_task").inc()
+            outcomes.append(ReportOutcome("unknown_task", report.task_id))
+            continue
+        owner, current_text, current_progress, task_correlation, deployment_id = task
+        agent_ts = report.ts.isoformat()
+        key = (report.task_id, agent_id, report.status.value, agent_ts)
+        if i in seen or key in recorded:
+            metrics.TASK_REPORTS.labels("repeat").inc()
+            outcomes.append(ReportOutcome("repeat", report.task_id, owner))
+            continue
+        recorded.add(key)
+        current = TaskStatus(current_text)
+        correlation = (report.model_extra or {}).get("correlation_id")
+        detail: dict[str, Any] = {"agent_ts": agent_ts}
+        if report.error is not None:
+            detail["error"] = report.error[:1000]
 
-    def event(accepted: bool, reason: str | None) -> TaskEvent:
-        return TaskEvent(
+        base = TaskEvent(
             report.task_id, agent_id, report.status.value, current.value, "agent",
             correlation if isinstance(correlation, str) else task_correlation,
-            reason, _progress(report.progress), detail, accepted,
+            None, _progress(report.progress), detail,
         )  # fmt: skip
 
-    if owner != agent_id:
-        # The ACL lets an agent publish only on its own topics, but nothing stops it
-        # from naming another agent's task_id in the payload.
-        metrics.TASK_REPORTS.labels("foreign").inc()
-        await record_events(
-            conn, [event(False, f"foreign: reported by {agent_id}, task of {owner}")]
-        )
-        await security_event_async(
-            conn,
-            "foreign_task_report",
-            [(agent_id, {"task_id": str(report.task_id), "owner": owner,
-                         "status": report.status.value})],
-        )  # fmt: skip
-        log.warning(
-            "an agent reported on another agent's task",
-            extra={"agent_id": agent_id, "task_id": str(report.task_id), "owner": owner},
-        )
-        return ReportOutcome("foreign", report.task_id, owner)
+        fields = {"agent_id": agent_id, "task_id": report.task_id,
+                  "correlation_id": task_correlation, "deployment_id": deployment_id}  # fmt: skip
+        if owner != agent_id:
+            # The ACL lets an agent publish only on its own topics, but nothing stops it
+            # from naming another agent's task_id in the payload.
+            metrics.TASK_REPORTS.labels("foreign").inc()
+            reason = f"foreign: reported by {agent_id}, task of {owner}"
+            history.append(replace(base, accepted=False, reason=reason))
+            foreign.append((agent_id, {"task_id": str(report.task_id), "owner": owner,
+                                       "status": report.status.value}))  # fmt: skip
+            ordered += as_events("foreign_task_report", foreign[-1:])
+            with logs.context(**fields):
+                log.warning("an agent reported on another agent's task", extra={"owner": owner})
+            outcomes.append(ReportOutcome("foreign", report.task_id, owner))
+            continue
 
-    verdict = judge_report(current, report.status, current_progress, report.progress)
-    metrics.TASK_REPORTS.labels(verdict.outcome).inc()
-    if verdict.applies:
+        verdict = judge_report(current, report.status, current_progress, report.progress)
+        metrics.TASK_REPORTS.labels(verdict.outcome).inc()
+        if verdict.applies:
+            # The row as this report leaves it, for the reports after it in the batch.
+            task[1] = report.status.value
+            if report.progress is not None:
+                task[2] = _progress(report.progress)
+            elif report.status is _S.COMPLETED:
+                task[2] = 100
+            k = applied_before.get(report.task_id, 0)
+            applied_before[report.task_id] = k + 1
+            if k == len(rounds):
+                rounds.append({})
+            rounds[k][report.task_id] = report
+        history.append(replace(base, accepted=verdict.applies, reason=verdict.reason))
+        if verdict.applies:
+            ordered.append(history[-1].event())
+        # One line per task at INFO (its outcome); the steps before it at DEBUG.
+        with logs.context(**fields):
+            log.log(
+                logging.INFO if verdict.applies and report.status in TERMINAL else logging.DEBUG,
+                "task report",
+                extra={"status": report.status.value, "outcome": verdict.outcome},
+            )
+        status = report.status if verdict.applies else None
+        outcomes.append(
+            ReportOutcome(verdict.outcome, report.task_id, owner, deployment_id, status)
+        )
+    for applied in rounds:
+        ids = sorted(applied)
         await conn.execute(
             _APPLY,
             {
-                "task_id": report.task_id,
-                "status": report.status.value,
-                "progress": _progress(report.progress),
-                "result": Jsonb(report.result) if report.result is not None else None,
-                "error": report.error,
-                "terminal": report.status in TERMINAL,
+                "ids": ids,
+                "statuses": [applied[t].status.value for t in ids],
+                "progress": [_progress(applied[t].progress) for t in ids],
+                "results": [
+                    None if applied[t].result is None else Jsonb(applied[t].result) for t in ids
+                ],
+                "errors": [applied[t].error for t in ids],
+                "terminal": [applied[t].status in TERMINAL for t in ids],
                 "completed": _S.COMPLETED.value,
                 "running": _S.IN_PROGRESS.value,
             },
         )
-    await record_events(conn, [event(verdict.applies, verdict.reason)])
-    # One line per task at INFO (its outcome); the steps before it at DEBUG.
-    log.log(
-        logging.INFO if verdict.applies and report.status in TERMINAL else logging.DEBUG,
-        "task report",
-        extra={"status": report.status.value, "outcome": verdict.outcome},
-    )
-    return ReportOutcome(
-        verdict.outcome, report.task_id, owner, deployment_id,
-        report.status if verdict.applies else None,
-    )  # fmt: skip
+    await record_events(conn, history, events_too=False)
+    await security_event_async(conn, "foreign_task_report", foreign, events_too=False)
+    await events.record(conn, ordered)  # in the reports' order
+    return outcomes
