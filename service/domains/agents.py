@@ -101,7 +101,7 @@ def status_event(
     )
 
 
-async def _ensure_agents(conn: Conn, ids: Sequence[str]) -> None:
+async def ensure_agents(conn: Conn, ids: Sequence[str]) -> None:
     """Rows for agents never seen before (sorted: the same lock order everywhere)."""
     await conn.execute(
         "INSERT INTO agents (agent_id) SELECT id FROM unnest(%s::text[]) AS u(id) ORDER BY id"
@@ -160,7 +160,7 @@ async def apply_statuses(conn: Conn, msgs: Sequence[tuple[str, Status]]) -> list
     if not msgs:
         return []
     ids = sorted({agent_id for agent_id, _ in msgs})
-    await _ensure_agents(conn, ids)
+    await ensure_agents(conn, ids)
     cur = await conn.execute(
         "SELECT agent_id, status, status_epoch, session_present FROM agents"
         " WHERE agent_id = ANY(%s) ORDER BY agent_id FOR UPDATE",
@@ -275,7 +275,7 @@ async def apply_registrations(conn: Conn, regs: Sequence[tuple[str, Register]]) 
     if not regs:
         return
     ids = sorted({agent_id for agent_id, _ in regs})
-    await _ensure_agents(conn, ids)
+    await ensure_agents(conn, ids)
     cur = await conn.execute(
         f"SELECT agent_id, registered_at IS NOT NULL, registration_ts, {', '.join(TRACKED_FIELDS)}"
         " FROM agents WHERE agent_id = ANY(%s) ORDER BY agent_id FOR UPDATE",

@@ -17,7 +17,7 @@ import psycopg
 from schemas.events import EventKind
 from schemas.payloads import Inventory, Software
 from service import metrics
-from service.domains import events
+from service.domains import agents, events
 from service.domains.events import NewEvent
 
 # name -> (version, publisher)
@@ -88,11 +88,7 @@ async def apply_inventories(
     if not invs:
         return
     ids = sorted({agent_id for agent_id, _ in invs})
-    await conn.execute(
-        "INSERT INTO agents (agent_id) SELECT id FROM unnest(%s::text[]) AS u(id) ORDER BY id"
-        " ON CONFLICT (agent_id) DO NOTHING",
-        (ids,),
-    )
+    await agents.ensure_agents(conn, ids)
     cur = await conn.execute(
         "SELECT agent_id, inventory_ts FROM agents WHERE agent_id = ANY(%s)"
         " ORDER BY agent_id FOR UPDATE",
@@ -161,12 +157,12 @@ async def apply_inventories(
                 for change in history:
                     await copy.write_row(change)
         if applied:
-            agents = sorted(applied)
+            ids_applied = sorted(applied)
             await c.execute(
                 "UPDATE agents a SET inventory_ts = u.ts, inventory_updated_at ="
                 " CASE WHEN u.changed THEN now() ELSE a.inventory_updated_at END"
                 " FROM unnest(%s::text[], %s::timestamptz[], %s::bool[]) AS u(id, ts, changed)"
                 " WHERE a.agent_id = u.id",
-                (agents, [ts[a] for a in agents], [applied[a] for a in agents]),
+                (ids_applied, [ts[a] for a in ids_applied], [applied[a] for a in ids_applied]),
             )
     await events.record(conn, changed_events)
