@@ -20,6 +20,7 @@ most 15,000 agents) and measures, in one run:
    same run a raw publisher (paho, QoS 1, the bridge's account) sends the same number
    of task-sized messages to the same agents' task topics on their home brokers
    (cancels of unknown task ids, which agents ignore), timed until its last PUBACK;
+   and, before anything else runs, seconds until every task finished (COMPLETED);
 4. telemetry: samples stored per agent over a window of --telemetry-window seconds at
    the fleet's rate, the publish-to-commit lag (p50/p99 of received_at - ts), and at
    the end every sample the simulator sent stored exactly once.
@@ -52,6 +53,7 @@ from typer.testing import CliRunner
 
 from cli.agents import app as agents_app
 from cli.tasks import app as tasks_app
+from schemas.states import TERMINAL
 from schemas.topics import Kind, TopicTree
 from service import identity
 from service.stack.process import StackError, free_port, free_port_range, wait_for
@@ -260,6 +262,13 @@ def fanout(stack: Stack, database: str, n: int, timeout: float) -> dict[str, Any
     wait_for(lambda: scalar(database, count + "status <> 'PENDING'", correlation) == n, timeout,
              "every task acknowledged", 0.25)  # fmt: skip
     assigned = round(time.monotonic() - started, 1)
+    # And finished: what follows (a storm SIGKILLs a broker) must not meet the agents'
+    # last reports still queued there, with samples among them (a killed broker loses
+    # what it queued for the bridge: docs/scale.md).
+    terminal = [s.value for s in TERMINAL]
+    wait_for(lambda: scalar(database, count + "status = ANY(%s)", correlation, terminal) == n,
+             timeout, "every task finished", 0.25)  # fmt: skip
+    finished = round(time.monotonic() - started, 1)
     # The baseline: the same number of messages of the same size to the same topics.
     tree = TopicTree()
     with psycopg.connect(database) as conn:
@@ -286,6 +295,7 @@ def fanout(stack: Stack, database: str, n: int, timeout: float) -> dict[str, Any
         "seconds_create": created,
         "seconds_to_all_published": published,
         "seconds_to_all_assigned": assigned,
+        "seconds_to_all_finished": finished,
         "raw_publisher_seconds_to_all_pubacks": raw,
         "ratio_published_vs_raw": round(published / max(raw, 0.1), 2),
     }
