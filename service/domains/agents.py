@@ -104,7 +104,7 @@ def status_event(
 async def ensure_agents(conn: Conn, ids: Sequence[str]) -> None:
     """Rows for agents never seen before (sorted: the same lock order everywhere)."""
     await conn.execute(
-        "INSERT INTO agents (agent_id) SELECT id FROM unnest(%s::text[]) AS u(id) ORDER BY id"
+        "INSERT INTO agents (agent_id) SELECT id FROM unnest(%b::text[]) AS u(id) ORDER BY id"
         " ON CONFLICT (agent_id) DO NOTHING",
         (sorted(set(ids)),),
     )
@@ -117,8 +117,8 @@ _STATUS_ROWS = """
 INSERT INTO agent_status_events
     (time, agent_id, state, epoch, reason, source, session_present, accepted)
 SELECT clock_timestamp(), u.id, u.state, u.epoch, u.reason, u.source, u.sp, u.accepted
-  FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::bool[],
-              %s::bool[]) WITH ORDINALITY AS u(id, state, epoch, reason, source, sp, accepted, n)
+  FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::text[], %b::text[], %b::bool[],
+              %b::bool[]) WITH ORDINALITY AS u(id, state, epoch, reason, source, sp, accepted, n)
  WHERE u.accepted OR NOT EXISTS (
         SELECT 1 FROM agent_status_events e
          WHERE e.agent_id = u.id AND e.state = u.state AND e.epoch = u.epoch AND NOT e.accepted)
@@ -129,7 +129,7 @@ _SET_STATUS = """
 UPDATE agents a SET status = u.state, status_epoch = u.epoch,
        status_changed_at = clock_timestamp(), status_reason = u.reason,
        session_present = u.sp, updated_at = now()
-  FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::bool[])
+  FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::text[], %b::bool[])
        AS u(id, state, epoch, reason, sp)
  WHERE a.agent_id = u.id
 """
@@ -163,7 +163,7 @@ async def apply_statuses(conn: Conn, msgs: Sequence[tuple[str, Status]]) -> list
     await ensure_agents(conn, ids)
     cur = await conn.execute(
         "SELECT agent_id, status, status_epoch, session_present FROM agents"
-        " WHERE agent_id = ANY(%s) ORDER BY agent_id FOR UPDATE",
+        " WHERE agent_id = ANY(%b) ORDER BY agent_id FOR UPDATE",
         (ids,),
     )
     now: dict[str, tuple[str | None, int | None, bool | None]] = {
@@ -261,9 +261,9 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 _SET_REGISTRATION = f"""
 UPDATE agents a SET {", ".join(f"{f} = u.{f}" for f in TRACKED_FIELDS)},
        registered_at = now(), registration_ts = u.ts, updated_at = now()
-  FROM unnest(%s::text[], {
-    ", ".join("%s::jsonb[]" if f in ("hardware", "tags") else "%s::text[]" for f in TRACKED_FIELDS)
-}, %s::timestamptz[]) AS u(id, {", ".join(TRACKED_FIELDS)}, ts)
+  FROM unnest(%b::text[], {
+    ", ".join("%b::jsonb[]" if f in ("hardware", "tags") else "%b::text[]" for f in TRACKED_FIELDS)
+}, %b::timestamptz[]) AS u(id, {", ".join(TRACKED_FIELDS)}, ts)
  WHERE a.agent_id = u.id
 """
 
@@ -278,7 +278,7 @@ async def apply_registrations(conn: Conn, regs: Sequence[tuple[str, Register]]) 
     await ensure_agents(conn, ids)
     cur = await conn.execute(
         f"SELECT agent_id, registered_at IS NOT NULL, registration_ts, {', '.join(TRACKED_FIELDS)}"
-        " FROM agents WHERE agent_id = ANY(%s) ORDER BY agent_id FOR UPDATE",
+        " FROM agents WHERE agent_id = ANY(%b) ORDER BY agent_id FOR UPDATE",
         (ids,),
     )
     state: dict[str, tuple[bool, Any, dict[str, Any]]] = {
@@ -335,7 +335,7 @@ async def apply_registrations(conn: Conn, regs: Sequence[tuple[str, Register]]) 
     if changes:
         await conn.execute(
             "INSERT INTO agent_changes (time, agent_id, field, old_value, new_value)"
-            " SELECT now(), * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::jsonb[])",
+            " SELECT now(), * FROM unnest(%b::text[], %b::text[], %b::jsonb[], %b::jsonb[])",
             (
                 [c[0] for c in changes],
                 [c[1] for c in changes],
@@ -357,7 +357,7 @@ async def touch(conn: Conn, seen: dict[str, tuple[bool, bool]]) -> None:
         """
         INSERT INTO agents AS a (agent_id, last_seen, last_heartbeat_at, last_telemetry_at)
         SELECT id, now(), CASE WHEN hb THEN now() END, CASE WHEN tel THEN now() END
-          FROM unnest(%s::text[], %s::bool[], %s::bool[]) AS u(id, hb, tel)
+          FROM unnest(%b::text[], %b::bool[], %b::bool[]) AS u(id, hb, tel)
         ON CONFLICT (agent_id) DO UPDATE SET
             last_seen = now(),
             last_heartbeat_at = coalesce(EXCLUDED.last_heartbeat_at, a.last_heartbeat_at),
@@ -374,7 +374,7 @@ async def record_buffers(conn: Conn, buffers: dict[str, tuple[int | None, int]])
     await conn.execute(
         """
         UPDATE agents a SET buffered_samples = u.buffered, dropped_samples = u.dropped
-          FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS u(id, buffered, dropped)
+          FROM unnest(%b::text[], %b::bigint[], %b::bigint[]) AS u(id, buffered, dropped)
          WHERE a.agent_id = u.id
         """,
         (ids, [buffers[i][0] for i in ids], [buffers[i][1] for i in ids]),

@@ -102,7 +102,7 @@ def parse_cursor(text: str) -> Position:
 
 _RECORD = """
 WITH e AS MATERIALIZED (
-    SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[])
+    SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::jsonb[])
            WITH ORDINALITY AS e(agent_id, kind, correlation_id, data, n)
 ), numbered AS (
     INSERT INTO event_seqs AS s (agent_id, last_seq, last_xid)
@@ -147,7 +147,7 @@ def record_sync(conn: SyncConn, events: Sequence[NewEvent]) -> None:
 
 _LOCK_AGENTS = """
 INSERT INTO event_seqs AS s (agent_id, last_seq, last_xid)
-SELECT id, 0, '0' FROM unnest(%s::text[]) AS u(id) ORDER BY id
+SELECT id, 0, '0' FROM unnest(%b::text[]) AS u(id) ORDER BY id
 ON CONFLICT (agent_id) DO UPDATE SET last_seq = s.last_seq
 """
 
@@ -176,7 +176,7 @@ SELECT s.visible::text, s.horizon_xid::text, s.horizon_id, s.days,
         WHERE (xid, id) > (%(xid)s::text::xid8, %(id)s::bigint)
           AND xid < s.visible
           AND (%(agent)s::text IS NULL OR agent_id = %(agent)s::text)
-          AND (%(kinds)s::text[] IS NULL OR kind = ANY(%(kinds)s::text[]))
+          AND (%(kinds)b::text[] IS NULL OR kind = ANY(%(kinds)b::text[]))
         ORDER BY xid, id
         LIMIT %(limit)s) e ON true
 """

@@ -90,13 +90,13 @@ async def apply_inventories(
     ids = sorted({agent_id for agent_id, _ in invs})
     await agents.ensure_agents(conn, ids)
     cur = await conn.execute(
-        "SELECT agent_id, inventory_ts FROM agents WHERE agent_id = ANY(%s)"
+        "SELECT agent_id, inventory_ts FROM agents WHERE agent_id = ANY(%b)"
         " ORDER BY agent_id FOR UPDATE",
         (ids,),
     )
     ts: dict[str, Any] = dict(await cur.fetchall())
     cur = await conn.execute(
-        "SELECT agent_id, name, version, publisher FROM inventory WHERE agent_id = ANY(%s)",
+        "SELECT agent_id, name, version, publisher FROM inventory WHERE agent_id = ANY(%b)",
         (ids,),
     )
     stored: dict[str, Listing] = {agent_id: {} for agent_id in ids}
@@ -130,7 +130,7 @@ async def apply_inventories(
     async with conn.cursor() as c:
         if removed:
             await c.execute(
-                "DELETE FROM inventory i USING unnest(%s::text[], %s::text[]) AS u(id, name)"
+                "DELETE FROM inventory i USING unnest(%b::text[], %b::text[]) AS u(id, name)"
                 " WHERE i.agent_id = u.id AND i.name = u.name",
                 ([r[0] for r in removed], [r[1] for r in removed]),
             )
@@ -138,7 +138,7 @@ async def apply_inventories(
             await c.execute(
                 "UPDATE inventory i SET version = u.version, publisher = u.publisher,"
                 " updated_at = now()"
-                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])"
+                " FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[])"
                 " AS u(id, name, version, publisher)"
                 " WHERE i.agent_id = u.id AND i.name = u.name",
                 tuple([r[i] for r in updated] for i in range(4)),
@@ -161,7 +161,7 @@ async def apply_inventories(
             await c.execute(
                 "UPDATE agents a SET inventory_ts = u.ts, inventory_updated_at ="
                 " CASE WHEN u.changed THEN now() ELSE a.inventory_updated_at END"
-                " FROM unnest(%s::text[], %s::timestamptz[], %s::bool[]) AS u(id, ts, changed)"
+                " FROM unnest(%b::text[], %b::timestamptz[], %b::bool[]) AS u(id, ts, changed)"
                 " WHERE a.agent_id = u.id",
                 (ids_applied, [ts[a] for a in ids_applied], [applied[a] for a in ids_applied]),
             )

@@ -35,7 +35,7 @@ SecurityEvent = tuple[str | None, dict[str, Any]]  # (agent_id or None: unknown,
 _INSERT = """
 INSERT INTO security_events (time, agent_id, event, detail)
 SELECT now(), u.agent_id, %s, u.detail
-  FROM unnest(%s::text[], %s::jsonb[]) AS u(agent_id, detail)
+  FROM unnest(%b::text[], %b::jsonb[]) AS u(agent_id, detail)
 """
 
 

@@ -104,8 +104,8 @@ _RECORD = """
 INSERT INTO task_events (time, task_id, agent_id, status, previous_status, source,
                          correlation_id, progress, detail, accepted, reason)
 SELECT clock_timestamp(), e.* FROM unnest(
-    %s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::smallint[],
-    %s::jsonb[], %s::bool[], %s::text[]) AS e
+    %b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::smallint[],
+    %b::jsonb[], %b::bool[], %b::text[]) AS e
 """
 
 
@@ -275,7 +275,7 @@ UPDATE tasks t SET status = %(new)s, finished_at = now(), updated_at = now(),
        cancel_requested = t.attempts > 0,
        next_publish_at = CASE WHEN t.attempts > 0 THEN now() END,
        error = coalesce(t.error, %(reason)s)
-  FROM (SELECT task_id, status FROM tasks WHERE task_id = ANY(%(ids)s) AND status = ANY(%(from)s)
+  FROM (SELECT task_id, status FROM tasks WHERE task_id = ANY(%(ids)b) AND status = ANY(%(from)b)
          ORDER BY task_id FOR UPDATE) old
  WHERE t.task_id = old.task_id
 RETURNING t.task_id, t.agent_id, t.correlation_id, old.status, t.attempts > 0
@@ -337,7 +337,7 @@ async def cancel_command(
 _TIMEOUT = """
 WITH due AS (
     SELECT task_id, status FROM tasks
-     WHERE status = ANY(%(from)s)
+     WHERE status = ANY(%(from)b)
        AND CASE WHEN status = %(running)s
                 THEN coalesce(started_at, assigned_at, updated_at)
                 ELSE coalesce(assigned_at, updated_at) END
@@ -357,7 +357,7 @@ _EXPIRE = f"""
 WITH due AS (
     SELECT task_id FROM tasks t
      WHERE status = %(pending)s AND {_EXPIRES} <= now()
-       AND (%(ids)s::uuid[] IS NULL OR task_id = ANY(%(ids)s::uuid[]))
+       AND (%(ids)b::uuid[] IS NULL OR task_id = ANY(%(ids)b::uuid[]))
      ORDER BY task_id
      FOR UPDATE SKIP LOCKED
 )
@@ -430,8 +430,8 @@ SELECT t.task_id, t.agent_id, t.type, t.payload, t.status, t.timeout_seconds,
        coalesce(a.broker_id, %(default_broker)s) AS broker_id
   FROM tasks t LEFT JOIN agents a ON a.agent_id = t.agent_id
  WHERE t.next_publish_at <= now()
-   AND (%(brokers)s::integer[] IS NULL
-        OR coalesce(a.broker_id, %(default_broker)s) = ANY(%(brokers)s::integer[]))
+   AND (%(brokers)b::integer[] IS NULL
+        OR coalesce(a.broker_id, %(default_broker)s) = ANY(%(brokers)b::integer[]))
    AND (t.attempts = 0 OR t.cancel_requested OR t.status <> ALL(%(unstarted)s)
         OR (a.status = 'online' AND NOT a.stale))
  ORDER BY t.next_publish_at
@@ -447,7 +447,7 @@ UPDATE tasks t SET
                            THEN clock_timestamp() + make_interval(
                                secs => %(redelivery)s * power(2, least(t.attempts, 3))) END,
     updated_at = now()
-  FROM unnest(%(ids)s::uuid[], %(what)s::text[]) AS u(id, what)
+  FROM unnest(%(ids)b::uuid[], %(what)b::text[]) AS u(id, what)
  WHERE t.task_id = u.id
 """
 
@@ -531,9 +531,9 @@ def task_log_fields(row: dict[str, Any]) -> dict[str, Any]:
 # agent stops a task itself at timeout_seconds).
 _OWE_AGAIN = f"""
 UPDATE tasks t SET next_publish_at = now()
- WHERE t.agent_id = ANY(%(agents)s)
+ WHERE t.agent_id = ANY(%(agents)b)
    AND (t.next_publish_at IS NULL OR t.next_publish_at > now())
-   AND ((t.status = ANY(%(unstarted)s) AND NOT t.cancel_requested AND {_EXPIRES} > now())
+   AND ((t.status = ANY(%(unstarted)b) AND NOT t.cancel_requested AND {_EXPIRES} > now())
         OR (t.cancel_requested
             AND t.finished_at > now() - make_interval(secs => t.timeout_seconds)))
 RETURNING t.agent_id
@@ -622,8 +622,8 @@ UPDATE tasks t SET
     finished_at = CASE WHEN u.terminal THEN clock_timestamp() ELSE t.finished_at END,
     next_publish_at = NULL,
     updated_at = now()
-  FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(progress)s::smallint[],
-              %(results)s::jsonb[], %(errors)s::text[], %(terminal)s::bool[])
+  FROM unnest(%(ids)b::uuid[], %(statuses)b::text[], %(progress)b::smallint[],
+              %(results)b::jsonb[], %(errors)b::text[], %(terminal)b::bool[])
        AS u(task_id, status, progress, result, error, terminal)
  WHERE t.task_id = u.task_id
 """
@@ -631,7 +631,7 @@ UPDATE tasks t SET
 # Which reports were recorded already: a QoS 1 redelivery, or the same report handled
 # by another bridge (plain subscriptions: each bridge gets every report).
 _SEEN = """
-SELECT u.n FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[])
+SELECT u.n FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[])
        WITH ORDINALITY AS u(task_id, agent_id, status, agent_ts, n)
  WHERE EXISTS (
         SELECT 1 FROM task_events e
@@ -669,7 +669,7 @@ async def apply_reports(
         return []
     cur = await conn.execute(
         "SELECT task_id, agent_id, status, progress, correlation_id, deployment_id FROM tasks"
-        " WHERE task_id = ANY(%s) ORDER BY task_id FOR UPDATE",
+        " WHERE task_id = ANY(%b) ORDER BY task_id FOR UPDATE",
         (sorted({r.task_id for _, r in reports}),),
     )
     tasks: dict[uuid.UUID, list[Any]] = {row[0]: list(row[1:]) for row in await cur.fetchall()}
