@@ -162,18 +162,17 @@ async def apply_statuses(conn: Conn, msgs: Sequence[tuple[str, Status]]) -> list
     ids = sorted({agent_id for agent_id, _ in msgs})
     await ensure_agents(conn, ids)
     cur = await conn.execute(
-        "SELECT agent_id, status, status_epoch, session_present FROM agents"
+        "SELECT agent_id, status, status_epoch, status_reason, session_present FROM agents"
         " WHERE agent_id = ANY(%b) ORDER BY agent_id FOR UPDATE",
         (ids,),
     )
-    now: dict[str, tuple[str | None, int | None, bool | None]] = {
-        agent_id: (status, epoch, sp) for agent_id, status, epoch, sp in await cur.fetchall()
-    }
+    # Each agent's (status, epoch, reason, session_present) as the messages so far left it.
+    now: dict[str, tuple[Any, ...]] = {row[0]: row[1:] for row in await cur.fetchall()}
     rows: list[StatusRow] = []
     ignored_seen: set[tuple[str, str, int]] = set()
-    final: dict[str, tuple[str, int, str | None, bool | None]] = {}
+    changed: set[str] = set()
     for agent_id, msg in msgs:
-        current, current_epoch, current_sp = now[agent_id]
+        current, current_epoch, _, current_sp = now[agent_id]
         result = judge(current, current_epoch, msg.state, msg.epoch)
         source = "last_will" if msg.reason == WILL_REASON else "agent"
         if result.verdict is Verdict.DUPLICATE:
@@ -192,22 +191,13 @@ async def apply_statuses(conn: Conn, msgs: Sequence[tuple[str, Status]]) -> list
             )  # fmt: skip
             continue
         sp = msg.session_present if msg.state is AgentState.ONLINE else current_sp
-        now[agent_id] = (msg.state.value, msg.epoch, sp)
-        final[agent_id] = (msg.state.value, msg.epoch, msg.reason, sp)
+        now[agent_id] = (msg.state.value, msg.epoch, msg.reason, sp)
+        changed.add(agent_id)
         rows.append(StatusRow(agent_id, msg, True, msg.reason, source))
         metrics.STATUS_TRANSITIONS.labels(msg.state.value).inc()
-    if final:
-        changed = sorted(final)
-        await conn.execute(
-            _SET_STATUS,
-            (
-                changed,
-                [final[a][0] for a in changed],
-                [final[a][1] for a in changed],
-                [final[a][2] for a in changed],
-                [final[a][3] for a in changed],
-            ),
-        )
+    if changed:
+        ids = sorted(changed)
+        await conn.execute(_SET_STATUS, (ids, *([now[a][i] for a in ids] for i in range(4))))
     if rows:
         await conn.execute(
             _STATUS_ROWS,
@@ -285,7 +275,7 @@ async def apply_registrations(conn: Conn, regs: Sequence[tuple[str, Register]]) 
         row[0]: (row[1], row[2], dict(zip(TRACKED_FIELDS, row[3:], strict=True)))
         for row in await cur.fetchall()
     }
-    final: dict[str, tuple[dict[str, Any], Any]] = {}
+    written: set[str] = set()
     changes: list[tuple[str, str, Any, Any]] = []
     new_events: list[NewEvent] = []
     first: list[tuple[str, dict[str, Any]]] = []
@@ -298,7 +288,7 @@ async def apply_registrations(conn: Conn, regs: Sequence[tuple[str, Register]]) 
             continue
         new = registration_record(reg)
         state[agent_id] = (True, reg.ts, new)
-        final[agent_id] = (new, reg.ts)
+        written.add(agent_id)
         if not registered:
             metrics.REGISTRATIONS.labels("new").inc()
             new_events.append(NewEvent(EventKind.AGENT_REGISTERED, agent_id, new))
@@ -316,20 +306,20 @@ async def apply_registrations(conn: Conn, regs: Sequence[tuple[str, Register]]) 
         again.append((agent_id, {"fields": fields, "registration_ts": reg.ts.isoformat()}))
         new_events += as_events("re_registration", again[-1:])
         log.info("agent re-registered with changes", extra={"agent_id": agent_id, "fields": fields})
-    if final:
-        written = sorted(final)
+    if written:
+        ids = sorted(written)  # each as its last registration in the batch left it
         await conn.execute(
             _SET_REGISTRATION,
             (
-                written,
+                ids,
                 *(
                     [
-                        Jsonb(final[a][0][f]) if f in ("hardware", "tags") else final[a][0][f]
-                        for a in written
+                        Jsonb(state[a][2][f]) if f in ("hardware", "tags") else state[a][2][f]
+                        for a in ids
                     ]
                     for f in TRACKED_FIELDS
                 ),
-                [final[a][1] for a in written],
+                [state[a][1] for a in ids],
             ),
         )
     if changes:
