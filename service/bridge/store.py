@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -34,7 +34,7 @@ from schemas.states import DeadLetterReason
 from schemas.topics import Kind
 from service import metrics
 from service.bridge.message import Inbound
-from service.bridge.routes import Routes
+from service.bridge.routes import Reject, Routes
 from service.db.connect import connect_async
 from service.domains import agents, dead_letters, events, security, telemetry
 from service.domains.dead_letters import DeadLetter
@@ -240,9 +240,7 @@ class Store:
             self._touched[agent_id] = (now, hb, tel)
         return dead
 
-    async def _route(
-        self, conn: Conn, routed: Sequence[Inbound], reject: Callable[[Inbound, str, str], None]
-    ) -> None:
+    async def _route(self, conn: Conn, routed: Sequence[Inbound], reject: Reject) -> None:
         """Each kind's messages to its handler, all at once, in the route table's order."""
         by_kind: dict[Kind, list[Inbound]] = {}
         for item in routed:

@@ -102,7 +102,7 @@ async def apply_inventories(
     stored: dict[str, Listing] = {agent_id: {} for agent_id in ids}
     for agent_id, name, version, publisher in await cur.fetchall():
         stored[agent_id][name] = (version, publisher)
-    current = {agent_id: dict(lst) for agent_id, lst in stored.items()}
+    current = dict(stored)  # each agent's list as the batch leaves it (replaced, not changed)
     applied: dict[str, bool] = {}  # agent -> its list changed
     history: list[tuple[str, str, str, str | None, str | None, str | None]] = []
     changed_events: list[NewEvent] = []
